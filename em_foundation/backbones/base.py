@@ -1,0 +1,70 @@
+"""What every backbone gives the rest of the workflow: a patch-token grid and a pooled embedding."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# OpenCLIP was trained with OpenAI CLIP's constants; feeding it ImageNet's (as the
+# published pipeline did) shifts every input it sees.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class BackboneOutput(NamedTuple):
+    grid: torch.Tensor  # (B, C, H/p, W/p) patch tokens, class and register tokens dropped
+    pooled: torch.Tensor  # (B, C) one embedding per input, for the domain analysis
+
+
+class Backbone(nn.Module):
+    """Base class: grayscale images in [0, 1] in, patch-token grid out.
+
+    Preprocessing (3-channel replication, the family's normalisation) happens inside
+    ``forward``, so feature caching, LoRA training and evaluation cannot disagree on it.
+
+    Attributes set by subclasses:
+        family: registry name of the family (dinov2, dinov3, openclip, filterbank).
+        patch_size: input pixels per token along each side; input sides must be multiples.
+        embed_dim: channels of the grid (all selected layers concatenated).
+        identity: what the weights are (file hash, hub revision, or random-init seed), recorded
+            in the feature cache so that changed weights are never mixed with old features.
+    """
+
+    family: str = ""
+    patch_size: int = 1
+    embed_dim: int = 0
+    identity: str = ""
+
+    def __init__(self, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) in [0, 1] to (B, 3, H, W) normalised with this family's constants."""
+        if images.ndim != 4 or images.shape[1] != 1:
+            raise ValueError(f"expected grayscale images (B, 1, H, W), got {tuple(images.shape)}")
+        height, width = images.shape[-2:]
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"input {height}x{width} is not a multiple of the patch size {self.patch_size}"
+            )
+        return (images.expand(-1, 3, -1, -1) - self.mean) / self.std
+
+    def forward(self, images: torch.Tensor) -> BackboneOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, object]:
+        """Attributes recorded with cached features."""
+        return {
+            "family": self.family,
+            "patch_size": self.patch_size,
+            "embed_dim": self.embed_dim,
+            "weights_identity": self.identity,
+            "mean": [float(v) for v in self.mean.flatten()],
+            "std": [float(v) for v in self.std.flatten()],
+        }
