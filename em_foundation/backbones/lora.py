@@ -1,0 +1,50 @@
+"""LoRA adapters (peft) on the attention projections of every block, and nothing else."""
+
+from __future__ import annotations
+
+import torch
+
+from em_foundation.backbones.base import Backbone
+
+
+def add_lora(backbone: Backbone, rank: int, alpha: float, dropout: float) -> Backbone:
+    """Inject LoRA into ``backbone.model`` on the family's attention targets.
+
+    Only the adapters become trainable: the pretrained weights stay frozen, as in the
+    study. The patch embedding's ``proj`` convolution and the MLPs are not matched by
+    the family's target pattern.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=backbone.lora_targets,
+        bias="none",
+    )
+    backbone.model = inject_adapter_in_model(config, backbone.model)
+    for name, parameter in backbone.named_parameters():
+        parameter.requires_grad_("lora_" in name)
+    return backbone
+
+
+def make_fully_trainable(backbone: Backbone) -> Backbone:
+    """Full fine-tuning: every backbone parameter trains."""
+    for parameter in backbone.parameters():
+        parameter.requires_grad_(True)
+    return backbone
+
+
+def trainable_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Only what was trained, so checkpoints stay small and never copy frozen weights."""
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items() if k in trainable or _is_buffer_of_trainable(k, trainable)}
+
+
+def _is_buffer_of_trainable(key: str, trainable: set[str]) -> bool:
+    # BatchNorm running statistics belong to a trained module even though they are buffers.
+    prefix = key.rsplit(".", 1)[0]
+    return key.endswith(("running_mean", "running_var", "num_batches_tracked")) and any(
+        t.startswith(prefix + ".") for t in trainable
+    )
