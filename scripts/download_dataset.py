@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 from em_foundation.data.download import download
+from em_foundation.scripting import logged
 
-sm = snakemake  # noqa: F821 (injected by Snakemake)
-sys.stdout = sys.stderr = open(sm.log[0], "w", buffering=1)
-logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-name = getattr(sm.wildcards, "dataset", "<name>")
-download(sm.params.url, sm.params.sha256, Path(sm.output[0]),
-         config_keys=f"datasets.{name}.url / datasets.{name}.sha256")
+with logged(snakemake.log[0]):  # noqa: F821 (snakemake is injected by Snakemake)
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    name = snakemake.wildcards.dataset  # noqa: F821
+    download(snakemake.params.url, snakemake.params.sha256, Path(snakemake.output[0]),  # noqa: F821
+             config_keys=f"datasets.{name}.url / datasets.{name}.sha256")

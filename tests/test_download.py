@@ -6,7 +6,6 @@ import hashlib
 import logging
 import os
 import runpy
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -156,7 +155,7 @@ def test_unsupported_scheme_and_empty_url_are_rejected(tmp_path):
         download("", None, tmp_path / "x.zip")
 
 
-def test_snakemake_script_downloads_and_logs(archive, tmp_path, monkeypatch):
+def test_snakemake_script_downloads_and_logs(archive, tmp_path):
     source, sha = archive
     dest = tmp_path / "resources" / "downloads" / "vnc.zip"
     log_file = tmp_path / "logs" / "download_vnc.log"
@@ -165,14 +164,8 @@ def test_snakemake_script_downloads_and_logs(archive, tmp_path, monkeypatch):
         params=SimpleNamespace(url=source.as_uri(), sha256=sha),
         output=[str(dest)], log=[str(log_file)], wildcards=SimpleNamespace(dataset="vnc"),
     )
-    monkeypatch.setattr(sys, "stdout", sys.stdout)
-    monkeypatch.setattr(sys, "stderr", sys.stderr)
     script = REPO_ROOT / "scripts" / "download_dataset.py"
-    try:
-        runpy.run_path(str(script), init_globals={"snakemake": fake})
-    finally:
-        if sys.stderr is not sys.__stderr__ and getattr(sys.stderr, "name", "") == str(log_file):
-            sys.stderr.close()
+    runpy.run_path(str(script), init_globals={"snakemake": fake})
     assert dest.read_bytes() == source.read_bytes()
     assert "data.zip" in log_file.read_text()  # the progress bar went to the log
     assert len(script.read_text().splitlines()) < 25

@@ -1,15 +1,23 @@
-"""Prepare one dataset: convert its source, check it, write the HDF5 and its integrity report."""
+"""Prepare one dataset: convert its source, check it, write the HDF5 and its integrity report.
+
+Both outputs appear together or not at all: every check runs before anything is written,
+and each file is written under a temporary name and renamed only when both are complete.
+"""
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
-
+from em_foundation.config import ConfigError
 from em_foundation.data import get_converter
-from em_foundation.data.prepared import IGNORE_LABEL, write_prepared
-from em_foundation.io import write_json
+from em_foundation.data.integrity import IntegrityError, build_report, check_splits, file_sha256
+from em_foundation.data.prepared import write_prepared
+from em_foundation.io import atomic_path, write_json
+
+log = logging.getLogger(__name__)
 
 
 def prepare_dataset(
@@ -19,26 +27,34 @@ def prepare_dataset(
     out_h5: Path,
     out_report: Path,
 ) -> dict[str, Any]:
-    """Convert, check and write. Nothing is written unless every check passes."""
-    splits, attrs = get_converter(spec["converter"])(archive, spec)
-    report = {"dataset": name, "converter": spec["converter"], "splits": {}}
-    for split_name, split in splits.items():
-        labelled = split.labels != IGNORE_LABEL
-        fractions = [
-            float((labels[mask] == 1).mean()) if mask.any() else 0.0
-            for labels, mask in zip(split.labels, labelled)
-        ]
-        report["splits"][split_name] = {
-            "n_slices": len(split),
-            "shape": list(split.raw.shape[1:]),
-            "dtype": str(split.raw.dtype),
-            "slices": [
-                {"name": n, "source": s, "foreground_fraction": f}
-                for n, s, f in zip(split.names, split.sources, fractions)
-            ],
-            "foreground_fraction_mean": float(np.mean(fractions)),
-        }
-    attrs = {"dataset": name, "converter": spec["converter"], **attrs}
-    write_prepared(out_h5, splits, attrs)
-    write_json(out_report, report)
+    """Convert, check and write. Nothing is written unless every check passes.
+
+    Errors are re-raised under the dataset's config name, since converters only know
+    their own name and the user needs to know which config entry to fix.
+    """
+    started = time.perf_counter()
+    bounds = spec.get("foreground_fraction", [0.0, 1.0])
+    archive = Path(archive) if archive is not None else None
+    try:
+        splits, attrs = get_converter(spec["converter"])(archive, spec)
+        check_splits(spec["converter"], splits, bounds)
+    except IntegrityError as err:
+        raise err.for_dataset(name) from None
+    except ConfigError as err:
+        raise ConfigError(str(err).replace("datasets.<name>.", f"datasets.{name}.")) from None
+    archive_sha256 = file_sha256(archive) if archive is not None else None
+    report = build_report(name, spec, splits, attrs, archive, archive_sha256)
+    report["conversion_seconds"] = round(time.perf_counter() - started, 3)
+    attrs = {
+        "dataset": name,
+        "converter": spec["converter"],
+        **attrs,
+        "url": spec.get("url") or "",
+        "sha256": archive_sha256 or "",
+    }
+    with atomic_path(out_report) as report_tmp:
+        write_json(report_tmp, report)
+        write_prepared(out_h5, splits, attrs)
+    log.info("prepared %s: %s in %.1f s", name,
+             ", ".join(f"{s} {len(v)} slices" for s, v in splits.items()), report["conversion_seconds"])
     return report
