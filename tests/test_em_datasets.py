@@ -182,7 +182,8 @@ def test_vnc_masks_are_binary_with_the_documented_foreground(vnc_prepared):
     assert abs(fractions.mean() - 0.054) < 0.003, fractions.mean()  # README: mean about 5.4 %
     reported = [s["foreground_fraction"] for split in report["splits"].values() for s in split["slices"]]
     assert sorted(reported) == pytest.approx(sorted(fractions.tolist()))
-    print(f"vnc: foreground per slice {fractions.min():.4f}-{fractions.max():.4f}, mean {fractions.mean():.4f}")
+    print(f"vnc: foreground per slice {fractions.min():.4f}-{fractions.max():.4f}, mean {fractions.mean():.4f}; "
+          f"content digest {report['content_digest']}")
 
 
 def test_vnc_split_is_seeded_and_recorded(vnc_prepared, vnc_zip, tmp_path):
@@ -201,14 +202,19 @@ def test_vnc_split_is_seeded_and_recorded(vnc_prepared, vnc_zip, tmp_path):
 
 
 def test_vnc_root_folder_name_may_vary(vnc_zip, tmp_path):
-    """GitHub names the folder after the commit when the commit archive is pinned."""
+    """GitHub names the folder after the commit when the commit archive is pinned; the
+    archive's sha256 changes with it, the content digest does not."""
     commit_root = "groundtruth-drosophila-vnc-4a5f051466d24d8dc1e855ab55658bb1b1dcd6bf/"
-    keep = lambda m: "/stack1/raw/" in m or "/stack1/mitochondria/" in m  # noqa: E731
-    small = rewrite_zip(vnc_zip, tmp_path / "vnc_commit.zip", keep=lambda m: keep(m) and slice_number(m) < 5,
-                        rename=lambda m: commit_root + m.split("/", 1)[1])
-    report, out_h5, _ = prepare(tmp_path, "vnc", spec_for("vnc", n_test=1), small)
-    assert read_attrs(out_h5)["archive_root"] == commit_root
-    assert report["splits"]["train"]["n_slices"] == 4
+    keep = lambda m: ("/stack1/raw/" in m or "/stack1/mitochondria/" in m) and slice_number(m) < 5  # noqa: E731
+    reports = {}
+    for root in ("groundtruth-drosophila-vnc-master/", commit_root):
+        small = rewrite_zip(vnc_zip, tmp_path / "vnc.zip", keep=keep, rename=lambda m: root + m.split("/", 1)[1])
+        reports[root], out_h5, _ = prepare(tmp_path / root.strip("/"), "vnc", spec_for("vnc", n_test=1), small)
+        assert read_attrs(out_h5)["archive_root"] == root
+        assert reports[root]["splits"]["train"]["n_slices"] == 4
+    master, commit = reports.values()
+    assert master["archive"]["sha256"] != commit["archive"]["sha256"]
+    assert master["content_digest"] == commit["content_digest"]
 
 
 def test_vnc_image_in_the_label_folder_is_not_binary(vnc_zip, tmp_path):

@@ -22,7 +22,7 @@ import io
 import re
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any, Optional
 
 import numpy as np
@@ -35,6 +35,7 @@ from em_foundation.data.integrity import (
     check_image,
     check_label_values,
     check_same_shape,
+    content_digest,
     open_zip,
     pair_by_key,
     read_member,
@@ -226,29 +227,34 @@ def _options(spec: Mapping[str, Any], defaults: Mapping[str, Any], converter: st
 
 
 def _casser_layout(
-    archive: Any, spec: Mapping[str, Any], converter: str, label_pattern: str,
+    archive: Optional[Path], converter: str, image_pattern: str, label_pattern: str,
     read_label: LabelReader,
-) -> tuple[dict[str, Split], str]:
+) -> tuple[dict[str, Split], str, str]:
     """Lucchi++ and Kasthuri++ share one layout: <root>/{Train,Test}_{In,Out}/."""
     with open_zip(archive, converter) as zf:
         members = _members(zf)
         root = find_root(members, "Train_In/", converter, zf.filename or str(archive))
         splits = {}
         for split, prefix in (("train", "Train"), ("test", "Test")):
-            images = numbered_files(members, f"{root}{prefix}_In/", r"\D*(\d+)\.png", converter)
+            images = numbered_files(members, f"{root}{prefix}_In/", image_pattern, converter)
             labels = numbered_files(members, f"{root}{prefix}_Out/", label_pattern, converter)
             pairs = pair_by_key(images, labels, converter,
                                 fix="restore the missing file(s): download the archive again")
             named = [(str(k), image, label) for k, image, label in pairs]
             splits[split] = read_pairs(zf, named, read_png_image, read_label, converter, split)
-        return splits, root
+        return splits, root, _digest_of(zf, splits, root)
+
+
+def _digest_of(archive: zipfile.ZipFile, splits: Mapping[str, Split], root: str) -> str:
+    members = [m for split in splits.values() for source in split.sources for m in source.split("|")]
+    return content_digest(archive, members, root)
 
 
 # --- the converters -------------------------------------------------------------------
 
 
 @CONVERTERS.register("lucchi_pp")
-def convert_lucchi_pp(archive: Optional[Any], spec: Mapping[str, Any]) -> tuple[dict[str, Split], dict[str, Any]]:
+def convert_lucchi_pp(archive: Optional[Path], spec: Mapping[str, Any]) -> tuple[dict[str, Split], dict[str, Any]]:
     """Lucchi++: ``Train_In/mask0012.png`` pairs with ``Train_Out/12.png`` (and Test_*).
 
     Train labels are 8-bit {0, 255}, test labels RGBA (0,0,0,255)/(255,255,255,255); both
@@ -256,7 +262,7 @@ def convert_lucchi_pp(archive: Optional[Any], spec: Mapping[str, Any]) -> tuple[
     other value means a wrong file).
     """
     options = _options(spec, {"max_stray_fraction": 0.0}, "lucchi_pp")
-    splits, root = _casser_layout(archive, spec, "lucchi_pp", r"(\d+)\.png",
+    splits, root, digest = _casser_layout(archive, "lucchi_pp", r"mask(\d+)\.png", r"(\d+)\.png",
                                   _label_reader(options["max_stray_fraction"]))
     return splits, {
         "voxel_size_nm": [5.0, 5.0, 5.0],
@@ -268,6 +274,7 @@ def convert_lucchi_pp(archive: Optional[Any], spec: Mapping[str, Any]) -> tuple[
                     "Shape Features. IEEE TMI 31(2):474-486, 2012",
         "source_url": "http://www.casser.io/files/lucchi_pp.zip",
         "archive_root": root,
+        "content_digest": digest,
         "label_rule": "gray (first channel of RGBA test labels) 255 -> 1, 0 -> 0; other values stop the run "
                       f"beyond max_stray_fraction={options['max_stray_fraction']}",
         "pairing": "Train_In/maskNNNN.png with Train_Out/N.png by the integer N (same for Test)",
@@ -275,14 +282,14 @@ def convert_lucchi_pp(archive: Optional[Any], spec: Mapping[str, Any]) -> tuple[
 
 
 @CONVERTERS.register("kasthuri_pp")
-def convert_kasthuri_pp(archive: Optional[Any], spec: Mapping[str, Any]) -> tuple[dict[str, Split], dict[str, Any]]:
+def convert_kasthuri_pp(archive: Optional[Path], spec: Mapping[str, Any]) -> tuple[dict[str, Split], dict[str, Any]]:
     """Kasthuri++: Lucchi++'s layout with matching image and label names.
 
     Labels are RGB: (255,255,255) mitochondria, (0,0,0) background, (2,2,2) an unlabelled
     area, stored as IGNORE_LABEL so that training and metrics skip it.
     """
     options = _options(spec, {"max_stray_fraction": 0.001, "voxel_size_nm": [3.0, 3.0, 30.0]}, "kasthuri_pp")
-    splits, root = _casser_layout(archive, spec, "kasthuri_pp", r"\D*(\d+)\.png",
+    splits, root, digest = _casser_layout(archive, "kasthuri_pp", r"\D*(\d+)\.png", r"\D*(\d+)\.png",
                                   _label_reader(options["max_stray_fraction"], ignore_value=2))
     return splits, {
         "voxel_size_nm": [float(v) for v in options["voxel_size_nm"]],
@@ -293,6 +300,7 @@ def convert_kasthuri_pp(archive: Optional[Any], spec: Mapping[str, Any]) -> tupl
                     "of Neocortex. Cell 162(3):648-661, 2015",
         "source_url": "http://www.casser.io/files/kasthuri_pp.zip",
         "archive_root": root,
+        "content_digest": digest,
         "label_rule": "gray 255 -> 1, 0 -> 0, (2,2,2) -> 255 (ignore); other values stop the run beyond "
                       f"max_stray_fraction={options['max_stray_fraction']} (binarised at >= 128)",
         "pairing": "Train_In/X.png with Train_Out/X.png by the integer in the name (same for Test)",
@@ -310,7 +318,7 @@ def vnc_split(names: Sequence[str], n_test: int, seed: int) -> tuple[list[str], 
 
 
 @CONVERTERS.register("vnc")
-def convert_vnc(archive: Optional[Any], spec: Mapping[str, Any]) -> tuple[dict[str, Split], dict[str, Any]]:
+def convert_vnc(archive: Optional[Path], spec: Mapping[str, Any]) -> tuple[dict[str, Split], dict[str, Any]]:
     """Drosophila VNC stack1: ``raw/NN.tif`` with ``mitochondria/NN.png``, split by a recorded seed.
 
     The masks mix 1-bit images (foreground > 0) and 8-bit ones with a few stray in-between
@@ -333,6 +341,7 @@ def convert_vnc(archive: Optional[Any], spec: Mapping[str, Any]) -> tuple[dict[s
             split: read_pairs(zf, [named[n] for n in names], read_tiff_image, read_label, dataset, split)
             for split, names in (("train", train), ("test", test))
         }
+        digest = _digest_of(zf, splits, root)
     split_info = {
         "rule": "test = first n_test of numpy.random.default_rng(split_seed).permutation(sorted slice names)",
         "split_seed": int(options["split_seed"]),
@@ -347,6 +356,7 @@ def convert_vnc(archive: Optional[Any], spec: Mapping[str, Any]) -> tuple[dict[s
                     "of neural tissue. figshare 2013, doi:10.6084/m9.figshare.856713",
         "source_url": "https://github.com/unidesigner/groundtruth-drosophila-vnc",
         "archive_root": root,
+        "content_digest": digest,
         "label_rule": "1-bit masks: > 0 -> 1; 8-bit masks: >= 128 -> 1 (stray values between 0 and 255 "
                       f"tolerated up to max_stray_fraction={options['max_stray_fraction']} per slice)",
         "pairing": "stack1/raw/NN.tif with stack1/mitochondria/NN.png by NN",

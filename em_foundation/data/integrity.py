@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import zipfile
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -86,6 +86,20 @@ def read_member(archive: zipfile.ZipFile, member: str, dataset: str) -> bytes:
             "delete the archive and download it again",
             [f"{archive.filename}:{member}"],
         ) from None
+
+
+def content_digest(archive: zipfile.ZipFile, members: Iterable[str], root: str) -> str:
+    """sha256 over (path below the root, CRC-32, size) of the members that were converted.
+
+    It identifies the data themselves: re-zipping, another compression level or another top
+    folder name (GitHub's branch vs commit archives) change the archive's sha256 but not
+    this. An identifier, not a security check (CRC-32 is not collision-resistant).
+    """
+    digest = hashlib.sha256()
+    for member in sorted(members):
+        info = archive.getinfo(member)
+        digest.update(f"{member[len(root):]}\t{info.CRC:08x}\t{info.file_size}\n".encode())
+    return digest.hexdigest()
 
 
 # --- pairing and shapes ---------------------------------------------------------------
@@ -262,6 +276,7 @@ def build_report(
             "sha256_matches_config": (archive_sha256 == expected) if expected and archive_sha256 else None,
             "size_bytes": Path(archive).stat().st_size if archive is not None else None,
         },
+        "content_digest": attrs.get("content_digest"),
         "url": spec.get("url"),
         "label_rule": attrs.get("label_rule"),
         "foreground_fraction_bounds": list(spec.get("foreground_fraction", [0.0, 1.0])),
