@@ -22,8 +22,11 @@ from em_foundation.data.integrity import IntegrityError
 from em_foundation.data.prepare import prepare_dataset
 from em_foundation.data.prepared import IGNORE_LABEL, read_attrs, read_split
 
-VNC_ZIP, VNC_SHA = "groundtruth-drosophila-vnc-master.zip", "6763f2a91af1fc21f334dbe0ed88fe50bed5aec546426f2f8a3762667a9ad309"
-LUCCHI_ZIP, LUCCHI_SHA = "lucchi_pp_subset.zip", "3bd95bb2f1195af7c2bd0e264689579f2c5ec286b41b72b1b69256156a61ddcd"
+# Checksums of the local copies (../shared/data/README.md), not of the real downloads.
+VNC_ZIP = "groundtruth-drosophila-vnc-master.zip"
+VNC_SHA = "6763f2a91af1fc21f334dbe0ed88fe50bed5aec546426f2f8a3762667a9ad309"
+LUCCHI_ZIP = "lucchi_pp_subset.zip"
+LUCCHI_SHA = "3bd95bb2f1195af7c2bd0e264689579f2c5ec286b41b72b1b69256156a61ddcd"
 LUCCHI_SLICES = 20  # the subset keeps slices 0-19 of each split
 
 
@@ -222,7 +225,8 @@ def test_vnc_image_in_the_label_folder_is_not_binary(vnc_zip, tmp_path):
     with zipfile.ZipFile(vnc_zip) as zf:
         raw = np.asarray(Image.open(io.BytesIO(zf.read(f"{root}raw/02.tif"))))
     keep = lambda m: ("/stack1/raw/" in m or "/stack1/mitochondria/" in m) and slice_number(m) < 4  # noqa: E731
-    broken = rewrite_zip(vnc_zip, tmp_path / "vnc.zip", keep=keep, replace={f"{root}mitochondria/02.png": png_bytes(raw)})
+    broken = rewrite_zip(vnc_zip, tmp_path / "vnc.zip", keep=keep,
+                         replace={f"{root}mitochondria/02.png": png_bytes(raw)})
     assert_fails_cleanly(tmp_path, "vnc", spec_for("vnc", n_test=1), broken,
                          "dataset 'vnc'", "not binary", f"{root}mitochondria/02.png", "max_stray_fraction")
 
