@@ -1,20 +1,37 @@
 """DINOv2 and DINOv3 vision transformers through timm.
 
-timm's ``forward_intermediates`` already returns per-block patch-token grids with class
-and register tokens split off, so this module only chooses blocks, weights and
-normalisation.
+timm's ``forward_intermediates`` returns per-block patch-token grids with the prefix
+tokens split off: the class token and, for the ``_reg4_`` DINOv2 variants and every
+DINOv3 model (timm's ``Eva`` class, 4 storage tokens), the register tokens. This module
+chooses blocks, weights and normalisation.
+
+Weights (``weights`` in the config entry):
+
+* ``pretrained``: timm's published checkpoint (``BACKBONE_PRESETS`` lists the sizes), read
+  from the hub cache that ``fetch_weights`` filled (offline on compute nodes), pinned to
+  ``revision`` when given; timm's own pretrained loader loads it.
+* ``random``: seeded random initialisation (``options.init_seed``, default 0).
+* a path: a timm-format state dict (``.safetensors`` or a torch file), loaded strictly.
 """
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from em_foundation.backbones import BACKBONES
 from em_foundation.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, BackboneOutput
+from em_foundation.backbones.weights import (  # noqa: F401 (re-exported: the public contract)
+    HubSource,
+    WeightsError,
+    file_sha256,
+    load_state_dict_file,
+    load_weights_strict,
+    require_file,
+    resolve_pretrained,
+)
 
 # Both DINO families were trained with ImageNet's constants, so "family" and
 # "imagenet" normalisation coincide for them.
@@ -24,66 +41,88 @@ FAMILY_DEFAULT_MODEL = {
     "dinov3": "vit_large_patch16_dinov3.lvd1689m",
 }
 
+# The published sizes, as config entries (``family`` + ``model`` [+ ``options``]). The
+# study used the three Large models; the others are the options users asked for.
+# DINOv2 g/14 is ViT-g (1.1 B parameters); DINOv3's largest distilled ViT in timm is H+/16
+# (840 M). The ``_reg4_`` DINOv2 models carry 4 register tokens (dropped from the grid).
+BACKBONE_PRESETS: dict[str, dict[str, Any]] = {
+    "dinov2_s": {"family": "dinov2", "model": "vit_small_patch14_dinov2.lvd142m"},
+    "dinov2_b": {"family": "dinov2", "model": "vit_base_patch14_dinov2.lvd142m"},
+    "dinov2_l": {"family": "dinov2", "model": "vit_large_patch14_dinov2.lvd142m"},  # published
+    "dinov2_g": {"family": "dinov2", "model": "vit_giant_patch14_dinov2.lvd142m"},
+    "dinov2_s_reg4": {"family": "dinov2", "model": "vit_small_patch14_reg4_dinov2.lvd142m"},
+    "dinov2_b_reg4": {"family": "dinov2", "model": "vit_base_patch14_reg4_dinov2.lvd142m"},
+    "dinov2_l_reg4": {"family": "dinov2", "model": "vit_large_patch14_reg4_dinov2.lvd142m"},
+    "dinov2_g_reg4": {"family": "dinov2", "model": "vit_giant_patch14_reg4_dinov2.lvd142m"},
+    "dinov3_s": {"family": "dinov3", "model": "vit_small_patch16_dinov3.lvd1689m"},
+    "dinov3_b": {"family": "dinov3", "model": "vit_base_patch16_dinov3.lvd1689m"},
+    "dinov3_l": {"family": "dinov3", "model": "vit_large_patch16_dinov3.lvd1689m"},  # published
+    "dinov3_hplus": {"family": "dinov3", "model": "vit_huge_plus_patch16_dinov3.lvd1689m"},
+    "openclip_b": {"family": "openclip", "model": "ViT-B-16", "options": {"pretrained_tag": "laion2b_s34b_b88k"}, "pooling": "cls"},
+    "openclip_l": {"family": "openclip", "model": "ViT-L-14", "options": {"pretrained_tag": "laion2b_s32b_b82k"}, "pooling": "cls"},  # published
+    "openclip_h": {"family": "openclip", "model": "ViT-H-14", "options": {"pretrained_tag": "laion2b_s32b_b79k"}, "pooling": "cls"},
+}
 
-class WeightsError(RuntimeError):
-    """Weights could not be loaded; the message names the file and the fix."""
+
+def resolve_layers(layers: Sequence[int], depth: int) -> list[int]:
+    """Config block indices (negative from the end) to absolute, ascending indices.
+
+    Features are concatenated in ascending block order (what timm's
+    ``forward_intermediates`` returns, whatever order the config lists them in).
+    Duplicates and indices outside the model are errors, because they would make
+    ``embed_dim`` disagree with the grid.
+    """
+    absolute = []
+    for index in layers:
+        resolved = depth + int(index) if int(index) < 0 else int(index)
+        if not 0 <= resolved < depth:
+            raise ValueError(f"layers: block {index} is outside the model's {depth} blocks")
+        absolute.append(resolved)
+    if len(set(absolute)) != len(absolute):
+        raise ValueError(f"layers: {list(layers)} names the same block twice (depth {depth})")
+    return sorted(absolute)
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def check_patch_size(spec: dict[str, Any], patch_size: int) -> None:
+    """The workflow plans tiles from the config's name (grid.patch_size_of); it must agree."""
+    from em_foundation.grid import patch_size_of
 
-
-def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise WeightsError(
-            f"weights file {path} does not exist; set backbones.<name>.weights to an existing "
-            "checkpoint, or to 'pretrained' to fetch the hub weights"
+    planned = patch_size_of(spec)
+    if planned != patch_size:
+        raise ValueError(
+            f"model {spec.get('model')!r} has patch size {patch_size}, but the workflow reads {planned} from "
+            "its config entry; set model_kwargs.patch_size to the true value"
         )
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    return state
 
 
-def load_weights_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    """Load a checkpoint and name the first mismatched keys if it does not fit the model."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong_shape = [
-        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
-    ]
-    if missing or unexpected or wrong_shape:
-        parts = []
-        if missing:
-            parts.append(f"missing keys (first 5): {missing[:5]}")
-        if unexpected:
-            parts.append(f"unexpected keys (first 5): {unexpected[:5]}")
-        if wrong_shape:
-            parts.append(f"shape mismatches (first 5): {wrong_shape[:5]}")
+def timm_hub_source(spec: dict[str, Any]) -> HubSource:
+    """The hub repository timm loads ``spec['model']``'s pretrained weights from."""
+    import timm
+
+    name = spec.get("model") or FAMILY_DEFAULT_MODEL[spec["family"]]
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:  # older timm raise on unknown names, newer return None
+        cfg = None
+    if cfg is None or not getattr(cfg, "hf_hub_id", None):
         raise WeightsError(
-            f"weights file {path} does not fit the architecture {type(model).__name__}: "
-            + "; ".join(parts)
-            + ". Check that backbones.<name>.model names the architecture the file was saved from."
+            f"timm has no hub weights for {name!r}; published DINO models: "
+            + ", ".join(p["model"] for p in BACKBONE_PRESETS.values() if p["family"] != "openclip")
         )
-    model.load_state_dict(state, strict=True)
+    repo_id = cfg.hf_hub_id.split("@")[0]
+    if cfg.hf_hub_filename:
+        filenames: tuple[str, ...] = (cfg.hf_hub_filename,)
+    else:  # timm's own order: the safetensors alternative first
+        filenames = ("model.safetensors", "pytorch_model.bin")
+    return HubSource(repo_id=repo_id, filenames=filenames, label=name)
 
 
 class TimmViT(Backbone):
     """A timm ViT returning the patch tokens of chosen blocks as a (C, H/p, W/p) grid."""
 
+    # Each block's fused qkv projection and attention output projection; the patch
+    # embedding (``patch_embed.proj``) and the MLPs do not match. Same module names in
+    # timm's VisionTransformer (DINOv2) and Eva (DINOv3).
     lora_targets = r".*blocks\.\d+\.attn\.(qkv|proj)"
 
     def __init__(self, spec: dict[str, Any]) -> None:
@@ -96,35 +135,62 @@ class TimmViT(Backbone):
         super().__init__(mean, std)
         self.family = family
         name = spec.get("model") or FAMILY_DEFAULT_MODEL[family]
-        weights = spec.get("weights", "pretrained")
-        kwargs = dict(spec.get("model_kwargs", {}))
+        weights = spec.get("weights") or "pretrained"
+        kwargs = dict(spec.get("model_kwargs") or {})
+        overlay = None
         if weights == "random":
-            init_seed = int(spec.get("options", {}).get("init_seed", 0))
+            init_seed = int((spec.get("options") or {}).get("init_seed", 0))
             torch.manual_seed(init_seed)
             self.identity = f"random-init:{name}:seed={init_seed}:{sorted(kwargs.items())}"
         elif weights == "pretrained":
-            self.identity = f"timm:{name}@{spec.get('revision') or 'default'}"
+            resolved = resolve_pretrained(spec, timm_hub_source(spec))
+            # timm's loader, on exactly the file whose commit goes into the identity.
+            overlay = {"file": str(resolved.path)}
+            self.identity = f"timm:{name}|{resolved.identity}"
         else:
-            self.identity = f"file:{Path(weights).name}:sha256={file_sha256(Path(weights))}" if Path(weights).is_file() else ""
-        self.model = timm.create_model(
-            name,
-            pretrained=weights == "pretrained",
-            num_classes=0,
-            dynamic_img_size=True,
-            **kwargs,
-        )
+            path = require_file(Path(weights))
+            self.identity = f"file:{path.name}:sha256={file_sha256(path)}"
+        try:
+            self.model = timm.create_model(
+                name,
+                pretrained=weights == "pretrained",
+                pretrained_cfg_overlay=overlay,
+                num_classes=0,
+                dynamic_img_size=True,
+                **kwargs,
+            )
+        except RuntimeError as error:
+            if overlay is None:
+                raise
+            raise WeightsError(
+                f"weights file {overlay['file']} does not fit {name} ({sorted(kwargs.items())}): "
+                f"{str(error)[:1500]}"
+            ) from error
         if weights not in ("random", "pretrained"):
             load_weights_strict(self.model, load_state_dict_file(Path(weights)), Path(weights))
         self.patch_size = int(self.model.patch_embed.patch_size[0])
-        self.layers = list(spec.get("layers", [-1]))
-        self.embed_dim = int(self.model.embed_dim) * len(self.layers)
-        self.pooling = spec.get("pooling", "mean")
+        check_patch_size(spec, self.patch_size)
+        self.layers = list(spec.get("layers") or [-1])
+        self.block_indices = resolve_layers(self.layers, len(self.model.blocks))
+        self.embed_dim = int(self.model.embed_dim) * len(self.block_indices)
+        self.pooling = spec.get("pooling") or "mean"
+
+    def prepare_lora(self) -> None:
+        """Route every qkv projection through its module's forward, where LoRA hooks in.
+
+        timm's Eva attention with a q/v bias (the ``_qkvb`` DINOv3 models) calls
+        ``F.linear(x, self.qkv.weight, bias)``, which would bypass an adapter on ``qkv``
+        silently. ``qkv_bias_separate`` computes the same ``x W^T + b`` via ``self.qkv(x)``.
+        """
+        for module in self.model.modules():
+            if hasattr(module, "qkv_bias_separate") and getattr(module, "q_bias", None) is not None:
+                module.qkv_bias_separate = True
 
     def forward(self, images: torch.Tensor) -> BackboneOutput:
         x = self.normalise(images)
         grids, prefixes = zip(
             *self.model.forward_intermediates(
-                x, indices=self.layers, return_prefix_tokens=True, norm=True, intermediates_only=True
+                x, indices=self.block_indices, return_prefix_tokens=True, norm=True, intermediates_only=True
             )
         )
         grid = torch.cat(grids, dim=1)
