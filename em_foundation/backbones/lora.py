@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from em_foundation.backbones.base import Backbone
@@ -10,12 +12,17 @@ from em_foundation.backbones.base import Backbone
 def add_lora(backbone: Backbone, rank: int, alpha: float, dropout: float) -> Backbone:
     """Inject LoRA into ``backbone.model`` on the family's attention targets.
 
-    Only the adapters become trainable: the pretrained weights stay frozen, as in the
-    study. The patch embedding's ``proj`` convolution and the MLPs are not matched by
-    the family's target pattern.
+    ``backbone.lora_targets`` is a regular expression that peft matches against whole
+    module names: every block's attention input projection (q, k, v; one fused Linear)
+    and output projection. Only the adapters become trainable: the pretrained weights stay
+    frozen, as in the study. The patch embedding's ``proj`` convolution and the MLPs are
+    not matched by any family's pattern, and this is checked after injection.
     """
     from peft import LoraConfig, inject_adapter_in_model
 
+    prepare = getattr(backbone, "prepare_lora", None)
+    if prepare is not None:
+        prepare()
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,
@@ -24,9 +31,24 @@ def add_lora(backbone: Backbone, rank: int, alpha: float, dropout: float) -> Bac
         bias="none",
     )
     backbone.model = inject_adapter_in_model(config, backbone.model)
+    adapted = adapted_modules(backbone)
+    wrong = [name for name in adapted if not re.fullmatch(backbone.lora_targets, name)]
+    if not adapted or wrong:
+        raise RuntimeError(
+            f"LoRA landed on unexpected modules of {backbone.family}: {wrong[:5] or 'none at all'}"
+        )
     for name, parameter in backbone.named_parameters():
         parameter.requires_grad_("lora_" in name)
     return backbone
+
+
+def adapted_modules(backbone: Backbone) -> list[str]:
+    """Names (within ``backbone.model``) of the modules that carry a LoRA adapter."""
+    return [
+        name
+        for name, module in backbone.model.named_modules()
+        if hasattr(module, "lora_A") and len(getattr(module, "lora_A")) > 0
+    ]
 
 
 def make_fully_trainable(backbone: Backbone) -> Backbone:
