@@ -1,0 +1,16 @@
+"""Snakemake `script:` of the parameters rule: total and trainable parameters per backbone x regime.
+
+Backbones are built from random weights on the meta device: nothing is downloaded.
+"""
+from em_foundation.backbones.parameters import parameter_table
+from em_foundation.io import atomic_path
+from em_foundation.scripting import logged
+
+with logged(snakemake.log[0]):  # noqa: F821 (snakemake is injected by Snakemake)
+    params = snakemake.params  # noqa: F821
+    config = {"backbones": dict(params.backbones), "regimes": list(params.regimes),
+              "head": dict(params.head), "lora": dict(params.lora)}
+    table = parameter_table(config)
+    with atomic_path(snakemake.output[0], suffix=".csv") as tmp:  # noqa: F821
+        table.to_csv(tmp, index=False)
+    print(table.to_string(index=False))
