@@ -1,0 +1,1 @@
+"""Evaluation at native resolution: stitch tile predictions, then pool pixel counts."""

@@ -1,0 +1,1 @@
+"""The paper's figures, regenerated from the workflow's own tables."""

@@ -1,0 +1,106 @@
+"""Figure builders: each takes tables (or small arrays) and returns a matplotlib Figure."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import matplotlib.pyplot as plt
+
+
+def _model_label(backbone: str, regime: str) -> str:
+    return f"{backbone}\n{regime}"
+
+
+def iou_bars(summary: pd.DataFrame, metric: str = "fg_iou") -> plt.Figure:
+    """Foreground IoU per backbone × regime, bars per training set, one panel per test set."""
+    test_sets = sorted(summary["test_set"].unique())
+    train_sets = list(dict.fromkeys(summary["train_set"]))
+    models = list(dict.fromkeys(zip(summary["backbone"], summary["regime"])))
+    figure, axes = plt.subplots(1, len(test_sets), sharey=True, squeeze=False, figsize=(max(3.4, 2.3 * len(test_sets)), 2.6))
+    width = 0.8 / len(train_sets)
+    for ax, test_set in zip(axes[0], test_sets):
+        panel = summary[summary["test_set"] == test_set]
+        for k, train_set in enumerate(train_sets):
+            rows = [panel[(panel["backbone"] == b) & (panel["regime"] == r) & (panel["train_set"] == train_set)] for b, r in models]
+            means = [row[f"{metric}_mean"].iloc[0] if len(row) else np.nan for row in rows]
+            stds = [row[f"{metric}_std"].fillna(0).iloc[0] if len(row) else 0 for row in rows]
+            ax.bar(np.arange(len(models)) + (k - (len(train_sets) - 1) / 2) * width, means, width, yerr=stds, capsize=1.5, label=f"trained on {train_set}")
+        ax.set_xticks(np.arange(len(models)), [_model_label(*m) for m in models])
+        ax.set_title(f"test set: {test_set}")
+        ax.set_ylim(0, 1)
+    axes[0][0].set_ylabel("foreground IoU (mean ± sd over seeds)")
+    axes[0][-1].legend(loc="upper right")
+    figure.tight_layout()
+    return figure
+
+
+def cross_domain_matrix(summary: pd.DataFrame, metric: str = "fg_iou") -> plt.Figure:
+    """Heatmap per backbone × regime: rows the training set, columns the test set."""
+    models = list(dict.fromkeys(zip(summary["backbone"], summary["regime"])))
+    n_cols = min(3, len(models))
+    n_rows = int(np.ceil(len(models) / n_cols))
+    figure, axes = plt.subplots(n_rows, n_cols, squeeze=False, figsize=(2.4 * n_cols + 0.6, 2.1 * n_rows))
+    train_sets = list(dict.fromkeys(summary["train_set"]))
+    test_sets = sorted(summary["test_set"].unique())
+    image = None
+    for ax, (backbone, regime) in zip(axes.flat, models):
+        cell = summary[(summary["backbone"] == backbone) & (summary["regime"] == regime)]
+        matrix = cell.pivot_table(index="train_set", columns="test_set", values=f"{metric}_mean").reindex(index=train_sets, columns=test_sets)
+        image = ax.imshow(matrix.to_numpy(), vmin=0, vmax=1, cmap="viridis")
+        for (i, j), value in np.ndenumerate(matrix.to_numpy()):
+            if np.isfinite(value):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black", fontsize=7)
+        ax.set_xticks(range(len(test_sets)), test_sets)
+        ax.set_yticks(range(len(train_sets)), train_sets)
+        ax.set_xlabel("test set")
+        ax.set_ylabel("training set")
+        ax.set_title(f"{backbone} / {regime}")
+        ax.grid(False)
+    for ax in axes.flat[len(models):]:
+        ax.axis("off")
+    if image is not None:
+        figure.colorbar(image, ax=axes, shrink=0.8, label="foreground IoU")
+    return figure
+
+
+def qualitative_panel(examples: list[dict]) -> plt.Figure:
+    """Rows: datasets. Columns: image, truth, then each model's prediction.
+
+    Each example is {"dataset", "image", "truth", "predictions": {label: mask}}.
+    """
+    n_pred = max(len(example["predictions"]) for example in examples)
+    figure, axes = plt.subplots(len(examples), 2 + n_pred, squeeze=False, figsize=(1.5 * (2 + n_pred), 1.6 * len(examples)))
+    for row, example in zip(axes, examples):
+        row[0].imshow(example["image"], cmap="gray")
+        row[0].set_ylabel(example["dataset"])
+        row[1].imshow(example["truth"] == 1, cmap="magma", vmin=0, vmax=1)
+        row[0].set_title("image" if row is axes[0] else "")
+        row[1].set_title("truth" if row is axes[0] else "")
+        for ax, (label, mask) in zip(row[2:], example["predictions"].items()):
+            ax.imshow(mask, cmap="magma", vmin=0, vmax=1)
+            ax.set_title(label, fontsize=6)
+        for ax in row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.grid(False)
+        for ax in row[2 + len(example["predictions"]):]:
+            ax.axis("off")
+    figure.tight_layout()
+    return figure
+
+
+def learning_curves(logs: pd.DataFrame) -> plt.Figure:
+    """Validation loss per epoch, one panel per backbone × regime, a line per run."""
+    models = list(dict.fromkeys(zip(logs["backbone"], logs["regime"])))
+    figure, axes = plt.subplots(1, len(models), squeeze=False, sharey=True, figsize=(max(3.4, 2.2 * len(models)), 2.3))
+    for ax, (backbone, regime) in zip(axes[0], models):
+        panel = logs[(logs["backbone"] == backbone) & (logs["regime"] == regime)]
+        for k, ((train_set, seed), run) in enumerate(panel.groupby(["train_set", "seed"], sort=True)):
+            colour = f"C{sorted(panel['train_set'].unique()).index(train_set)}"
+            ax.plot(run["epoch"], run["val_loss"], color=colour, lw=0.8, alpha=0.8, label=train_set if seed == panel[panel["train_set"] == train_set]["seed"].min() else None)
+        ax.set_title(f"{backbone} / {regime}")
+        ax.set_xlabel("epoch")
+    axes[0][0].set_ylabel("validation soft-Dice loss")
+    axes[0][-1].legend()
+    figure.tight_layout()
+    return figure

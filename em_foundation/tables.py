@@ -1,0 +1,52 @@
+"""Aggregate every evaluation into the tables other tools rely on.
+
+``runs.csv``: one row per (backbone, regime, training set, seed, test set).
+``summary.csv`` / ``summary.md``: mean, sample standard deviation (ddof 1) and n per cell.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import pandas as pd
+
+from em_foundation.io import read_json
+
+RUN_KEYS = ["backbone", "regime", "train_set", "seed", "test_set"]
+CELL_KEYS = ["backbone", "regime", "train_set", "test_set"]
+METRICS = ["fg_iou", "fg_dice", "mean_iou"]
+
+
+def collect_runs(metric_files: Iterable[str | Path]) -> pd.DataFrame:
+    rows = [read_json(path) for path in metric_files]
+    runs = pd.DataFrame(rows)
+    if runs.empty:
+        raise ValueError("no evaluation results to aggregate")
+    runs["in_domain"] = [test in datasets for test, datasets in zip(runs["test_set"], runs["train_datasets"])]
+    runs["train_datasets"] = runs["train_datasets"].map("+".join)
+    first = RUN_KEYS + METRICS + ["n_pixels", "n_images", "in_domain"]
+    return runs[first + [c for c in runs.columns if c not in first]].sort_values(RUN_KEYS, ignore_index=True)
+
+
+def summarise(runs: pd.DataFrame) -> pd.DataFrame:
+    grouped = runs.groupby(CELL_KEYS, sort=True)
+    summary = grouped[METRICS].agg(["mean", "std", "count"])
+    summary.columns = [f"{metric}_{stat if stat != 'count' else 'n'}" for metric, stat in summary.columns]
+    summary["seeds"] = grouped["seed"].agg(lambda s: " ".join(map(str, sorted(s))))
+    summary["in_domain"] = grouped["in_domain"].first()
+    return summary.reset_index()
+
+
+def summary_markdown(summary: pd.DataFrame, metric: str = "fg_iou") -> str:
+    """Mean ± sample std (n) per cell, one row per model and one column per test set."""
+    def cell(row: pd.Series) -> str:
+        std = row[f"{metric}_std"]
+        spread = "n/a" if pd.isna(std) else f"{std:.3f}"
+        return f"{row[f'{metric}_mean']:.3f} ± {spread} ({int(row[f'{metric}_n'])})"
+
+    table = summary.assign(value=summary.apply(cell, axis=1)).pivot_table(
+        index=["backbone", "regime", "train_set"], columns="test_set", values="value", aggfunc="first"
+    )
+    header = f"Foreground IoU on each test set: mean ± sample std (n seeds)\n\n" if metric == "fg_iou" else f"{metric}: mean ± sample std (n seeds)\n\n"
+    return header + table.reset_index().to_markdown(index=False) + "\n"

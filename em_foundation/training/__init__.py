@@ -1,0 +1,1 @@
+"""Training: the loss, the segmenters per regime, and the early-stopping loop."""

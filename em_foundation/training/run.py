@@ -1,0 +1,131 @@
+"""One training run: gather its data, build its segmenter, fit, and write what it produced."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from em_foundation.backbones.lora import trainable_state_dict
+from em_foundation.data.tiles import read_tiles
+from em_foundation.features import read_cache_attrs, read_tokens, to_unit_float
+from em_foundation.io import atomic_path, read_json, write_json
+from em_foundation.runtime import seed_everything
+from em_foundation.training.segmenter import build_segmenter
+from em_foundation.training.trainer import TrainingData, fit
+
+
+def _tokens_to_tensor(tokens: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(tokens))
+
+
+def load_training_data(
+    regime: str,
+    datasets: list[str],
+    tiles: dict[str, str],
+    features: dict[str, str] | None,
+    splits: dict[str, str],
+) -> tuple[TrainingData, TrainingData, dict[str, Any]]:
+    """Training and validation tiles of every dataset in the training set, with their source."""
+    parts: dict[str, list] = {"train": [], "val": []}
+    record: dict[str, Any] = {}
+    for dataset in datasets:
+        tile_set = read_tiles(tiles[dataset], "train", with_pixels=regime != "head")
+        split = read_json(splits[dataset])
+        val_names = set(split["val"])
+        is_val = np.array([tile_set.names[i] in val_names for i in tile_set.image_index])
+        if regime == "head":
+            inputs = read_tokens(features[dataset], "train")
+        else:
+            inputs = tile_set.raw
+        for part, mask in (("train", ~is_val), ("val", is_val)):
+            parts[part].append((inputs[mask], tile_set.labels[mask], np.full(mask.sum(), dataset)))
+        record[dataset] = {"val_slices": split["val"], "train_tiles": int((~is_val).sum()), "val_tiles": int(is_val.sum())}
+    to_tensor = _tokens_to_tensor if regime == "head" else to_unit_float
+
+    def merge(chunks):
+        return TrainingData(*(np.concatenate(column) for column in zip(*chunks)), to_tensor=to_tensor)
+
+    return merge(parts["train"]), merge(parts["val"]), record
+
+
+def fingerprint_of(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def train_run(
+    *,
+    regime: str,
+    backbone_name: str,
+    train_set: str,
+    datasets: list[str],
+    seed: int,
+    backbone: dict[str, Any],
+    head: dict[str, Any],
+    lora: dict[str, Any],
+    training: dict[str, Any],
+    tiles: dict[str, str],
+    features: dict[str, str] | None,
+    splits: dict[str, str],
+    device: torch.device,
+    out_model: Path,
+    out_log: Path,
+    out_run: Path,
+    balanced: bool = False,
+    stop_after_epochs: int | None = None,
+) -> dict[str, Any]:
+    """Train one (backbone, regime, training set, seed) cell and write model, log and record."""
+    started = time.perf_counter()
+    snapshot = {
+        "regime": regime, "backbone_name": backbone_name, "train_set": train_set, "datasets": datasets,
+        "seed": seed, "backbone": backbone, "head": head, "lora": lora if regime == "lora" else None,
+        "training": training, "balanced": balanced,
+    }
+    generator = seed_everything(seed)
+    train, val, data_record = load_training_data(regime, datasets, tiles, features, splits)
+    in_channels = None
+    if regime == "head":
+        in_channels = int(train.inputs.shape[1])
+        snapshot["weights_identity"] = {d: str(read_cache_attrs(features[d])["weights_identity"]) for d in datasets}
+    model = build_segmenter(regime, backbone, head, lora, in_channels)
+    checkpoint = out_model.with_name("checkpoint.pt")
+    result = fit(model, train, val, training, generator, device, checkpoint, fingerprint_of(snapshot), balanced, stop_after_epochs)
+    with atomic_path(out_model, suffix=".pt") as tmp:
+        torch.save({"regime": regime, "in_channels": in_channels, "state": result.best_state, "config": snapshot}, tmp)
+    with atomic_path(out_log, suffix=".csv") as tmp:
+        result.history.to_csv(tmp, index=False)
+    record = {
+        **{k: snapshot[k] for k in ("regime", "backbone_name", "train_set", "datasets", "seed", "balanced")},
+        "best_epoch": result.best_epoch,
+        "best_val_loss": result.best_val_loss,
+        "epochs_run": int(len(result.history)),
+        "stop_reason": result.stop_reason,
+        "resumed_from_epoch": result.resumed_from_epoch,
+        "tiles_drawn_per_source": result.sampled_per_source,
+        "trainable_parameters": int(sum(p.numel() for p in model.parameters() if p.requires_grad)),
+        "data": data_record,
+        "seconds": time.perf_counter() - started,
+    }
+    write_json(out_run, record)
+    checkpoint.unlink(missing_ok=True)
+    return record
+
+
+def load_segmenter(model_path: Path, backbone: dict[str, Any]) -> torch.nn.Module:
+    """Rebuild a trained segmenter from its checkpoint (frozen weights come from the backbone)."""
+    saved = torch.load(model_path, map_location="cpu", weights_only=False)
+    config = saved["config"]
+    model = build_segmenter(saved["regime"], backbone, config["head"], config["lora"] or {}, saved["in_channels"])
+    result = model.load_state_dict(saved["state"], strict=False)
+    if result.unexpected_keys:
+        raise RuntimeError(f"{model_path}: keys the model lacks: {result.unexpected_keys[:5]}")
+    expected = set(trainable_state_dict(model))
+    missing = expected - set(saved["state"])
+    if missing:
+        raise RuntimeError(f"{model_path}: trained keys missing from the checkpoint: {sorted(missing)[:5]}")
+    return model.eval()

@@ -1,0 +1,68 @@
+"""A segmenter per regime: what takes a batch's inputs to logits, and what it trains.
+
+``head`` works on cached patch tokens and owns no backbone at all, which is how head
+training is guaranteed never to run the backbone. ``lora`` and ``fullft`` wrap the
+backbone and the head and take tile pixels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from em_foundation.backbones import build_backbone
+from em_foundation.backbones.lora import add_lora, make_fully_trainable
+from em_foundation.heads import DeconvHead
+
+
+class CachedFeatureSegmenter(nn.Module):
+    """Head on cached tokens (float16 on disk, float32 here)."""
+
+    takes = "tokens"
+
+    def __init__(self, in_channels: int, width: int) -> None:
+        super().__init__()
+        self.head = DeconvHead(in_channels, width)
+
+    def forward(self, tokens: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+        return self.head(tokens.float(), out_size)
+
+
+class BackboneSegmenter(nn.Module):
+    """Backbone (with adapters, or fully trainable) followed by the head, on pixels."""
+
+    takes = "pixels"
+
+    def __init__(self, backbone: nn.Module, width: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = DeconvHead(backbone.embed_dim, width)
+
+    def forward(self, images: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+        return self.head(self.backbone(images).grid.float(), out_size)
+
+    def train(self, mode: bool = True) -> "BackboneSegmenter":
+        # The backbone's own normalisation layers keep their pretrained behaviour.
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+
+def build_segmenter(
+    regime: str, backbone_spec: dict[str, Any], head: dict[str, Any], lora: dict[str, Any], in_channels: int | None = None
+) -> nn.Module:
+    if regime == "head":
+        if in_channels is None:
+            raise ValueError("the head regime needs the cached features' channel count")
+        return CachedFeatureSegmenter(in_channels, head["width"])
+    backbone = build_backbone(backbone_spec)
+    if regime == "lora":
+        backbone = add_lora(backbone, lora["rank"], lora["alpha"], lora["dropout"])
+    elif regime == "fullft":
+        backbone = make_fully_trainable(backbone)
+    else:
+        raise ValueError(f"regime {regime!r} has no torch segmenter")
+    return BackboneSegmenter(backbone, head["width"])
+

@@ -1,0 +1,168 @@
+"""The training loop: AdamW, gradient clipping, early stopping on validation loss, resumable.
+
+A job killed midway (clusters preempt) resumes from its per-epoch checkpoint when rerun
+and ends where an uninterrupted run would: the checkpoint holds the model, optimiser,
+RNG states and early-stopping state, and is only trusted when its fingerprint (the run's
+config) matches.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from em_foundation.backbones.lora import trainable_state_dict
+from em_foundation.training.losses import soft_dice_loss
+from em_foundation.training.sampling import epoch_batches
+
+InputFn = Callable[[np.ndarray], torch.Tensor]
+
+
+@dataclass
+class TrainingData:
+    """Inputs stay in their stored form (float16 tokens or uint8 pixels) until batched."""
+
+    inputs: np.ndarray
+    labels: np.ndarray
+    sources: np.ndarray
+    to_tensor: InputFn
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class FitResult:
+    best_state: dict[str, torch.Tensor]
+    history: pd.DataFrame
+    best_epoch: int
+    best_val_loss: float
+    stop_reason: str
+    resumed_from_epoch: int = 0
+    sampled_per_source: dict[str, int] = field(default_factory=dict)
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # Frozen backbone weights never change, so neither checkpoints nor the best state copy them.
+    return trainable_state_dict(model)
+
+
+def _load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise RuntimeError(f"checkpoint has keys the model lacks: {result.unexpected_keys[:5]}")
+
+
+def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _validation_loss(model: torch.nn.Module, data: TrainingData, batch_size: int, device: torch.device) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(data), batch_size):
+            inputs = data.to_tensor(data.inputs[start : start + batch_size]).to(device)
+            labels = torch.from_numpy(data.labels[start : start + batch_size]).to(device)
+            logits = model(inputs, tuple(labels.shape[-2:]))
+            total += float(soft_dice_loss(logits, labels)) * len(labels)
+            count += len(labels)
+    return total / max(count, 1)
+
+
+def fit(
+    model: torch.nn.Module,
+    train: TrainingData,
+    val: TrainingData,
+    training: dict[str, Any],
+    generator: torch.Generator,
+    device: torch.device,
+    checkpoint: Path,
+    fingerprint: str,
+    balanced: bool = False,
+    stop_after_epochs: int | None = None,
+) -> FitResult:
+    """Train until the validation loss has not improved for ``patience`` epochs.
+
+    ``stop_after_epochs`` ends the process's work early (for tests that simulate a killed
+    job); the checkpoint then lets a rerun continue.
+    """
+    model.to(device)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=training["lr"], weight_decay=training["weight_decay"])
+    state: dict[str, Any] = {"epoch": 0, "best_val": math.inf, "best_epoch": 0, "bad_epochs": 0, "history": [], "best_state": None, "drawn": {}}
+    resumed_from = 0
+    if checkpoint.exists():
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        if saved.get("fingerprint") == fingerprint:
+            _load_trainable_state(model, saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            generator.set_state(saved["generator"])
+            torch.set_rng_state(saved["torch_rng"])
+            state = saved["state"]
+            resumed_from = state["epoch"]
+            print(f"resumed from {checkpoint} after epoch {resumed_from}", flush=True)
+        else:
+            print(f"ignoring {checkpoint}: it belongs to another configuration", flush=True)
+    stop_reason = "max_epochs"
+    epochs_this_process = 0
+    progress = tqdm(range(state["epoch"], training["max_epochs"]), desc="epochs", unit="epoch", initial=state["epoch"], total=training["max_epochs"])
+    for epoch in progress:
+        if state["bad_epochs"] >= training["patience"]:
+            stop_reason = "early_stopping"
+            break
+        started = time.perf_counter()
+        model.train()
+        losses = []
+        for batch in epoch_batches(train.sources, training["batch_size"], generator, balanced):
+            for source in train.sources[batch]:
+                state["drawn"][str(source)] = state["drawn"].get(str(source), 0) + 1
+            inputs = train.to_tensor(train.inputs[batch]).to(device)
+            labels = torch.from_numpy(train.labels[batch]).to(device)
+            loss = soft_dice_loss(model(inputs, tuple(labels.shape[-2:])), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, training["grad_clip"])
+            optimizer.step()
+            losses.append(float(loss))
+        val_loss = _validation_loss(model, val, training["batch_size"], device)
+        improved = val_loss < state["best_val"]
+        if improved:
+            state.update(best_val=val_loss, best_epoch=epoch + 1, bad_epochs=0, best_state=_trainable_state(model))
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch + 1
+        state["history"].append(
+            {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": val_loss, "lr": optimizer.param_groups[0]["lr"], "improved": improved, "seconds": time.perf_counter() - started}
+        )
+        progress.set_postfix(train=f"{np.mean(losses):.4f}", val=f"{val_loss:.4f}")
+        _save_checkpoint(
+            checkpoint,
+            {"fingerprint": fingerprint, "model": _trainable_state(model), "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "state": state},
+        )
+        epochs_this_process += 1
+        if stop_after_epochs is not None and epochs_this_process >= stop_after_epochs:
+            raise InterruptedError(f"stopped after {epochs_this_process} epochs as asked (simulated preemption)")
+    else:
+        if state["bad_epochs"] >= training["patience"]:
+            stop_reason = "early_stopping"
+    return FitResult(
+        best_state=state["best_state"],
+        history=pd.DataFrame(state["history"]),
+        best_epoch=state["best_epoch"],
+        best_val_loss=state["best_val"],
+        stop_reason=stop_reason,
+        resumed_from_epoch=resumed_from,
+        sampled_per_source=dict(state["drawn"]),
+    )

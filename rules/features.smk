@@ -1,0 +1,22 @@
+# Feature cache: each backbone runs once over every tile; heads train on the cache.
+
+
+rule cache_features:
+    input:
+        tiles="results/tiles/{dataset}.h5",
+        weights=weights_input,
+    output:
+        "results/features/{backbone}/{dataset}.h5",
+    params:
+        backbone=lambda w: config["backbones"][w.backbone],
+        features=config["features"],
+        code=code_digest("backbones", "features.py", "data/tiles.py", *CORE),
+    threads: config["compute"]["threads"]
+    log:
+        "results/logs/cache_features/{backbone}_{dataset}.log",
+    benchmark:
+        "results/benchmarks/cache_features/{backbone}_{dataset}.tsv"
+    conda:
+        "../envs/features.yaml"
+    script:
+        "../scripts/cache_features.py"

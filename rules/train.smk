@@ -1,0 +1,82 @@
+# Training: one job per (backbone, regime, training set, seed). Head training reads only
+# the feature cache; LoRA and full fine-tuning read tiles and weights.
+
+RUN_OUTPUTS = {
+    "model": "results/models/{backbone}/{regime}/{train_set}/seed{seed}/model.pt",
+    "log": "results/models/{backbone}/{regime}/{train_set}/seed{seed}/train_log.csv",
+    "run": "results/models/{backbone}/{regime}/{train_set}/seed{seed}/run.json",
+}
+
+
+def split_inputs(w):
+    return {f"split_{d}": f"results/splits/{d}/seed{w.seed}.json" for d in train_datasets(w)}
+
+
+def tile_inputs(w):
+    return {f"tiles_{d}": f"results/tiles/{d}.h5" for d in train_datasets(w)}
+
+
+def feature_inputs(w):
+    return {f"features_{d}": f"results/features/{w.backbone}/{d}.h5" for d in train_datasets(w)}
+
+
+def run_outputs(regime):
+    return {key: path.replace("{regime}", regime) for key, path in RUN_OUTPUTS.items()}
+
+
+rule train_head:
+    input:
+        unpack(split_inputs),
+        unpack(tile_inputs),
+        unpack(feature_inputs),
+    output:
+        **run_outputs("head"),
+    params:
+        datasets=train_datasets,
+        head=config["head"],
+        training=config["training"],
+        code=code_digest("training", "heads", "features.py", "data/tiles.py", "backbones/lora.py", *CORE),
+    threads: config["compute"]["threads"]
+    log:
+        "results/logs/train_head/{backbone}_{train_set}_seed{seed}.log",
+    benchmark:
+        "results/benchmarks/train_head/{backbone}_{train_set}_seed{seed}.tsv"
+    conda:
+        "../envs/train.yaml"
+    script:
+        "../scripts/train.py"
+
+
+use rule train_head as train_lora with:
+    input:
+        unpack(split_inputs),
+        unpack(tile_inputs),
+        weights=weights_input,
+    output:
+        **run_outputs("lora"),
+    params:
+        datasets=train_datasets,
+        backbone=lambda w: config["backbones"][w.backbone],
+        head=config["head"],
+        lora=config["lora"],
+        training=config["training"],
+        code=code_digest("training", "heads", "backbones", "features.py", "data/tiles.py", *CORE),
+    log:
+        "results/logs/train_lora/{backbone}_{train_set}_seed{seed}.log",
+    benchmark:
+        "results/benchmarks/train_lora/{backbone}_{train_set}_seed{seed}.tsv"
+
+
+use rule train_lora as train_fullft with:
+    output:
+        **run_outputs("fullft"),
+    params:
+        datasets=train_datasets,
+        backbone=lambda w: config["backbones"][w.backbone],
+        head=config["head"],
+        training=config["training"],
+        code=code_digest("training", "heads", "backbones", "features.py", "data/tiles.py", *CORE),
+    log:
+        "results/logs/train_fullft/{backbone}_{train_set}_seed{seed}.log",
+    benchmark:
+        "results/benchmarks/train_fullft/{backbone}_{train_set}_seed{seed}.tsv"

@@ -1,0 +1,28 @@
+"""Snakemake entry point: gather every evaluation and training log into the tables."""
+
+from pathlib import Path
+
+import pandas as pd
+
+from em_foundation.io import atomic_path, read_json
+from em_foundation.scripting import logged
+from em_foundation.tables import collect_runs, summarise, summary_markdown
+
+with logged(snakemake.log[0]):
+    runs = collect_runs(snakemake.input.metrics)
+    summary = summarise(runs)
+    per_image = pd.concat([pd.read_csv(path) for path in snakemake.input.images], ignore_index=True)
+    logs = []
+    for path in snakemake.input.logs:
+        record = read_json(Path(path).with_name("run.json"))
+        log = pd.read_csv(path)
+        logs.append(log.assign(backbone=record["backbone_name"], regime=record["regime"], train_set=record["train_set"],
+                               seed=record["seed"], best_epoch=record["best_epoch"], stop_reason=record["stop_reason"]))
+    outputs = snakemake.output
+    for frame, path in ((runs, outputs.runs), (summary, outputs.summary), (per_image, outputs.per_image),
+                        (pd.concat(logs, ignore_index=True), outputs.training_logs)):
+        with atomic_path(path, suffix=".csv") as tmp:
+            frame.to_csv(tmp, index=False)
+    with atomic_path(outputs.markdown, suffix=".md") as tmp:
+        tmp.write_text(summary_markdown(summary))
+    print(summary_markdown(summary))

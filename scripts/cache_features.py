@@ -1,0 +1,19 @@
+"""Snakemake entry point: run one backbone once over every tile of one dataset."""
+
+from em_foundation.backbones import build_backbone
+from em_foundation.backbones.weights import hub_environment
+from em_foundation.features import cache_features
+from em_foundation.runtime import configure
+from em_foundation.scripting import logged
+
+with logged(snakemake.log[0]):
+    compute = {**snakemake.config["compute"], "threads": snakemake.threads}
+    device = configure(compute)
+    spec = dict(snakemake.params.backbone)
+    with hub_environment(snakemake.config["hub"]["cache_dir"], offline=True):
+        backbone = build_backbone(spec)
+    counts = cache_features(
+        backbone, snakemake.input.tiles, snakemake.output[0], snakemake.params.features["batch_size"], device,
+        attrs={"backbone": snakemake.wildcards.backbone, "dataset": snakemake.wildcards.dataset, "spec": spec},
+    )
+    print(f"{snakemake.wildcards.backbone} on {snakemake.wildcards.dataset}: {counts} tiles, identity {backbone.identity}")

@@ -1,0 +1,12 @@
+"""Snakemake entry point: draw the validation slices of one dataset for one seed."""
+
+from em_foundation.data.prepared import read_split
+from em_foundation.data.splits import validation_split
+from em_foundation.io import write_json
+from em_foundation.scripting import logged
+
+with logged(snakemake.log[0]):
+    names = read_split(snakemake.input[0], "train").names
+    split = validation_split(names, snakemake.params.val_fraction, int(snakemake.wildcards.seed))
+    write_json(snakemake.output[0], {"dataset": snakemake.wildcards.dataset, **split})
+    print(f"seed {split['seed']}: validation slices {split['val']}")

@@ -1,0 +1,23 @@
+"""Snakemake entry point: train one (backbone, regime, training set, seed) run."""
+
+from pathlib import Path
+
+from em_foundation.backbones.weights import hub_environment
+from em_foundation.runtime import configure
+from em_foundation.scripting import logged, unpack_prefixed
+from em_foundation.training.run import train_run
+
+with logged(snakemake.log[0]):
+    device = configure({**snakemake.config["compute"], "threads": snakemake.threads})
+    w, p = snakemake.wildcards, snakemake.params
+    regime = snakemake.rule.removeprefix("train_")
+    with hub_environment(snakemake.config["hub"]["cache_dir"], offline=True):
+        record = train_run(
+            regime=regime, backbone_name=w.backbone, train_set=w.train_set, datasets=list(p.datasets),
+            seed=int(w.seed), backbone=dict(p.get("backbone", {})), head=dict(p.head), lora=dict(p.get("lora", {})),
+            training=dict(p.training), tiles=unpack_prefixed(snakemake.input, "tiles_"),
+            features=unpack_prefixed(snakemake.input, "features_") or None,
+            splits=unpack_prefixed(snakemake.input, "split_"), device=device,
+            out_model=Path(snakemake.output.model), out_log=Path(snakemake.output.log), out_run=Path(snakemake.output.run),
+        )
+    print(f"best epoch {record['best_epoch']} ({record['stop_reason']}), validation loss {record['best_val_loss']:.4f}")
