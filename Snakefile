@@ -36,6 +36,7 @@ include: "rules/features.smk"
 include: "rules/train.smk"
 include: "rules/evaluate.smk"
 include: "rules/tables.smk"
+include: "rules/analysis.smk"
 include: "rules/figures.smk"
 
 
@@ -50,9 +51,12 @@ rule all:
     default_target: True
     input:
         TABLES,
+        ANALYSIS,
         FIGURES,
+        ANALYSIS_FIGURES,
 
 
 rule figures:
     input:
         FIGURES,
+        ANALYSIS_FIGURES,

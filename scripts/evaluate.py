@@ -1,4 +1,4 @@
-"""Snakemake entry point: score one trained model on one test set at native resolution."""
+"""Snakemake entry point: score one trained model on every test set at native resolution."""
 
 from pathlib import Path
 
@@ -10,18 +10,18 @@ from em_foundation.training.run import load_segmenter
 
 with logged(snakemake.log[0]):
     device = configure({**snakemake.config["compute"], "threads": snakemake.threads})
-    w, inputs = snakemake.wildcards, snakemake.input
+    w, inputs, outputs, params = snakemake.wildcards, snakemake.input, snakemake.output, snakemake.params
     with hub_environment(snakemake.config["hub"]["cache_dir"], offline=True):
-        model = load_segmenter(Path(inputs.model), dict(snakemake.params.backbone))
-    per_image, predictions = evaluate_model(
-        model, w.regime, inputs.prepared, inputs.tiles, inputs.get("features"), device
-    )
-    record = {
-        "backbone": w.backbone, "regime": w.regime, "train_set": w.train_set, "seed": int(w.seed),
-        "test_set": w.test_set, "train_datasets": list(snakemake.params.datasets),
-    }
-    metrics = write_evaluation(
-        per_image, predictions, record, Path(snakemake.output.metrics), Path(snakemake.output.images),
-        Path(snakemake.output.predictions), snakemake.params.keep_predictions,
-    )
-    print(f"foreground IoU {metrics['fg_iou']:.4f} over {metrics['n_pixels']} pixels of {metrics['n_images']} slices")
+        model = load_segmenter(Path(inputs.model), dict(params.backbone))
+    for k, test_set in enumerate(params.test_sets):
+        features = inputs.features[k] if "features" in inputs.keys() else None
+        per_image, predictions = evaluate_model(model, w.regime, inputs.prepared[k], inputs.tiles[k], features, device)
+        record = {
+            "backbone": w.backbone, "regime": w.regime, "train_set": w.train_set, "seed": int(w.seed),
+            "test_set": test_set, "train_datasets": list(params.datasets),
+        }
+        metrics = write_evaluation(
+            per_image, predictions, record, Path(outputs.metrics[k]), Path(outputs.images[k]),
+            Path(outputs.predictions[k]), params.keep_predictions,
+        )
+        print(f"{test_set}: foreground IoU {metrics['fg_iou']:.4f} over {metrics['n_pixels']} pixels of {metrics['n_images']} slices")

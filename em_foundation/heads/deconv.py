@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,17 +20,29 @@ def _up_block(in_channels: int, out_channels: int) -> nn.Sequential:
     )
 
 
+def up_blocks_for(patch_size: int) -> int:
+    """×2 up-blocks needed to get from the token grid back to at least pixel resolution.
+
+    Four for patch 14 and 16 (×16, as published); three for the filter bank's patch 8,
+    which would otherwise run the head's last block at twice the tile's resolution.
+    """
+    return max(1, math.ceil(math.log2(patch_size)))
+
+
 class DeconvHead(nn.Module):
     """1×1 stem to ``width`` channels, four ×2 up-blocks (width → /2 → /4 → /8 → /8), 1×1 to logits.
 
     The published head uses width 512 (512→256→128→64→64, ×16 upsampling); the width is
-    a parameter so that the CPU demo can use a narrow head with the same structure.
+    a parameter so that the CPU demo can use a narrow head with the same structure, and
+    backbones with patches smaller than 9 pixels get fewer up-blocks (``up_blocks_for``).
     Logits are resized bilinearly to the requested output size (the tile's pixels).
     """
 
-    def __init__(self, in_channels: int, width: int = 512, num_classes: int = 2) -> None:
+    def __init__(self, in_channels: int, width: int = 512, num_classes: int = 2, up_blocks: int = 4) -> None:
         super().__init__()
-        channels = [width, width // 2, width // 4, width // 8, width // 8]
+        if not 1 <= up_blocks <= 4:
+            raise ValueError(f"up_blocks must be 1 to 4, got {up_blocks}")
+        channels = [width, width // 2, width // 4, width // 8, width // 8][: up_blocks + 1]
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, kernel_size=1), nn.BatchNorm2d(width), nn.GELU())
         self.up = nn.Sequential(*[_up_block(a, b) for a, b in zip(channels[:-1], channels[1:])])
         self.classifier = nn.Conv2d(channels[-1], num_classes, kernel_size=1)

@@ -88,15 +88,17 @@ def train_run(
     }
     generator = seed_everything(seed)
     train, val, data_record = load_training_data(regime, datasets, tiles, features, splits)
-    in_channels = None
+    in_channels = patch_size = None
     if regime == "head":
+        cache = {d: read_cache_attrs(features[d]) for d in datasets}
         in_channels = int(train.inputs.shape[1])
-        snapshot["weights_identity"] = {d: str(read_cache_attrs(features[d])["weights_identity"]) for d in datasets}
-    model = build_segmenter(regime, backbone, head, lora, in_channels)
+        patch_size = int(cache[datasets[0]]["patch_size"])
+        snapshot["weights_identity"] = {d: str(attrs["weights_identity"]) for d, attrs in cache.items()}
+    model = build_segmenter(regime, backbone, head, lora, in_channels, patch_size)
     checkpoint = out_model.with_name("checkpoint.pt")
     result = fit(model, train, val, training, generator, device, checkpoint, fingerprint_of(snapshot), balanced, stop_after_epochs)
     with atomic_path(out_model, suffix=".pt") as tmp:
-        torch.save({"regime": regime, "in_channels": in_channels, "state": result.best_state, "config": snapshot}, tmp)
+        torch.save({"regime": regime, "in_channels": in_channels, "patch_size": patch_size, "state": result.best_state, "config": snapshot}, tmp)
     with atomic_path(out_log, suffix=".csv") as tmp:
         result.history.to_csv(tmp, index=False)
     record = {
@@ -120,7 +122,7 @@ def load_segmenter(model_path: Path, backbone: dict[str, Any]) -> torch.nn.Modul
     """Rebuild a trained segmenter from its checkpoint (frozen weights come from the backbone)."""
     saved = torch.load(model_path, map_location="cpu", weights_only=False)
     config = saved["config"]
-    model = build_segmenter(saved["regime"], backbone, config["head"], config["lora"] or {}, saved["in_channels"])
+    model = build_segmenter(saved["regime"], backbone, config["head"], config["lora"] or {}, saved["in_channels"], saved["patch_size"])
     result = model.load_state_dict(saved["state"], strict=False)
     if result.unexpected_keys:
         raise RuntimeError(f"{model_path}: keys the model lacks: {result.unexpected_keys[:5]}")

@@ -15,6 +15,7 @@ from torch import nn
 from em_foundation.backbones import build_backbone
 from em_foundation.backbones.lora import add_lora, make_fully_trainable
 from em_foundation.heads import DeconvHead
+from em_foundation.heads.deconv import up_blocks_for
 
 
 class CachedFeatureSegmenter(nn.Module):
@@ -22,9 +23,9 @@ class CachedFeatureSegmenter(nn.Module):
 
     takes = "tokens"
 
-    def __init__(self, in_channels: int, width: int) -> None:
+    def __init__(self, in_channels: int, width: int, patch_size: int) -> None:
         super().__init__()
-        self.head = DeconvHead(in_channels, width)
+        self.head = DeconvHead(in_channels, width, up_blocks=up_blocks_for(patch_size))
 
     def forward(self, tokens: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
         return self.head(tokens.float(), out_size)
@@ -38,7 +39,7 @@ class BackboneSegmenter(nn.Module):
     def __init__(self, backbone: nn.Module, width: int) -> None:
         super().__init__()
         self.backbone = backbone
-        self.head = DeconvHead(backbone.embed_dim, width)
+        self.head = DeconvHead(backbone.embed_dim, width, up_blocks=up_blocks_for(backbone.patch_size))
 
     def forward(self, images: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
         return self.head(self.backbone(images).grid.float(), out_size)
@@ -51,12 +52,18 @@ class BackboneSegmenter(nn.Module):
 
 
 def build_segmenter(
-    regime: str, backbone_spec: dict[str, Any], head: dict[str, Any], lora: dict[str, Any], in_channels: int | None = None
+    regime: str,
+    backbone_spec: dict[str, Any],
+    head: dict[str, Any],
+    lora: dict[str, Any],
+    in_channels: int | None = None,
+    patch_size: int | None = None,
 ) -> nn.Module:
+    """The segmenter of a regime; ``head`` needs the cache's channel count and patch size."""
     if regime == "head":
-        if in_channels is None:
-            raise ValueError("the head regime needs the cached features' channel count")
-        return CachedFeatureSegmenter(in_channels, head["width"])
+        if in_channels is None or patch_size is None:
+            raise ValueError("the head regime needs the cached features' channel count and patch size")
+        return CachedFeatureSegmenter(in_channels, head["width"], patch_size)
     backbone = build_backbone(backbone_spec)
     if regime == "lora":
         backbone = add_lora(backbone, lora["rank"], lora["alpha"], lora["dropout"])

@@ -135,7 +135,7 @@ def fit(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, training["grad_clip"])
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         val_loss = _validation_loss(model, val, training["batch_size"], device)
         improved = val_loss < state["best_val"]
         if improved:

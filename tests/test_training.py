@@ -1,0 +1,129 @@
+"""Training: head training never runs the backbone, seeds matter and repeat exactly,
+a killed run resumes to the same result, and balanced sampling draws equally."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import em_foundation.backbones as backbones_module
+import em_foundation.training.segmenter as segmenter_module
+from em_foundation.backbones.base import Backbone
+from em_foundation.evaluation.evaluate import evaluate_model, pooled_scores
+from em_foundation.training.run import load_segmenter, train_run
+from em_foundation.training.sampling import epoch_batches
+from em_foundation.training.segmenter import build_segmenter
+from tests.helpers import HEAD, LORA, TINY_VIT, TRAINING, make_dataset
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return {
+        "fibsem": make_dataset(root, "fibsem", "fibsem", seed=1),
+        "sstem": make_dataset(root, "sstem", "sstem", n_train=2, seed=2),
+        "root": root,
+    }
+
+
+def run_head(data, out: Path, seed: int, datasets=("fibsem",), **kwargs):
+    out.mkdir(parents=True, exist_ok=True)
+    return train_run(
+        regime="head", backbone_name="filterbank", train_set="+".join(datasets), datasets=list(datasets), seed=seed,
+        backbone={}, head=HEAD, lora={}, training=kwargs.pop("training", TRAINING),
+        tiles={d: data[d]["tiles"] for d in datasets}, features={d: data[d]["features"] for d in datasets},
+        splits={d: str(data["root"] / f"{d}.split{seed}.json") for d in datasets}, device=torch.device("cpu"),
+        out_model=out / "model.pt", out_log=out / "train_log.csv", out_run=out / "run.json", **kwargs,
+    )
+
+
+def score(data, model_path: Path, test_set="fibsem"):
+    model = load_segmenter(model_path, {})
+    per_image, _ = evaluate_model(model, "head", data[test_set]["prepared"], data[test_set]["tiles"], data[test_set]["features"], torch.device("cpu"))
+    return pooled_scores(per_image)
+
+
+def test_head_training_never_calls_the_backbone(data, tmp_path, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the backbone was built or run during head training")
+
+    monkeypatch.setattr(backbones_module, "build_backbone", forbidden)
+    monkeypatch.setattr(segmenter_module, "build_backbone", forbidden)
+    monkeypatch.setattr(Backbone, "__call__", forbidden)
+    record = run_head(data, tmp_path, seed=0)
+    assert record["epochs_run"] >= 1
+    model = load_segmenter(tmp_path / "model.pt", {})
+    assert not any(isinstance(module, Backbone) for module in model.modules())
+
+
+def test_same_seed_gives_identical_metrics(data, tmp_path):
+    run_head(data, tmp_path / "a", seed=3)
+    run_head(data, tmp_path / "b", seed=3)
+    assert score(data, tmp_path / "a/model.pt") == score(data, tmp_path / "b/model.pt")
+    log_a = (tmp_path / "a/train_log.csv").read_text().splitlines()
+    log_b = (tmp_path / "b/train_log.csv").read_text().splitlines()
+    assert [line.rsplit(",", 1)[0] for line in log_a] == [line.rsplit(",", 1)[0] for line in log_b]
+
+
+def test_five_seeds_record_five_seeds_and_differ(data, tmp_path):
+    records, ious = [], []
+    for seed in range(5):
+        records.append(run_head(data, tmp_path / f"s{seed}", seed=seed))
+        ious.append(score(data, tmp_path / f"s{seed}/model.pt")["fg_iou"])
+    assert [r["seed"] for r in records] == list(range(5))
+    assert [json.loads((tmp_path / f"s{s}/run.json").read_text())["seed"] for s in range(5)] == list(range(5))
+    assert len(set(ious)) > 1, f"five seeds gave identical IoUs {ious}"
+    assert len({tuple(r["data"]["fibsem"]["val_slices"]) for r in records}) > 1, "validation splits do not depend on the seed"
+
+
+def test_killed_training_resumes_to_the_uninterrupted_result(data, tmp_path):
+    training = {**TRAINING, "max_epochs": 5, "patience": 10}
+    run_head(data, tmp_path / "full", seed=1, training=training)
+    with pytest.raises(InterruptedError):
+        run_head(data, tmp_path / "killed", seed=1, training=training, stop_after_epochs=2)
+    assert (tmp_path / "killed/checkpoint.pt").exists() and not (tmp_path / "killed/model.pt").exists()
+    record = run_head(data, tmp_path / "killed", seed=1, training=training)
+    assert record["resumed_from_epoch"] == 2
+    assert not (tmp_path / "killed/checkpoint.pt").exists()
+    full = torch.load(tmp_path / "full/model.pt", weights_only=False)["state"]
+    resumed = torch.load(tmp_path / "killed/model.pt", weights_only=False)["state"]
+    assert full.keys() == resumed.keys()
+    for key in full:
+        torch.testing.assert_close(full[key], resumed[key], rtol=0, atol=0)
+
+
+def test_checkpoint_of_another_configuration_is_not_resumed(data, tmp_path):
+    with pytest.raises(InterruptedError):
+        run_head(data, tmp_path, seed=1, stop_after_epochs=1)
+    record = run_head(data, tmp_path, seed=1, training={**TRAINING, "lr": 5e-4})
+    assert record["resumed_from_epoch"] == 0
+
+
+def test_balanced_sampling_draws_equally_from_each_source():
+    sources = np.array(["lucchi"] * 100 + ["vnc"] * 10)
+    batches = epoch_batches(sources, 4, torch.Generator().manual_seed(0), balanced=True)
+    drawn = np.concatenate(batches)
+    assert len(batches) == 28
+    assert (sources[drawn] == "lucchi").sum() == (sources[drawn] == "vnc").sum() == 56
+    assert all((sources[b] == "vnc").sum() == 2 for b in batches)
+    shuffled = np.concatenate(epoch_batches(sources, 4, torch.Generator().manual_seed(0), balanced=False))
+    assert sorted(shuffled) == list(range(110))
+
+
+def test_paired_training_records_draws_per_source(data, tmp_path):
+    record = run_head(data, tmp_path, seed=0, datasets=("fibsem", "sstem"), balanced=True)
+    drawn = record["tiles_drawn_per_source"]
+    assert drawn["fibsem"] == drawn["sstem"] > 0
+
+
+def test_lora_trains_only_adapters_and_head_and_adapters_sit_on_attention():
+    model = build_segmenter("lora", TINY_VIT, HEAD, LORA)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(name.startswith("head.") or "lora_" in name for name in trainable)
+    adapted = {name.split(".lora_")[0] for name in trainable if "lora_" in name}
+    assert adapted == {f"backbone.model.blocks.{i}.attn.{m}" for i in range(2) for m in ("qkv", "proj")}
+    assert not any("patch_embed" in name or "mlp" in name for name in adapted)
