@@ -11,6 +11,7 @@ from typing import Iterable
 
 import pandas as pd
 
+from em_foundation.evaluation.metrics import Counts, scores
 from em_foundation.io import read_json
 
 RUN_KEYS = ["backbone", "regime", "train_set", "seed", "test_set"]
@@ -18,12 +19,33 @@ CELL_KEYS = ["backbone", "regime", "train_set", "test_set"]
 METRICS = ["fg_iou", "fg_dice", "mean_iou"]
 
 
+def union_rows(rows: list[dict]) -> list[dict]:
+    """A multi-dataset model scored on the union of its sources' test splits.
+
+    Pixel counts are summed before the ratios are taken, so the union score is the
+    pooled IoU over all those pixels, not a mean of the per-source IoUs.
+    """
+    by_run: dict[tuple, list[dict]] = {}
+    for row in rows:
+        by_run.setdefault(tuple(row[k] for k in RUN_KEYS[:-1]), []).append(row)
+    unions = []
+    for members in by_run.values():
+        sources = list(members[0]["train_datasets"])
+        scored = [row for row in members if row["test_set"] in sources]
+        if len(sources) < 2 or len(scored) != len(sources):
+            continue
+        total = Counts(*(sum(int(row[k]) for row in scored) for k in ("tp", "fp", "fn", "tn")))
+        unions.append({**{k: v for k, v in scored[0].items() if k in RUN_KEYS or k == "train_datasets"},
+                       "test_set": "+".join(sources), **scores(total), "n_images": sum(int(r["n_images"]) for r in scored)})
+    return unions
+
+
 def collect_runs(metric_files: Iterable[str | Path]) -> pd.DataFrame:
     rows = [read_json(path) for path in metric_files]
-    runs = pd.DataFrame(rows)
+    runs = pd.DataFrame(rows + union_rows(rows))
     if runs.empty:
         raise ValueError("no evaluation results to aggregate")
-    runs["in_domain"] = [test in datasets for test, datasets in zip(runs["test_set"], runs["train_datasets"])]
+    runs["in_domain"] = [set(test.split("+")) <= set(datasets) for test, datasets in zip(runs["test_set"], runs["train_datasets"])]
     runs["train_datasets"] = runs["train_datasets"].map("+".join)
     first = RUN_KEYS + METRICS + ["n_pixels", "n_images", "in_domain"]
     return runs[first + [c for c in runs.columns if c not in first]].sort_values(RUN_KEYS, ignore_index=True)

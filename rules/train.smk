@@ -80,3 +80,16 @@ use rule train_lora as train_fullft with:
         "results/logs/train_fullft/{backbone}_{train_set}_seed{seed}.log",
     benchmark:
         "results/benchmarks/train_fullft/{backbone}_{train_set}_seed{seed}.tsv"
+
+
+use rule train_head as train_forest with:
+    output:
+        **run_outputs("forest"),
+    params:
+        datasets=train_datasets,
+        forest=config["forest"],
+        code=code_digest("training", "features.py", "data/tiles.py", *CORE),
+    log:
+        "results/logs/train_forest/{backbone}_{train_set}_seed{seed}.log",
+    benchmark:
+        "results/benchmarks/train_forest/{backbone}_{train_set}_seed{seed}.tsv"

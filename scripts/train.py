@@ -14,8 +14,9 @@ with logged(snakemake.log[0]):
     with hub_environment(snakemake.config["hub"]["cache_dir"], offline=True):
         record = train_run(
             regime=regime, backbone_name=w.backbone, train_set=w.train_set, datasets=list(p.datasets),
-            seed=int(w.seed), backbone=dict(p.get("backbone", {})), head=dict(p.head), lora=dict(p.get("lora", {})),
-            training=dict(p.training), tiles=unpack_prefixed(snakemake.input, "tiles_"),
+            seed=int(w.seed), backbone=dict(p.get("backbone", {})), head=dict(p.get("head", {})), lora=dict(p.get("lora", {})),
+            training=dict(p.get("training", {})), forest=dict(p.get("forest", {})), threads=snakemake.threads,
+            tiles=unpack_prefixed(snakemake.input, "tiles_"),
             features=unpack_prefixed(snakemake.input, "features_") or None,
             splits=unpack_prefixed(snakemake.input, "split_"), device=device,
             out_model=Path(snakemake.output.model), out_log=Path(snakemake.output.log), out_run=Path(snakemake.output.run),

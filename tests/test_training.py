@@ -115,7 +115,7 @@ def test_balanced_sampling_draws_equally_from_each_source():
 
 
 def test_paired_training_records_draws_per_source(data, tmp_path):
-    record = run_head(data, tmp_path, seed=0, datasets=("fibsem", "sstem"), balanced=True)
+    record = run_head(data, tmp_path, seed=0, datasets=("fibsem", "sstem"), training={**TRAINING, "balanced_sampling": True})
     drawn = record["tiles_drawn_per_source"]
     assert drawn["fibsem"] == drawn["sstem"] > 0
 
@@ -127,3 +127,30 @@ def test_lora_trains_only_adapters_and_head_and_adapters_sit_on_attention():
     adapted = {name.split(".lora_")[0] for name in trainable if "lora_" in name}
     assert adapted == {f"backbone.model.blocks.{i}.attn.{m}" for i in range(2) for m in ("qkv", "proj")}
     assert not any("patch_embed" in name or "mlp" in name for name in adapted)
+
+
+def test_forest_regime_trains_on_cached_tokens_and_scores(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(Backbone, "__call__", lambda *a, **k: (_ for _ in ()).throw(AssertionError("backbone ran")))
+    record = train_run(
+        regime="forest", backbone_name="filterbank", train_set="fibsem", datasets=["fibsem"], seed=0, backbone={},
+        head={}, lora={}, training={}, forest={"n_estimators": 20, "max_depth": None, "min_samples_leaf": 1, "tokens_per_tile": 32},
+        tiles={"fibsem": data["fibsem"]["tiles"]}, features={"fibsem": data["fibsem"]["features"]},
+        splits={"fibsem": str(data["root"] / "fibsem.split0.json")}, device=torch.device("cpu"),
+        out_model=tmp_path / "model.pt", out_log=tmp_path / "log.csv", out_run=tmp_path / "run.json",
+    )
+    assert record["tokens_sampled"] > 0 and record["trainable_parameters"] == 0
+    model = load_segmenter(tmp_path / "model.pt", {})
+    per_image, predictions = evaluate_model(model, "forest", data["fibsem"]["prepared"], data["fibsem"]["tiles"], data["fibsem"]["features"], torch.device("cpu"))
+    scores = pooled_scores(per_image)
+    assert predictions[0].shape == (128, 128)
+    assert scores["fg_iou"] > 0.2, scores
+
+
+def test_token_labels_follow_the_pixel_majority():
+    from em_foundation.training.forest import token_labels
+
+    labels = np.zeros((1, 16, 16), dtype=np.uint8)
+    labels[0, :8, :8] = 1
+    labels[0, 8:, 8:] = 255
+    labels[0, :8, 8:12] = 1  # half of the top-right patch: not a majority
+    assert token_labels(labels, 8).tolist() == [[[1, 0], [0, 255]]]

@@ -21,6 +21,7 @@ from em_foundation.data.tiles import read_tiles
 from em_foundation.data.tiling import stitch_tiles
 from em_foundation.evaluation.metrics import Counts, confusion, scores
 from em_foundation.features import read_tokens, to_unit_float
+from em_foundation.grid import CACHED_REGIMES
 from em_foundation.io import atomic_path, write_json
 
 
@@ -47,8 +48,9 @@ def evaluate_model(
 ) -> tuple[pd.DataFrame, list[np.ndarray]]:
     """Per-image metrics (one row per slice) and the predicted masks, at native resolution."""
     truth = read_split(prepared, "test")
-    tile_set = read_tiles(tiles, "test", with_pixels=regime != "head")
-    tokens = read_tokens(features, "test") if regime == "head" else None
+    cached = regime in CACHED_REGIMES
+    tile_set = read_tiles(tiles, "test", with_pixels=not cached)
+    tokens = read_tokens(features, "test") if cached else None
     model = model.to(device).eval()
     rows, predictions = [], []
     for image in tqdm(range(len(truth)), desc="evaluate", unit="slice"):

@@ -70,12 +70,13 @@ def qualitative_panel(examples: list[dict]) -> plt.Figure:
     """
     n_pred = max(len(example["predictions"]) for example in examples)
     figure, axes = plt.subplots(len(examples), 2 + n_pred, squeeze=False, figsize=(1.5 * (2 + n_pred), 1.6 * len(examples)))
-    for row, example in zip(axes, examples):
+    for index, (row, example) in enumerate(zip(axes, examples)):
         row[0].imshow(example["image"], cmap="gray")
         row[0].set_ylabel(example["dataset"])
         row[1].imshow(example["truth"] == 1, cmap="magma", vmin=0, vmax=1)
-        row[0].set_title("image" if row is axes[0] else "")
-        row[1].set_title("truth" if row is axes[0] else "")
+        if index == 0:
+            row[0].set_title("image")
+            row[1].set_title("truth")
         for ax, (label, mask) in zip(row[2:], example["predictions"].items()):
             ax.imshow(mask, cmap="magma", vmin=0, vmax=1)
             ax.set_title(label, fontsize=6)
@@ -83,6 +84,7 @@ def qualitative_panel(examples: list[dict]) -> plt.Figure:
             ax.set_xticks([])
             ax.set_yticks([])
             ax.grid(False)
+            ax.spines[:].set_visible(False)
         for ax in row[2 + len(example["predictions"]):]:
             ax.axis("off")
     figure.tight_layout()

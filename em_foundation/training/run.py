@@ -13,6 +13,7 @@ import torch
 
 from em_foundation.backbones.lora import trainable_state_dict
 from em_foundation.data.tiles import read_tiles
+from em_foundation.grid import CACHED_REGIMES
 from em_foundation.features import read_cache_attrs, read_tokens, to_unit_float
 from em_foundation.io import atomic_path, read_json, write_json
 from em_foundation.runtime import seed_everything
@@ -35,18 +36,18 @@ def load_training_data(
     parts: dict[str, list] = {"train": [], "val": []}
     record: dict[str, Any] = {}
     for dataset in datasets:
-        tile_set = read_tiles(tiles[dataset], "train", with_pixels=regime != "head")
+        tile_set = read_tiles(tiles[dataset], "train", with_pixels=regime not in CACHED_REGIMES)
         split = read_json(splits[dataset])
         val_names = set(split["val"])
         is_val = np.array([tile_set.names[i] in val_names for i in tile_set.image_index])
-        if regime == "head":
+        if regime in CACHED_REGIMES:
             inputs = read_tokens(features[dataset], "train")
         else:
             inputs = tile_set.raw
         for part, mask in (("train", ~is_val), ("val", is_val)):
             parts[part].append((inputs[mask], tile_set.labels[mask], np.full(mask.sum(), dataset)))
         record[dataset] = {"val_slices": split["val"], "train_tiles": int((~is_val).sum()), "val_tiles": int(is_val.sum())}
-    to_tensor = _tokens_to_tensor if regime == "head" else to_unit_float
+    to_tensor = _tokens_to_tensor if regime in CACHED_REGIMES else to_unit_float
 
     def merge(chunks):
         return TrainingData(*(np.concatenate(column) for column in zip(*chunks)), to_tensor=to_tensor)
@@ -76,11 +77,13 @@ def train_run(
     out_model: Path,
     out_log: Path,
     out_run: Path,
-    balanced: bool = False,
+    forest: dict[str, Any] | None = None,
+    threads: int = 1,
     stop_after_epochs: int | None = None,
 ) -> dict[str, Any]:
     """Train one (backbone, regime, training set, seed) cell and write model, log and record."""
     started = time.perf_counter()
+    balanced = bool(training.get("balanced_sampling", False)) and len(datasets) > 1
     snapshot = {
         "regime": regime, "backbone_name": backbone_name, "train_set": train_set, "datasets": datasets,
         "seed": seed, "backbone": backbone, "head": head, "lora": lora if regime == "lora" else None,
@@ -88,6 +91,15 @@ def train_run(
     }
     generator = seed_everything(seed)
     train, val, data_record = load_training_data(regime, datasets, tiles, features, splits)
+    if regime == "forest":
+        from em_foundation.training.forest import train_forest_run
+
+        patch_size = int(read_cache_attrs(features[datasets[0]])["patch_size"])
+        return train_forest_run(
+            backbone_name=backbone_name, train_set=train_set, datasets=datasets, seed=seed, forest=forest or {},
+            train=train, val=val, patch_size=patch_size, data_record=data_record, threads=threads,
+            out_model=out_model, out_log=out_log, out_run=out_run,
+        )
     in_channels = patch_size = None
     if regime == "head":
         cache = {d: read_cache_attrs(features[d]) for d in datasets}
@@ -121,6 +133,10 @@ def train_run(
 def load_segmenter(model_path: Path, backbone: dict[str, Any]) -> torch.nn.Module:
     """Rebuild a trained segmenter from its checkpoint (frozen weights come from the backbone)."""
     saved = torch.load(model_path, map_location="cpu", weights_only=False)
+    if saved["regime"] == "forest":
+        from em_foundation.training.forest import ForestSegmenter
+
+        return ForestSegmenter(saved["forest"]).eval()
     config = saved["config"]
     model = build_segmenter(saved["regime"], backbone, config["head"], config["lora"] or {}, saved["in_channels"], saved["patch_size"])
     result = model.load_state_dict(saved["state"], strict=False)

@@ -1,0 +1,108 @@
+"""The ``forest`` regime: a random forest on cached patch tokens, as interactive pixel
+classification (ilastik) trains a shallow learner on filter responses.
+
+Each token is labelled by the majority class of the pixels it covers; a sample of tokens
+per tile (sparse, like brush-stroke annotations) trains the forest; at test time every
+token's probability is upsampled bilinearly to the tile and stitched like any other
+segmenter's output.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from sklearn.ensemble import RandomForestClassifier
+from torch import nn
+
+from em_foundation.data.prepared import IGNORE_LABEL
+from em_foundation.io import atomic_path, write_json
+from em_foundation.runtime import seed_everything
+from em_foundation.training.losses import soft_dice_loss
+
+
+def token_labels(labels: np.ndarray, patch_size: int) -> np.ndarray:
+    """(N, T, T) pixel labels to (N, T/p, T/p) token labels: majority foreground, or IGNORE."""
+    n, height, width = labels.shape
+    blocks = labels.reshape(n, height // patch_size, patch_size, width // patch_size, patch_size)
+    valid = (blocks != IGNORE_LABEL).sum(axis=(2, 4))
+    foreground = (blocks == 1).sum(axis=(2, 4))
+    result = (2 * foreground > valid).astype(np.uint8)
+    result[2 * valid < patch_size * patch_size] = IGNORE_LABEL
+    return result
+
+
+class ForestSegmenter(nn.Module):
+    """Wraps a fitted forest so that evaluation treats it like the torch segmenters."""
+
+    takes = "tokens"
+
+    def __init__(self, forest: RandomForestClassifier) -> None:
+        super().__init__()
+        self.forest = forest
+
+    def forward(self, tokens: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+        batch, channels, height, width = tokens.shape
+        flat = tokens.float().permute(0, 2, 3, 1).reshape(-1, channels).cpu().numpy()
+        probability = np.zeros((len(flat), 2), dtype=np.float32)
+        probability[:, self.forest.classes_.astype(int)] = self.forest.predict_proba(flat)
+        grid = torch.from_numpy(probability).reshape(batch, height, width, 2).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=out_size, mode="bilinear", align_corners=False)
+        return torch.log(grid.clamp_min(1e-6)).to(tokens.device)
+
+
+def fit_forest(tokens: np.ndarray, labels: np.ndarray, patch_size: int, forest: dict[str, Any], seed: int, threads: int = 1) -> tuple[RandomForestClassifier, int]:
+    """Fit on a seeded sample of labelled tokens; returns the forest and the sample size."""
+    rng = np.random.default_rng(seed)
+    targets = token_labels(labels, patch_size)
+    features, classes = [], []
+    for tile_tokens, tile_targets in zip(tokens, targets):
+        flat_tokens = tile_tokens.reshape(tile_tokens.shape[0], -1).T
+        flat_targets = tile_targets.ravel()
+        labelled = np.flatnonzero(flat_targets != IGNORE_LABEL)
+        chosen = rng.choice(labelled, size=min(forest["tokens_per_tile"], len(labelled)), replace=False)
+        features.append(flat_tokens[chosen])
+        classes.append(flat_targets[chosen])
+    model = RandomForestClassifier(
+        n_estimators=forest["n_estimators"], max_depth=forest["max_depth"], min_samples_leaf=forest["min_samples_leaf"],
+        random_state=seed, n_jobs=threads,
+    )
+    x, y = np.concatenate(features).astype(np.float32), np.concatenate(classes)
+    model.fit(x, y)
+    return model, len(y)
+
+
+def train_forest_run(
+    *, backbone_name: str, train_set: str, datasets: list[str], seed: int, forest: dict[str, Any],
+    train, val, patch_size: int, data_record: dict[str, Any], threads: int,
+    out_model: Path, out_log: Path, out_run: Path,
+) -> dict[str, Any]:
+    started = time.perf_counter()
+    seed_everything(seed)
+    model, n_samples = fit_forest(train.inputs, train.labels, patch_size, forest, seed, threads)
+    segmenter = ForestSegmenter(model).eval()
+
+    def loss_of(data) -> float:
+        with torch.no_grad():
+            logits = segmenter(torch.from_numpy(data.inputs), tuple(data.labels.shape[-2:]))
+        return float(soft_dice_loss(logits, torch.from_numpy(data.labels)))
+
+    history = pd.DataFrame([{"epoch": 1, "train_loss": loss_of(train), "val_loss": loss_of(val), "lr": float("nan"), "improved": True, "seconds": time.perf_counter() - started}])
+    snapshot = {"regime": "forest", "backbone_name": backbone_name, "train_set": train_set, "datasets": datasets, "seed": seed, "forest": forest, "head": None, "lora": None}
+    with atomic_path(out_model, suffix=".pt") as tmp:
+        torch.save({"regime": "forest", "forest": model, "patch_size": patch_size, "in_channels": int(train.inputs.shape[1]), "config": snapshot}, tmp)
+    with atomic_path(out_log, suffix=".csv") as tmp:
+        history.to_csv(tmp, index=False)
+    record = {
+        **{k: snapshot[k] for k in ("regime", "backbone_name", "train_set", "datasets", "seed")},
+        "balanced": False, "best_epoch": 1, "best_val_loss": float(history["val_loss"].iloc[0]), "epochs_run": 1,
+        "stop_reason": "fitted", "resumed_from_epoch": 0, "tokens_sampled": n_samples, "trainable_parameters": 0,
+        "data": data_record, "seconds": time.perf_counter() - started,
+    }
+    write_json(out_run, record)
+    return record

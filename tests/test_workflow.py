@@ -1,0 +1,127 @@
+"""The workflow end to end on the embedded demo, and what a config change reschedules."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import pandas as pd
+import pytest
+
+from tests.workflow import REPO, demo_config, scheduled_jobs, snakemake, write_config
+
+STAGES = {"prepare_dataset", "split_validation", "tile_dataset", "cache_features", "train_head", "train_lora", "evaluate", "aggregate"}
+UPSTREAM = {"prepare_dataset", "split_validation", "tile_dataset", "cache_features"}
+
+
+def test_dry_run_dag_contains_every_stage(tmp_path):
+    jobs = scheduled_jobs(snakemake(tmp_path, "-n"))
+    assert STAGES <= set(jobs), f"missing stages: {STAGES - set(jobs)}"
+    assert any(rule.startswith("figure_") for rule in jobs)
+    assert not (tmp_path / "results").exists(), "a dry-run wrote results"
+
+
+def test_published_dry_run_lists_the_real_downloads(tmp_path):
+    started = time.perf_counter()
+    result = snakemake(tmp_path, "-n", "--config", "preset=published", "-p")
+    seconds = time.perf_counter() - started
+    jobs = scheduled_jobs(result)
+    print(f"published grid dry-run: {seconds:.1f} s, {sum(jobs.values())} jobs: {dict(jobs)}")
+    assert jobs["download_dataset"] == 2 and jobs["fetch_weights"] == 3
+    assert jobs["train_head"] == jobs["train_lora"] == 3 * 3 * 5
+    assert jobs["evaluate"] == 2 * 3 * 3 * 5
+
+
+def test_bad_config_stops_with_the_key_named(tmp_path):
+    config = demo_config()
+    config["training"]["paitence"] = 3
+    result = snakemake(tmp_path, "-n", configfile=write_config(tmp_path / "bad.yaml", config), check=False)
+    assert result.returncode != 0
+    assert "'paitence'" in result.stdout + result.stderr
+
+
+def test_lint_is_clean(tmp_path):
+    result = snakemake(tmp_path, "--lint", check=False)
+    output = result.stdout + result.stderr
+    assert "Lints for" not in output, output[-3000:]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """The README's demo, from a directory outside the clone."""
+    workdir = tmp_path_factory.mktemp("demo")
+    started = time.perf_counter()
+    snakemake(workdir)
+    print(f"demo wall time: {time.perf_counter() - started:.0f} s")
+    return workdir
+
+
+def test_demo_runs_end_to_end(demo_run):
+    runs = pd.read_csv(demo_run / "results/tables/runs.csv")
+    for column in ["backbone", "regime", "train_set", "seed", "test_set", "fg_iou", "fg_dice", "mean_iou", "n_pixels"]:
+        assert column in runs.columns
+    # 2 backbones: filterbank (head) and tinyvit (head, lora); 3 training sets; 2 seeds; 2 test sets.
+    assert len(runs) == 3 * 3 * 2 * 2
+    assert runs.groupby(["backbone", "regime", "train_set", "test_set"]).size().eq(2).all()
+    summary = pd.read_csv(demo_run / "results/tables/summary.csv")
+    assert {"fg_iou_mean", "fg_iou_std", "fg_iou_n"} <= set(summary.columns)
+    assert (summary["fg_iou_n"] == 2).all()
+    for name in ["iou_bars", "cross_domain", "qualitative", "learning_curves"]:
+        for ext in ["png", "pdf"]:
+            assert (demo_run / f"results/figures/{name}.{ext}").stat().st_size > 1000
+    assert not (REPO / "results").exists() and not (REPO / "resources").exists(), "the demo wrote into the clone"
+    filterbank = runs[(runs.backbone == "filterbank") & (runs.train_set == runs.test_set)]
+    assert filterbank["fg_iou"].mean() > 0.3, "the filter-bank head learned nothing on its own domain"
+
+
+def test_demo_is_complete_and_the_figures_target_schedules_only_figures(demo_run):
+    assert not scheduled_jobs(snakemake(demo_run, "-n"))
+    for figure in (demo_run / "results/figures").iterdir():
+        figure.unlink()
+    jobs = scheduled_jobs(snakemake(demo_run, "figures", "-n"))
+    assert jobs and all(rule.startswith("figure_") or rule == "figures" for rule in jobs), dict(jobs)
+    snakemake(demo_run, "figures")
+    assert (demo_run / "results/figures/iou_bars.png").exists()
+
+
+def test_head_change_schedules_no_preparation_tiling_or_features(demo_run, tmp_path):
+    config = demo_config()
+    config["head"]["width"] = 16
+    jobs = scheduled_jobs(snakemake(demo_run, "-n", configfile=write_config(tmp_path / "c.yaml", config)))
+    assert jobs["train_head"] == 12 and jobs["evaluate"] > 0 and jobs["aggregate"] == 1
+    assert not UPSTREAM & set(jobs), dict(jobs)
+
+
+def test_lora_rank_change_reruns_only_lora_and_dependants(demo_run, tmp_path):
+    config = demo_config()
+    config["lora"]["rank"] = 2
+    jobs = scheduled_jobs(snakemake(demo_run, "-n", configfile=write_config(tmp_path / "c.yaml", config)))
+    assert jobs["train_lora"] == 6 and jobs["evaluate"] == 6
+    assert "train_head" not in jobs and not UPSTREAM & set(jobs), dict(jobs)
+
+
+def test_plot_style_change_reruns_only_figures(demo_run, tmp_path):
+    config = demo_config()
+    config["figures"] = {"style": "paper", "formats": ["png", "pdf", "svg"]}
+    jobs = scheduled_jobs(snakemake(demo_run, "-n", configfile=write_config(tmp_path / "c.yaml", config)))
+    assert jobs and all(rule.startswith("figure_") or rule in {"all", "figures"} for rule in jobs), dict(jobs)
+
+
+def test_adding_a_backbone_adds_only_its_jobs(demo_run, tmp_path):
+    config = demo_config()
+    config["backbones"]["tinyvit2"] = {**config["backbones"]["tinyvit"], "model_kwargs": {"depth": 2, "embed_dim": 96, "num_heads": 2, "img_size": 112}}
+    jobs = scheduled_jobs(snakemake(demo_run, "-n", "-p", configfile=write_config(tmp_path / "c.yaml", config)))
+    assert jobs["cache_features"] == 2 and jobs["train_head"] == 6 and jobs["train_lora"] == 6
+    assert not {"prepare_dataset", "tile_dataset", "split_validation"} & set(jobs), dict(jobs)
+
+
+def test_editing_a_package_module_reruns_its_stages(demo_run, tmp_path):
+    """The code digest in params: an edit to the tables module reruns aggregation and figures."""
+    copy = tmp_path / "repo"
+    shutil.copytree(REPO, copy, ignore=shutil.ignore_patterns(".venv", ".git", "results", "resources", ".snakemake", "__pycache__"))
+    with open(copy / "em_foundation/tables.py", "a") as handle:
+        handle.write("\n# an edit\n")
+    import subprocess, sys
+    command = [sys.executable, "-m", "snakemake", "-s", str(copy / "Snakefile"), "-d", str(demo_run), "--profile", str(REPO / "profiles/demo"), "-n"]
+    jobs = scheduled_jobs(subprocess.run(command, capture_output=True, text=True))
+    assert jobs["aggregate"] == 1 and "train_head" not in jobs and "evaluate" not in jobs, dict(jobs)
