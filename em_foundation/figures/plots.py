@@ -35,11 +35,12 @@ def iou_bars(summary: pd.DataFrame, metric: str = "fg_iou") -> plt.Figure:
 
 
 def cross_domain_matrix(summary: pd.DataFrame, metric: str = "fg_iou") -> plt.Figure:
-    """Heatmap per backbone × regime: rows the training set, columns the test set."""
+    """Heatmap per backbone × regime: rows the training set, columns the single test sets."""
+    summary = summary[~summary["test_set"].str.contains("+", regex=False)]
     models = list(dict.fromkeys(zip(summary["backbone"], summary["regime"])))
     n_cols = min(3, len(models))
     n_rows = int(np.ceil(len(models) / n_cols))
-    figure, axes = plt.subplots(n_rows, n_cols, squeeze=False, figsize=(2.4 * n_cols + 0.6, 2.1 * n_rows))
+    figure, axes = plt.subplots(n_rows, n_cols, squeeze=False, figsize=(2.2 * n_cols + 0.8, 2.1 * n_rows), layout="constrained")
     train_sets = list(dict.fromkeys(summary["train_set"]))
     test_sets = sorted(summary["test_set"].unique())
     image = None
@@ -51,15 +52,16 @@ def cross_domain_matrix(summary: pd.DataFrame, metric: str = "fg_iou") -> plt.Fi
             if np.isfinite(value):
                 ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black", fontsize=7)
         ax.set_xticks(range(len(test_sets)), test_sets)
-        ax.set_yticks(range(len(train_sets)), train_sets)
+        ax.set_yticks(range(len(train_sets)), train_sets if ax in axes[:, 0] else [])
         ax.set_xlabel("test set")
-        ax.set_ylabel("training set")
+        if ax in axes[:, 0]:
+            ax.set_ylabel("training set")
         ax.set_title(f"{backbone} / {regime}")
         ax.grid(False)
     for ax in axes.flat[len(models):]:
         ax.axis("off")
     if image is not None:
-        figure.colorbar(image, ax=axes, shrink=0.8, label="foreground IoU")
+        figure.colorbar(image, ax=axes, shrink=0.8, label="foreground IoU (mean over seeds)")
     return figure
 
 
