@@ -101,6 +101,8 @@ def _check_references(config: dict[str, Any], source: str) -> None:
                 f"datasets (defined: {', '.join(sorted(datasets))})"
             )
     tile, overlap = config["tiling"]["tile_size"], config["tiling"]["overlap"]
+    if config["tiling"]["mode"] == "resize":
+        return
     if overlap >= tile:
         raise ConfigError(f"{source}: tiling.overlap ({overlap}) must be smaller than tiling.tile_size ({tile})")
     from em_foundation.grid import patch_size_of

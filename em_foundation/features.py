@@ -60,13 +60,13 @@ def cache_features(
         for split_name in split_names:
             tiles = read_tiles(tiles_path, split_name)
             n_tiles = len(tiles.raw)
-            grid_side = tiles.tile // backbone.patch_size
+            grid_shape = tuple(side // backbone.patch_size for side in tiles.tile_shape)
             group = handle.create_group(split_name)
             tokens = group.create_dataset(
                 "tokens",
-                shape=(n_tiles, backbone.embed_dim, grid_side, grid_side),
+                shape=(n_tiles, backbone.embed_dim, *grid_shape),
                 dtype=np.float16,
-                chunks=(1, backbone.embed_dim, grid_side, grid_side),
+                chunks=(1, backbone.embed_dim, *grid_shape),
             )
             tile_pooled = np.zeros((n_tiles, backbone.embed_dim), dtype=np.float32)
             with torch.inference_mode(), _autocast(device):

@@ -40,6 +40,28 @@ def patch_size_of(backbone: dict[str, Any]) -> int:
     return FAMILY_DEFAULT_PATCH[family]
 
 
+def view_of(config: dict[str, Any], backbone: str) -> str:
+    """How a backbone sees a dataset: the tile geometry its tiles and features are cut with.
+
+    Tiling is shared by every backbone; the published resize mode depends on the patch
+    size (1022 for patch 14, 1008 for patch 16), so it gets one view per patch size.
+    """
+    tiling = config["tiling"]
+    if tiling["mode"] == "tile":
+        return f"tile{tiling['tile_size']}o{tiling['overlap']}"
+    return f"resize{tiling['longest_edge']}p{patch_size_of(config['backbones'][backbone])}"
+
+
+def parse_view(view: str) -> dict[str, Any]:
+    tile = re.fullmatch(r"tile(\d+)o(\d+)", view)
+    if tile:
+        return {"mode": "tile", "tile_size": int(tile.group(1)), "overlap": int(tile.group(2))}
+    resize = re.fullmatch(r"resize(\d+)p(\d+)", view)
+    if resize:
+        return {"mode": "resize", "longest_edge": int(resize.group(1)), "patch_size": int(resize.group(2))}
+    raise ValueError(f"unknown tile view {view!r}")
+
+
 @dataclass(frozen=True)
 class Run:
     """One trained model: a cell of the grid and one of its seeds."""

@@ -40,8 +40,8 @@ ANALYSIS_TABLES_OF = {
 
 rule domain_analysis:
     input:
+        unpack(lambda w: {f"tiles_{d}": tiles_path(w.backbone, d) for d in config["datasets"]}),
         **{f"features_{d}": f"results/features/{{backbone}}/{d}.h5" for d in config["datasets"]},
-        **{f"tiles_{d}": f"results/tiles/{d}.h5" for d in config["datasets"]},
     output:
         **{table: f"results/analysis/{{backbone}}/{table}.csv" for table in ANALYSIS_TABLES},
         summary="results/analysis/{backbone}/summary.json",

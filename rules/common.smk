@@ -17,6 +17,7 @@ wildcard_constraints:
     test_set="[A-Za-z0-9]+",
     regime="[a-z]+",
     seed=r"\d+",
+    view=r"tile\d+o\d+|resize\d+p\d+",
 
 
 def code_digest(*parts):
@@ -41,6 +42,11 @@ CORE = ("io.py", "registry.py", "runtime.py")
 
 def run_dir(w):
     return f"results/models/{w.backbone}/{w.regime}/{w.train_set}/seed{w.seed}"
+
+
+def tiles_path(backbone, dataset):
+    """The tiles a backbone sees: shared by all backbones when tiling, per patch size when resizing."""
+    return f"results/tiles/{grid.view_of(config, backbone)}/{dataset}.h5"
 
 
 def train_datasets(w):
@@ -72,3 +78,87 @@ TABLES = [
 ]
 FIGURE_NAMES = ["iou_bars", "cross_domain", "qualitative", "learning_curves"]
 FIGURES = expand("results/figures/{name}.{ext}", name=FIGURE_NAMES, ext=config["figures"]["formats"])
+
+
+# used by rules/data.smk
+def dataset_archive(w):
+    """Downloaded datasets depend on their archive; generated ones on nothing."""
+    return [f"resources/downloads/{w.dataset}.zip"] if config["datasets"][w.dataset]["url"] else []
+
+
+# used by rules/train.smk
+RUN_OUTPUTS = {
+    "model": "results/models/{backbone}/{regime}/{train_set}/seed{seed}/model.pt",
+    "log": "results/models/{backbone}/{regime}/{train_set}/seed{seed}/train_log.csv",
+    "run": "results/models/{backbone}/{regime}/{train_set}/seed{seed}/run.json",
+}
+
+
+# used by rules/train.smk
+def split_inputs(w):
+    return {f"split_{d}": f"results/splits/{d}/seed{w.seed}.json" for d in train_datasets(w)}
+
+
+# used by rules/train.smk
+def tile_inputs(w):
+    return {f"tiles_{d}": tiles_path(w.backbone, d) for d in train_datasets(w)}
+
+
+# used by rules/train.smk
+def feature_inputs(w):
+    return {f"features_{d}": f"results/features/{w.backbone}/{d}.h5" for d in train_datasets(w)}
+
+
+# used by rules/train.smk
+def run_outputs(regime):
+    return {key: path.replace("{regime}", regime) for key, path in RUN_OUTPUTS.items()}
+
+
+# used by rules/evaluate.smk
+EVALUATION_STEM = "results/evaluation/{backbone}/{regime}/{train_set}/seed{seed}"
+
+
+# used by rules/evaluate.smk
+def evaluation_inputs(w):
+    run = run_dir(w)
+    inputs = {
+        "model": f"{run}/model.pt",
+        "run": f"{run}/run.json",
+        "prepared": expand("results/prepared/{dataset}.h5", dataset=TEST_SETS),
+        "tiles": [tiles_path(w.backbone, dataset) for dataset in TEST_SETS],
+    }
+    if w.regime in grid.CACHED_REGIMES:
+        inputs["features"] = expand("results/features/{backbone}/{dataset}.h5", backbone=w.backbone, dataset=TEST_SETS)
+    else:
+        inputs["weights"] = weights_input(w)
+    return inputs
+
+
+# used by rules/evaluate.smk
+def per_test_set(suffix):
+    return [f"{EVALUATION_STEM}/{test_set}{suffix}" for test_set in TEST_SETS]
+
+
+# used by rules/figures.smk
+def qualitative_runs():
+    """Per test set, the in-domain single-dataset models of the first seed, one per backbone × regime."""
+    chosen = []
+    seed = config["seeds"][0]
+    for test_set in TEST_SETS:
+        own = [name for name, members in config["training_sets"].items() if members == [test_set]]
+        containing = [name for name, members in config["training_sets"].items() if test_set in members]
+        train_set = (own or containing or list(config["training_sets"]))[0]
+        for run in RUNS:
+            if run.train_set == train_set and run.seed == seed:
+                chosen.append((test_set, run))
+    return chosen
+
+
+# used by rules/figures.smk
+def figure_outputs(name):
+    """PNG goes into the HTML report; PDF is for the paper."""
+    outputs = {}
+    for ext in config["figures"]["formats"]:
+        path = f"results/figures/{name}.{ext}"
+        outputs[ext] = report(path, caption=f"../report/{name}.rst", category="Figures") if ext == "png" else path
+    return outputs

@@ -1,11 +1,6 @@
 # Data: download (login node), convert to the prepared HDF5, draw validation splits, tile.
 
 
-def dataset_archive(w):
-    """Downloaded datasets depend on their archive; generated ones on nothing."""
-    return [f"resources/downloads/{w.dataset}.zip"] if config["datasets"][w.dataset]["url"] else []
-
-
 rule download_dataset:
     output:
         "resources/downloads/{dataset}.zip",
@@ -59,18 +54,19 @@ rule split_validation:
         "../scripts/split_validation.py"
 
 
+# The view (tile geometry, e.g. tile448o64 or resize1022p14) is in the path, so a tiling
+# change makes new tiles beside the old ones instead of overwriting them.
 rule tile_dataset:
     input:
         "results/prepared/{dataset}.h5",
     output:
-        "results/tiles/{dataset}.h5",
+        "results/tiles/{view}/{dataset}.h5",
     params:
-        tiling=config["tiling"],
         code=code_digest("data/tiles.py", "data/tiling.py", "data/prepared.py", *CORE),
     log:
-        "results/logs/tile_dataset/{dataset}.log",
+        "results/logs/tile_dataset/{view}_{dataset}.log",
     benchmark:
-        "results/benchmarks/tile_dataset/{dataset}.tsv"
+        "results/benchmarks/tile_dataset/{view}_{dataset}.tsv"
     conda:
         "../envs/data.yaml"
     script:

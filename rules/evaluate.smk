@@ -1,28 +1,6 @@
 # Evaluation: every trained model on every test set, at native resolution. One job per
 # model scores all test sets, so the model (and for LoRA the backbone) is built once.
 
-EVALUATION_STEM = "results/evaluation/{backbone}/{regime}/{train_set}/seed{seed}"
-
-
-def evaluation_inputs(w):
-    run = run_dir(w)
-    inputs = {
-        "model": f"{run}/model.pt",
-        "run": f"{run}/run.json",
-        "prepared": expand("results/prepared/{dataset}.h5", dataset=TEST_SETS),
-        "tiles": expand("results/tiles/{dataset}.h5", dataset=TEST_SETS),
-    }
-    if w.regime in grid.CACHED_REGIMES:
-        inputs["features"] = expand("results/features/{backbone}/{dataset}.h5", backbone=w.backbone, dataset=TEST_SETS)
-    else:
-        inputs["weights"] = weights_input(w)
-    return inputs
-
-
-def per_test_set(suffix):
-    return [f"{EVALUATION_STEM}/{test_set}{suffix}" for test_set in TEST_SETS]
-
-
 rule evaluate:
     input:
         unpack(evaluation_inputs),

@@ -3,7 +3,7 @@
 
 rule cache_features:
     input:
-        tiles="results/tiles/{dataset}.h5",
+        tiles=lambda w: tiles_path(w.backbone, w.dataset),
         weights=weights_input,
     output:
         "results/features/{backbone}/{dataset}.h5",

@@ -1,29 +1,6 @@
 # Figures: rebuilt from the tables alone (and a few saved predictions), in seconds.
 
 
-def qualitative_runs():
-    """Per test set, the in-domain single-dataset models of the first seed, one per backbone × regime."""
-    chosen = []
-    seed = config["seeds"][0]
-    for test_set in TEST_SETS:
-        own = [name for name, members in config["training_sets"].items() if members == [test_set]]
-        containing = [name for name, members in config["training_sets"].items() if test_set in members]
-        train_set = (own or containing or list(config["training_sets"]))[0]
-        for run in RUNS:
-            if run.train_set == train_set and run.seed == seed:
-                chosen.append((test_set, run))
-    return chosen
-
-
-def figure_outputs(name):
-    """PNG goes into the HTML report; PDF is for the paper."""
-    outputs = {}
-    for ext in config["figures"]["formats"]:
-        path = f"results/figures/{name}.{ext}"
-        outputs[ext] = report(path, caption=f"../report/{name}.rst", category="Figures") if ext == "png" else path
-    return outputs
-
-
 rule figure_iou_bars:
     input:
         "results/tables/summary.csv",

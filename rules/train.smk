@@ -1,29 +1,6 @@
 # Training: one job per (backbone, regime, training set, seed). Head training reads only
 # the feature cache; LoRA and full fine-tuning read tiles and weights.
 
-RUN_OUTPUTS = {
-    "model": "results/models/{backbone}/{regime}/{train_set}/seed{seed}/model.pt",
-    "log": "results/models/{backbone}/{regime}/{train_set}/seed{seed}/train_log.csv",
-    "run": "results/models/{backbone}/{regime}/{train_set}/seed{seed}/run.json",
-}
-
-
-def split_inputs(w):
-    return {f"split_{d}": f"results/splits/{d}/seed{w.seed}.json" for d in train_datasets(w)}
-
-
-def tile_inputs(w):
-    return {f"tiles_{d}": f"results/tiles/{d}.h5" for d in train_datasets(w)}
-
-
-def feature_inputs(w):
-    return {f"features_{d}": f"results/features/{w.backbone}/{d}.h5" for d in train_datasets(w)}
-
-
-def run_outputs(regime):
-    return {key: path.replace("{regime}", regime) for key, path in RUN_OUTPUTS.items()}
-
-
 rule train_head:
     input:
         unpack(split_inputs),

@@ -1,9 +1,10 @@
-"""Snakemake entry point: cut one prepared dataset into overlapping tiles."""
+"""Snakemake entry point: cut one prepared dataset into the tiles of one view."""
 
 from em_foundation.data.tiles import tile_dataset
+from em_foundation.grid import parse_view
 from em_foundation.scripting import logged
 
 with logged(snakemake.log[0]):
-    tiling = snakemake.params.tiling
-    counts = tile_dataset(snakemake.input[0], snakemake.output[0], tiling["tile_size"], tiling["overlap"])
+    view = parse_view(snakemake.wildcards.view)
+    counts = tile_dataset(snakemake.input[0], snakemake.output[0], view=view)
     print(f"tiles per split: {counts}")

@@ -1,26 +1,52 @@
-"""The tiles HDF5 file: every split of a prepared dataset cut into overlapping tiles.
+"""The tiles HDF5 file: every split of a prepared dataset cut into the inputs a backbone sees.
 
-    /<split>/raw          uint8 (n_tiles, T, T)
-    /<split>/labels       uint8 (n_tiles, T, T)
+    /<split>/raw          uint8 (n_tiles, h, w)
+    /<split>/labels       uint8 (n_tiles, h, w)
     /<split>/image_index  int32 (n_tiles,)   which slice the tile came from
-    /<split>/positions    int32 (n_tiles, 2) (y, x) of its top-left corner
+    /<split>/positions    int32 (n_tiles, 2) (y, x) of its top-left corner on the slice
     /<split>/names        str (n_images,)    slice names, as in the prepared file
-    /<split>.attrs        height, width, tile, overlap
+    /<split>.attrs        mode, height, width (native), tile, overlap, tile_height, tile_width
 
-Positions are stored so that any per-tile prediction stitches back onto the native image.
+Two modes. ``tile``: square tiles at native resolution with overlap; positions let any
+per-tile prediction stitch back onto the slice. ``resize`` (the published input mode):
+one input per slice, resized so the longest edge is ``longest_edge`` with each side
+floored to a multiple of the patch size (bicubic for images, nearest for masks);
+predictions are resized back to the native grid before scoring.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from em_foundation.data.prepared import read_split
-from em_foundation.data.tiling import TileGrid, extract_tiles
+from em_foundation.data.tiling import TileGrid, extract_tiles, stitch_tiles
 from em_foundation.io import atomic_path
+
+
+def resized_shape(height: int, width: int, longest_edge: int, patch_size: int) -> tuple[int, int]:
+    """Scale so the longest side is ``longest_edge``, then floor each side to the patch size."""
+    scale = longest_edge / max(height, width)
+    return (
+        max(patch_size, int(height * scale) // patch_size * patch_size),
+        max(patch_size, int(width * scale) // patch_size * patch_size),
+    )
+
+
+def resize_images(images: np.ndarray, shape: tuple[int, int], mode: str) -> np.ndarray:
+    """(N, H, W) uint8 to (N, h, w): bicubic (clamped) for images, nearest for label maps."""
+    tensor = torch.from_numpy(images).unsqueeze(1).float()
+    if mode == "nearest":
+        out = F.interpolate(tensor, size=shape, mode="nearest-exact")
+    else:
+        out = F.interpolate(tensor, size=shape, mode="bicubic", align_corners=False).round().clamp(0, 255)
+    return out.squeeze(1).to(torch.uint8).numpy()
 
 
 @dataclass
@@ -34,17 +60,34 @@ class TileSet:
     width: int
     tile: int
     overlap: int
+    mode: str = "tile"
 
     @property
     def grid(self) -> TileGrid:
         return TileGrid.for_shape(self.height, self.width, self.tile, self.overlap)
 
+    @property
+    def tile_shape(self) -> tuple[int, int]:
+        return tuple(self.labels.shape[-2:])
+
     def tiles_of(self, image: int) -> np.ndarray:
         return np.flatnonzero(self.image_index == image)
 
+    def to_native(self, tile_values: np.ndarray) -> np.ndarray:
+        """One slice's per-tile maps ([n_tiles,] [C,] h, w) back onto its native (H, W) grid."""
+        if self.mode == "resize":
+            tensor = torch.from_numpy(np.asarray(tile_values, dtype=np.float32)).reshape(1, -1, *self.tile_shape)
+            native = F.interpolate(tensor, size=(self.height, self.width), mode="bilinear", align_corners=False)
+            return native.reshape(*np.shape(tile_values)[1:-2], self.height, self.width).numpy()
+        return stitch_tiles(tile_values, self.grid, self.overlap)
 
-def tile_dataset(prepared: str | Path, out: str | Path, tile: int, overlap: int) -> dict[str, int]:
-    """Cut every split into tiles; returns the number of tiles per split."""
+
+def tile_dataset(
+    prepared: str | Path, out: str | Path, tile: int | None = None, overlap: int | None = None, view: dict[str, Any] | None = None
+) -> dict[str, int]:
+    """Cut every split into the inputs of ``view`` (see grid.parse_view), or into square
+    ``tile`` tiles with ``overlap``; returns the number of tiles per split."""
+    view = view or {"mode": "tile", "tile_size": tile, "overlap": overlap}
     counts = {}
     with atomic_path(out, suffix=".h5") as tmp, h5py.File(tmp, "w") as handle:
         with h5py.File(prepared, "r") as source:
@@ -52,17 +95,29 @@ def tile_dataset(prepared: str | Path, out: str | Path, tile: int, overlap: int)
         for split_name in split_names:
             split = read_split(prepared, split_name)
             height, width = split.raw.shape[1:]
-            grid = TileGrid.for_shape(height, width, tile, overlap)
-            raw = np.concatenate([extract_tiles(image, grid) for image in split.raw])
-            labels = np.concatenate([extract_tiles(label, grid) for label in split.labels])
-            n_per_image = len(grid.positions)
+            if view["mode"] == "tile":
+                tile, overlap = view["tile_size"], view["overlap"]
+                grid = TileGrid.for_shape(height, width, tile, overlap)
+                raw = np.concatenate([extract_tiles(image, grid) for image in split.raw])
+                labels = np.concatenate([extract_tiles(label, grid) for label in split.labels])
+                positions = np.tile(np.array(grid.positions, dtype=np.int32), (len(split), 1))
+            else:
+                shape = resized_shape(height, width, view["longest_edge"], view["patch_size"])
+                raw = resize_images(split.raw, shape, "bicubic")
+                labels = resize_images(split.labels, shape, "nearest")
+                positions = np.zeros((len(split), 2), dtype=np.int32)
+                tile, overlap = max(shape), 0
+            n_per_image = len(raw) // len(split)
             group = handle.create_group(split_name)
-            group.attrs.update({"height": height, "width": width, "tile": tile, "overlap": overlap})
-            chunks = (1, tile, tile)
+            group.attrs.update({
+                "mode": view["mode"], "height": height, "width": width, "tile": tile, "overlap": overlap,
+                "tile_height": raw.shape[1], "tile_width": raw.shape[2],
+            })
+            chunks = (1, *raw.shape[1:])
             group.create_dataset("raw", data=raw, chunks=chunks, compression="gzip", compression_opts=1)
             group.create_dataset("labels", data=labels, chunks=chunks, compression="gzip", compression_opts=1)
             group.create_dataset("image_index", data=np.repeat(np.arange(len(split), dtype=np.int32), n_per_image))
-            group.create_dataset("positions", data=np.tile(np.array(grid.positions, dtype=np.int32), (len(split), 1)))
+            group.create_dataset("positions", data=positions)
             group.create_dataset("names", data=np.array(split.names, dtype=object), dtype=h5py.string_dtype())
             counts[split_name] = len(raw)
     return counts
@@ -82,4 +137,5 @@ def read_tiles(path: str | Path, split: str, with_pixels: bool = True) -> TileSe
             width=int(attrs["width"]),
             tile=int(attrs["tile"]),
             overlap=int(attrs["overlap"]),
+            mode=str(attrs.get("mode", "tile")),
         )

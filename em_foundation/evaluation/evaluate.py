@@ -17,8 +17,7 @@ import torch
 from tqdm import tqdm
 
 from em_foundation.data.prepared import read_split
-from em_foundation.data.tiles import read_tiles
-from em_foundation.data.tiling import stitch_tiles
+from em_foundation.data.tiles import TileSet, read_tiles
 from em_foundation.evaluation.metrics import Counts, confusion, scores
 from em_foundation.features import read_tokens, to_unit_float
 from em_foundation.grid import CACHED_REGIMES
@@ -26,15 +25,15 @@ from em_foundation.io import atomic_path, write_json
 
 
 def predict_image(
-    model: torch.nn.Module, inputs: torch.Tensor, grid, overlap: int, batch_size: int, device: torch.device
+    model: torch.nn.Module, inputs: torch.Tensor, tile_set: TileSet, batch_size: int, device: torch.device
 ) -> np.ndarray:
-    """Foreground probability map (H, W) of one slice from its tiles' inputs."""
+    """Foreground probability map of one slice on its native (H, W) grid, from its tiles' inputs."""
     probabilities = []
     with torch.inference_mode():
         for start in range(0, len(inputs), batch_size):
-            logits = model(inputs[start : start + batch_size].to(device), (grid.tile, grid.tile))
+            logits = model(inputs[start : start + batch_size].to(device), tile_set.tile_shape)
             probabilities.append(logits.float().softmax(dim=1)[:, 1].cpu().numpy())
-    return stitch_tiles(np.concatenate(probabilities), grid, overlap)
+    return tile_set.to_native(np.concatenate(probabilities))
 
 
 def evaluate_model(
@@ -56,7 +55,7 @@ def evaluate_model(
     for image in tqdm(range(len(truth)), desc="evaluate", unit="slice"):
         indices = tile_set.tiles_of(image)
         inputs = torch.from_numpy(tokens[indices]) if tokens is not None else to_unit_float(tile_set.raw[indices])
-        probability = predict_image(model, inputs, tile_set.grid, tile_set.overlap, batch_size, device)
+        probability = predict_image(model, inputs, tile_set, batch_size, device)
         prediction = (probability >= 0.5).astype(np.uint8)
         if prediction.shape != truth.labels[image].shape:
             raise AssertionError(f"prediction {prediction.shape} is not at native resolution {truth.labels[image].shape}")

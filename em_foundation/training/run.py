@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from em_foundation.backbones.lora import trainable_state_dict
+from em_foundation.data.prepared import IGNORE_LABEL
 from em_foundation.data.tiles import read_tiles
 from em_foundation.grid import CACHED_REGIMES
 from em_foundation.features import read_cache_attrs, read_tokens, to_unit_float
@@ -50,9 +51,27 @@ def load_training_data(
     to_tensor = _tokens_to_tensor if regime in CACHED_REGIMES else to_unit_float
 
     def merge(chunks):
-        return TrainingData(*(np.concatenate(column) for column in zip(*chunks)), to_tensor=to_tensor)
+        inputs, labels, sources = zip(*chunks)
+        return TrainingData(_concatenate_padded(inputs, 0), _concatenate_padded(labels, IGNORE_LABEL), np.concatenate(sources), to_tensor=to_tensor)
 
     return merge(parts["train"]), merge(parts["val"]), record
+
+
+def _concatenate_padded(arrays, fill) -> np.ndarray:
+    """Concatenate along the first axis, padding the last two axes (bottom, right) to a common size.
+
+    Only the resize input mode gives datasets of different shapes (768×1024 and 1024×1024
+    slices resize to 756×1022 and 1022×1022); padded labels are IGNORE_LABEL, so the loss
+    never sees the padding.
+    """
+    height = max(a.shape[-2] for a in arrays)
+    width = max(a.shape[-1] for a in arrays)
+    padded = [
+        np.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, height - a.shape[-2]), (0, width - a.shape[-1])], constant_values=fill)
+        if a.shape[-2:] != (height, width) else a
+        for a in arrays
+    ]
+    return np.concatenate(padded)
 
 
 def fingerprint_of(payload: dict[str, Any]) -> str:
