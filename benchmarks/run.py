@@ -26,7 +26,9 @@ import os
 os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: keep the table readable
 
 import argparse
+import contextlib
 import copy
+import io
 import re
 import shutil
 import statistics
@@ -87,9 +89,9 @@ class Settings:
     device: torch.device = field(default_factory=lambda: torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     tile: int = 448
     overlap: int = 64
-    n_tiles: int = 4  # tiles per epoch; epoch seconds scale linearly with it, ratios do not
+    n_tiles: int = 2  # tiles per epoch (CPU: one batch); epoch seconds scale with it, ratios hardly
     warmup_epochs: int = 1
-    epochs: int = 2  # timed epochs after the warm-up
+    epochs: int = 3  # timed epochs after the warm-up, interleaved across the variants
     head_width: int = 512
     batch_size: int = 2  # training batch (published)
     cache_batch_size: int = 2  # published features.batch_size is 8 (the GPU default below)
@@ -97,7 +99,7 @@ class Settings:
     step_repeats: int = 10  # isolated head/backbone/LoRA steps (GPU only; CPU reuses the loops)
     dryrun: bool = True
     large_grid: bool = True
-    dryrun_repeats: int = 3
+    dryrun_repeats: int = 3  # timed `-n --quiet` runs after the counting run (0: time the counting run)
     overhead_probe: bool = True  # per-batch caching overhead at the published batch size 8
 
     @classmethod
@@ -347,46 +349,66 @@ def head_model(in_channels: int, width: int, patch: int) -> CachedFeatureSegment
     return CachedFeatureSegmenter(in_channels, width, patch)
 
 
-def run_fit(settings: Settings, model: nn.Module, train, val, root: Path, name: str) -> tuple[list[float], float]:
-    n_epochs = settings.warmup_epochs + settings.epochs
-    checkpoint = root / f"{name}.checkpoint.pt"
-    checkpoint.unlink(missing_ok=True)
-    started = time.perf_counter()
-    result = fit(model, train, val, training_config(settings, n_epochs), torch.Generator().manual_seed(0), settings.device, checkpoint, name)
-    wall = time.perf_counter() - started
-    seconds = result.history["seconds"].tolist()[settings.warmup_epochs :]
-    checkpoint.unlink(missing_ok=True)
-    return seconds, wall
+class FitEpochs:
+    """One more epoch of the real ``fit()`` per call, resuming from its own checkpoint.
+
+    The trainer's resume path (model, optimiser, RNG and early-stopping state from the
+    per-epoch checkpoint) lets the variants' epochs interleave, so that a change in the
+    machine's load hits all of them alike. Per-epoch seconds are fit's own history entry
+    (training batches + validation); the resume itself happens outside it.
+    """
+
+    def __init__(self, settings: Settings, model: nn.Module, train: Any, val: Any, root: Path, name: str) -> None:
+        self.settings, self.model, self.train, self.val, self.name = settings, model, train, val, name
+        self.checkpoint = root / f"{name}.checkpoint.pt"
+        self.checkpoint.unlink(missing_ok=True)
+        self.generator = torch.Generator().manual_seed(0)
+        self.done = 0
+        self.wall = 0.0
+
+    def epoch(self) -> float:
+        self.done += 1
+        started = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):  # "resumed from ..." every call
+            result = fit(self.model, self.train, self.val, training_config(self.settings, self.done), self.generator,
+                         self.settings.device, self.checkpoint, self.name)
+        self.wall += time.perf_counter() - started
+        if len(result.history) != self.done:
+            raise RuntimeError(f"{self.name}: fit ran {len(result.history)} epochs, expected {self.done}")
+        return float(result.history["seconds"].iloc[-1])
 
 
-def floor_epochs(settings: Settings, model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> tuple[list[float], list[float]]:
+class FloorEpochs:
     """Head step only, on float32 tokens already on the device: same order, optimiser, clipping."""
-    device = settings.device
-    training = training_config(settings, 1)
-    model.to(device).train()
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=training["lr"], weight_decay=training["weight_decay"])
-    generator = torch.Generator().manual_seed(0)
-    sources = np.zeros(len(labels), dtype=object)
-    out_size = tuple(labels.shape[-2:])
-    epochs, steps = [], []
-    for epoch in range(settings.warmup_epochs + settings.epochs):
+
+    def __init__(self, settings: Settings, model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> None:
+        self.settings, self.model, self.tokens, self.labels = settings, model.to(settings.device), tokens, labels
+        training = training_config(settings, 1)
+        self.grad_clip = training["grad_clip"]
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=training["lr"], weight_decay=training["weight_decay"])
+        self.generator = torch.Generator().manual_seed(0)
+        self.sources = np.zeros(len(labels), dtype=object)
+        self.steps: list[float] = []  # per step; exact on CPU (on a GPU see isolated_steps)
+
+    def epoch(self) -> float:
+        device, out_size = self.settings.device, tuple(self.labels.shape[-2:])
+        self.model.train()
+        steps = []
         sync(device)
         started = time.perf_counter()
-        for batch in epoch_batches(sources, settings.batch_size, generator, False):
+        for batch in epoch_batches(self.sources, self.settings.batch_size, self.generator, False):
             t0 = time.perf_counter()
             index = torch.from_numpy(batch).to(device)
-            loss = soft_dice_loss(model(tokens[index], out_size), labels[index])
-            optimizer.zero_grad(set_to_none=True)
+            loss = soft_dice_loss(self.model(self.tokens[index], out_size), self.labels[index])
+            self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(parameters, training["grad_clip"])
-            optimizer.step()
-            if device.type == "cpu" and epoch >= settings.warmup_epochs:
-                steps.append(time.perf_counter() - t0)  # exact on CPU; on GPU see isolated_steps
+            torch.nn.utils.clip_grad_norm_(self.parameters, self.grad_clip)
+            self.optimizer.step()
+            steps.append(time.perf_counter() - t0)
         sync(device)
-        if epoch >= settings.warmup_epochs:
-            epochs.append(time.perf_counter() - started)
-    return epochs, steps
+        self.last_steps = steps
+        return time.perf_counter() - started
 
 
 def isolated_steps(settings: Settings, backbone: nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -431,30 +453,45 @@ def bench_training(settings: Settings, table: Table, label: str, backbone: nn.Mo
     t0 = time.perf_counter()
     train, val, _ = load_training_data("head", datasets, files, {"bench": str(cache)}, {"bench": str(split)})
     read_seconds = time.perf_counter() - t0
-    load_cached = load1()
-    with PeakMemory(device) as memory_cached:
-        cached, cached_wall = run_fit(settings, head_model(train.inputs.shape[1], settings.head_width, backbone.patch_size), train, val, root, "cached")
-
-    # floor: the bare head step on float32 tensors already on the device
+    # floor: float32 tensors already on the device, the bare head step
     tokens = torch.from_numpy(train.inputs.astype(np.float32)).to(device)
     labels = torch.from_numpy(train.labels).to(device)
-    load_floor = load1()
-    with PeakMemory(device) as memory_floor:
-        floor, floor_steps = floor_epochs(settings, head_model(tokens.shape[1], settings.head_width, backbone.patch_size), tokens, labels)
-
     # online: the published way, the frozen backbone run under no_grad for every batch
     online_train, online_val, _ = load_training_data("online", datasets, files, None, {"bench": str(split)})
     backbone = backbone.to(device)
-    load_online = load1()
-    with PeakMemory(device) as memory_online:
-        online, online_wall = run_fit(settings, OnlineFrozenSegmenter(backbone, settings.head_width), online_train, online_val, root, "online")
+    in_channels, patch = train.inputs.shape[1], backbone.patch_size
+    variants = {
+        "cached": FitEpochs(settings, head_model(in_channels, settings.head_width, patch), train, val, root, "cached"),
+        "floor": FloorEpochs(settings, head_model(in_channels, settings.head_width, patch), tokens, labels),
+        "online": FitEpochs(settings, OnlineFrozenSegmenter(backbone, settings.head_width), online_train, online_val, root, "online"),
+    }
+    memories = {name: PeakMemory(device) for name in variants}
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    loads: dict[str, list[float]] = {name: [] for name in variants}
+    floor_steps: list[float] = []
+    names = list(variants)
+    for epoch in range(settings.warmup_epochs + settings.epochs):
+        order = names[epoch % 3 :] + names[: epoch % 3]  # rotate who goes first
+        for name in order:
+            load = load1()
+            with memories[name]:
+                value = variants[name].epoch()
+            if epoch >= settings.warmup_epochs:
+                seconds[name].append(value)
+                loads[name].append(load)
+                if name == "floor":
+                    floor_steps += variants["floor"].last_steps
+    cached, floor, online = seconds["cached"], seconds["floor"], seconds["online"]
+    memory_cached, memory_floor, memory_online = memories["cached"], memories["floor"], memories["online"]
+    cached_wall, online_wall = variants["cached"].wall, variants["online"].wall
+    load_cached, load_floor, load_online = (f"{min(loads[n]):.2f}-{max(loads[n]):.2f}" for n in names)
 
     n = len(train)
     setting = f"{n} tiles/epoch, batch {settings.batch_size}, head width {settings.head_width}, {device.type}"
-    note = f"fit() history seconds, after {settings.warmup_epochs} warm-up epoch(s)"
-    table.add("head_training", label, f"cached tokens via fit(), {setting}", median(cached), "s/epoch", r, f"{note}; {spread(cached)}; fit wall {cached_wall:.1f} s incl. warm-up + checkpoints; load1 {load_cached:.2f}")
-    table.add("head_training", label, f"floor: head step on in-memory tensors, {setting}", median(floor), "s/epoch", r, f"no fit(), no cache; {spread(floor)}; load1 {load_floor:.2f}")
-    table.add("head_training", label, f"online frozen backbone every batch via fit(), {setting}", median(online), "s/epoch", r, f"{note}; {spread(online)}; fit wall {online_wall:.1f} s; load1 {load_online:.2f}")
+    note = f"fit() history seconds, after {settings.warmup_epochs} warm-up epoch(s), epochs interleaved with the other variants"
+    table.add("head_training", label, f"cached tokens via fit(), {setting}", median(cached), "s/epoch", r, f"{note}; {spread(cached)}; fit wall {cached_wall:.1f} s incl. warm-up, resumes, checkpoints; load1 {load_cached}")
+    table.add("head_training", label, f"floor: head step on in-memory tensors, {setting}", median(floor), "s/epoch", r, f"no fit(), no cache; {spread(floor)}; load1 {load_floor}")
+    table.add("head_training", label, f"online frozen backbone every batch via fit(), {setting}", median(online), "s/epoch", r, f"{note}; {spread(online)}; fit wall {online_wall:.1f} s incl. warm-up, resumes, checkpoints; load1 {load_online}")
     table.add("head_training", label, "cache read once per run (load_training_data, head)", read_seconds, "s", 1, "not per epoch: amortised over all epochs of a run")
     table.add("head_training", label, "ratio online / cached (per epoch)", median(online) / median(cached), "x", r, "target >= 3.5 for ViT-L/14")
     table.add("head_training", label, "ratio cached / floor (per epoch)", median(cached) / median(floor), "x", r, "target <= 1.10")
@@ -563,10 +600,12 @@ def bench_dry_runs(settings: Settings, table: Table, root: Path) -> None:
             if not totals:
                 raise RuntimeError(f"no job count in the dry-run output:\n{output[-2000:]}")
             counts[name] = int(totals[-1])
-            times, loads = [], []
+            times, loads = [], [load1()]
             for _ in range(settings.dryrun_repeats):
                 loads.append(load1())
                 times.append(dry_run([*extra, "--quiet"], workdir)[0])
+            if not times:  # dryrun_repeats 0 (the smoke test): the counting run is the measurement
+                times = [first]
         except RuntimeError as error:  # the workflow itself is broken: say so, keep the other numbers
             last = [line.strip() for line in str(error).splitlines() if line.strip()][-1]
             table.rows.append(dict(benchmark="dry_run", backbone="-", setting=setting, value=float("nan"), unit="s", n_repeats=0, note=f"{DRY_RUN_FAILED}: {last[:300]}"))
@@ -663,7 +702,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="ViT-S only, 2 tiles, 1 epoch, single repeats")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results.csv")
-    parser.add_argument("--tiles", type=int, help="tiles per epoch (default 4 on CPU, 64 on GPU)")
+    parser.add_argument("--tiles", type=int, help="tiles per epoch (default 2 on CPU, 64 on GPU)")
     parser.add_argument("--epochs", type=int, help="timed epochs after the warm-up")
     args = parser.parse_args(argv)
     settings = Settings.for_device(quick=args.quick)

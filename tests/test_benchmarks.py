@@ -19,7 +19,7 @@ def test_benchmark_table_has_every_row(tmp_path):
     settings = Settings(
         backbones=[TINY], device=torch.device("cpu"), tile=112, overlap=16, n_tiles=2, warmup_epochs=0, epochs=1,
         head_width=16, batch_size=2, cache_batch_size=2, cache_repeats=1, step_repeats=1, dryrun=True,
-        large_grid=False, dryrun_repeats=1,
+        large_grid=False, dryrun_repeats=0,
     )
     table = run_benchmarks(settings, workdir=tmp_path)
 
