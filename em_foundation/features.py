@@ -29,9 +29,12 @@ from em_foundation.data.tiles import read_tiles
 from em_foundation.io import atomic_path
 
 
-def to_unit_float(tiles: np.ndarray) -> torch.Tensor:
-    """uint8 (B, T, T) to float (B, 1, T, T) in [0, 1], the input every backbone takes."""
-    return torch.from_numpy(np.ascontiguousarray(tiles)).float().div_(255.0).unsqueeze(1)
+def to_unit_float(tiles: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 (B, T, T) to float (B, 1, T, T) in [0, 1], the input every backbone takes.
+
+    The uint8 pixels travel to the device first: a quarter of the bytes of float32.
+    """
+    return torch.from_numpy(np.ascontiguousarray(tiles)).to(device).float().div_(255.0).unsqueeze(1)
 
 
 def _autocast(device: torch.device):
@@ -71,9 +74,10 @@ def cache_features(
             tile_pooled = np.zeros((n_tiles, backbone.embed_dim), dtype=np.float32)
             with torch.inference_mode(), _autocast(device):
                 for start in tqdm(range(0, n_tiles, batch_size), desc=f"features {split_name}", unit="batch"):
-                    batch = to_unit_float(tiles.raw[start : start + batch_size]).to(device)
+                    batch = to_unit_float(tiles.raw[start : start + batch_size], device)
                     output = backbone(batch)
-                    tokens[start : start + len(batch)] = output.grid.float().cpu().numpy().astype(np.float16)
+                    # Cast on the device: half the bytes cross to the host.
+                    tokens[start : start + len(batch)] = output.grid.to(torch.float16).cpu().numpy()
                     tile_pooled[start : start + len(batch)] = output.pooled.float().cpu().numpy()
             n_images = len(tiles.names)
             pooled = np.stack([tile_pooled[tiles.image_index == i].mean(axis=0) for i in range(n_images)])

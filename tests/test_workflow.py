@@ -60,8 +60,11 @@ def test_demo_runs_end_to_end(demo_run):
     runs = pd.read_csv(demo_run / "results/tables/runs.csv")
     for column in ["backbone", "regime", "train_set", "seed", "test_set", "fg_iou", "fg_dice", "mean_iou", "n_pixels"]:
         assert column in runs.columns
-    # 2 backbones: filterbank (head) and tinyvit (head, lora); 3 training sets; 2 seeds; 2 test sets.
-    assert len(runs) == 3 * 3 * 2 * 2
+    # 2 backbones: filterbank (head) and tinyvit (head, lora); 3 training sets; 2 seeds; 2 test
+    # sets; plus the paired models scored on the union of their sources.
+    union = runs["test_set"].str.contains("+", regex=False)
+    assert (~union).sum() == 3 * 3 * 2 * 2
+    assert set(runs[union]["train_set"]) == {"paired"} and union.sum() == 3 * 2
     assert runs.groupby(["backbone", "regime", "train_set", "test_set"]).size().eq(2).all()
     summary = pd.read_csv(demo_run / "results/tables/summary.csv")
     assert {"fg_iou_mean", "fg_iou_std", "fg_iou_n"} <= set(summary.columns)
