@@ -100,6 +100,19 @@ def _check_references(config: dict[str, Any], source: str) -> None:
                 f"{source}: evaluation.test_sets names dataset {member!r}, which is not under "
                 f"datasets (defined: {', '.join(sorted(datasets))})"
             )
+    from em_foundation.grid import parse_alignment
+
+    for name in config["alignment"]["variants"]:
+        try:
+            parse_alignment(name)
+        except ValueError as error:
+            raise ConfigError(f"{source}: alignment.variants: {error}") from None
+    for member in (config["alignment"]["train_sets"] or []):
+        if member not in config["training_sets"]:
+            raise ConfigError(f"{source}: alignment.train_sets names {member!r}, which is not under training_sets")
+    reference = config["alignment"]["reference"]
+    if reference is not None and reference not in datasets:
+        raise ConfigError(f"{source}: alignment.reference {reference!r} is not under datasets")
     tile, overlap = config["tiling"]["tile_size"], config["tiling"]["overlap"]
     if config["tiling"]["mode"] == "resize":
         return

@@ -40,25 +40,59 @@ def patch_size_of(backbone: dict[str, Any]) -> int:
     return FAMILY_DEFAULT_PATCH[family]
 
 
-def view_of(config: dict[str, Any], backbone: str) -> str:
-    """How a backbone sees a dataset: the tile geometry its tiles and features are cut with.
+INTENSITY_ALIGNMENTS = ("percentile", "histmatch")
+ALIGNMENT_COMPONENTS = ("featstd", "percentile", "histmatch", "adabn", "balanced")
+
+
+def parse_alignment(name: str) -> dict[str, Any]:
+    """'none' or components joined by '-', e.g. 'featstd-balanced' or 'histmatch-adabn'.
+
+    featstd: per-domain standardisation of cached patch tokens (cached regimes only);
+    percentile / histmatch: per-domain intensity normalisation of the raw slices;
+    adabn: the head's batch-norm statistics re-estimated on the unlabelled test images;
+    balanced: every batch draws equally from each source dataset.
+    """
+    parts = [] if name == "none" else name.split("-")
+    unknown = [part for part in parts if part not in ALIGNMENT_COMPONENTS]
+    intensity = [part for part in parts if part in INTENSITY_ALIGNMENTS]
+    if unknown or len(intensity) > 1 or len(set(parts)) != len(parts) or not name:
+        raise ValueError(
+            f"alignment {name!r} is not 'none' or a '-'-joined set of {', '.join(ALIGNMENT_COMPONENTS)} "
+            "with at most one intensity normalisation"
+        )
+    return {
+        "intensity": intensity[0] if intensity else "raw",
+        "feature_std": "featstd" in parts,
+        "adabn": "adabn" in parts,
+        "balanced": "balanced" in parts,
+    }
+
+
+def view_of(config: dict[str, Any], backbone: str, intensity: str = "raw") -> str:
+    """How a backbone sees a dataset: the tile geometry (and intensity normalisation) of its inputs.
 
     Tiling is shared by every backbone; the published resize mode depends on the patch
     size (1022 for patch 14, 1008 for patch 16), so it gets one view per patch size.
     """
     tiling = config["tiling"]
     if tiling["mode"] == "tile":
-        return f"tile{tiling['tile_size']}o{tiling['overlap']}"
-    return f"resize{tiling['longest_edge']}p{patch_size_of(config['backbones'][backbone])}"
+        geometry = f"tile{tiling['tile_size']}o{tiling['overlap']}"
+    else:
+        geometry = f"resize{tiling['longest_edge']}p{patch_size_of(config['backbones'][backbone])}"
+    return geometry if intensity == "raw" else f"{geometry}-{intensity}"
 
 
 def parse_view(view: str) -> dict[str, Any]:
-    tile = re.fullmatch(r"tile(\d+)o(\d+)", view)
+    geometry, _, intensity = view.partition("-")
+    intensity = intensity or "raw"
+    if intensity not in ("raw", *INTENSITY_ALIGNMENTS):
+        raise ValueError(f"unknown intensity normalisation {intensity!r} in tile view {view!r}")
+    tile = re.fullmatch(r"tile(\d+)o(\d+)", geometry)
     if tile:
-        return {"mode": "tile", "tile_size": int(tile.group(1)), "overlap": int(tile.group(2))}
-    resize = re.fullmatch(r"resize(\d+)p(\d+)", view)
+        return {"mode": "tile", "tile_size": int(tile.group(1)), "overlap": int(tile.group(2)), "intensity": intensity}
+    resize = re.fullmatch(r"resize(\d+)p(\d+)", geometry)
     if resize:
-        return {"mode": "resize", "longest_edge": int(resize.group(1)), "patch_size": int(resize.group(2))}
+        return {"mode": "resize", "longest_edge": int(resize.group(1)), "patch_size": int(resize.group(2)), "intensity": intensity}
     raise ValueError(f"unknown tile view {view!r}")
 
 
@@ -70,10 +104,11 @@ class Run:
     regime: str
     train_set: str
     seed: int
+    alignment: str = "none"
 
     @property
     def path(self) -> str:
-        return f"{self.backbone}/{self.regime}/{self.train_set}/seed{self.seed}"
+        return f"{self.backbone}/{self.regime}/{self.train_set}/{self.alignment}/seed{self.seed}"
 
 
 def regimes_for(config: dict[str, Any], backbone: str) -> list[str]:
@@ -81,14 +116,36 @@ def regimes_for(config: dict[str, Any], backbone: str) -> list[str]:
     return [r for r in config["regimes"] if r in FAMILY_REGIMES[family]]
 
 
+def alignments_for(config: dict[str, Any], regime: str, train_set: str) -> list[str]:
+    """Alignment variants of one cell: 'none' always; the others where configured and meaningful."""
+    block = config["alignment"]
+    chosen = ["none"]
+    for name in block["variants"]:
+        if name == "none" or (block["train_sets"] is not None and train_set not in block["train_sets"]):
+            continue
+        options = parse_alignment(name)
+        if options["feature_std"] and regime not in CACHED_REGIMES:
+            continue  # the tokens of a backbone that trains change every step
+        if options["adabn"] and regime == "forest":
+            continue  # a forest has no batch-norm statistics
+        chosen.append(name)
+    return chosen
+
+
 def runs(config: dict[str, Any]) -> list[Run]:
     return [
-        Run(backbone, regime, train_set, seed)
+        Run(backbone, regime, train_set, seed, alignment)
         for backbone in config["backbones"]
         for regime in regimes_for(config, backbone)
         for train_set in config["training_sets"]
+        for alignment in alignments_for(config, regime, train_set)
         for seed in config["seeds"]
     ]
+
+
+def intensities(config: dict[str, Any]) -> list[str]:
+    """Intensity normalisations any run needs (always 'raw')."""
+    return ["raw"] + sorted({parse_alignment(a)["intensity"] for a in config["alignment"]["variants"]} - {"raw"})
 
 
 def test_sets(config: dict[str, Any]) -> list[str]:

@@ -14,8 +14,8 @@ import pandas as pd
 from em_foundation.evaluation.metrics import Counts, scores
 from em_foundation.io import read_json
 
-RUN_KEYS = ["backbone", "regime", "train_set", "seed", "test_set"]
-CELL_KEYS = ["backbone", "regime", "train_set", "test_set"]
+RUN_KEYS = ["backbone", "regime", "train_set", "alignment", "seed", "test_set"]
+CELL_KEYS = ["backbone", "regime", "train_set", "alignment", "test_set"]
 METRICS = ["fg_iou", "fg_dice", "mean_iou"]
 
 
@@ -42,6 +42,8 @@ def union_rows(rows: list[dict]) -> list[dict]:
 
 def collect_runs(metric_files: Iterable[str | Path]) -> pd.DataFrame:
     rows = [read_json(path) for path in metric_files]
+    for row in rows:
+        row.setdefault("alignment", "none")
     runs = pd.DataFrame(rows + union_rows(rows))
     if runs.empty:
         raise ValueError("no evaluation results to aggregate")
@@ -68,7 +70,7 @@ def summary_markdown(summary: pd.DataFrame, metric: str = "fg_iou") -> str:
         return f"{row[f'{metric}_mean']:.3f} ± {spread} ({int(row[f'{metric}_n'])})"
 
     table = summary.assign(value=summary.apply(cell, axis=1)).pivot_table(
-        index=["backbone", "regime", "train_set"], columns="test_set", values="value", aggfunc="first"
+        index=["backbone", "regime", "train_set", "alignment"], columns="test_set", values="value", aggfunc="first"
     )
     header = f"Foreground IoU on each test set: mean ± sample std (n seeds)\n\n" if metric == "fg_iou" else f"{metric}: mean ± sample std (n seeds)\n\n"
     return header + table.reset_index().to_markdown(index=False) + "\n"

@@ -17,7 +17,9 @@ wildcard_constraints:
     test_set="[A-Za-z0-9]+",
     regime="[a-z]+",
     seed=r"\d+",
-    view=r"tile\d+o\d+|resize\d+p\d+",
+    view=r"(tile\d+o\d+|resize\d+p\d+)(-percentile|-histmatch)?",
+    intensity="percentile|histmatch",
+    alignment=r"none|[a-z]+(-[a-z]+)*",
 
 
 def code_digest(*parts):
@@ -41,12 +43,32 @@ CORE = ("io.py", "registry.py", "runtime.py")
 
 
 def run_dir(w):
-    return f"results/models/{w.backbone}/{w.regime}/{w.train_set}/seed{w.seed}"
+    return f"results/models/{w.backbone}/{w.regime}/{w.train_set}/{w.alignment}/seed{w.seed}"
 
 
-def tiles_path(backbone, dataset):
+def intensity_of(w):
+    return grid.parse_alignment(w.alignment)["intensity"]
+
+
+def tiles_path(backbone, dataset, intensity="raw"):
     """The tiles a backbone sees: shared by all backbones when tiling, per patch size when resizing."""
-    return f"results/tiles/{grid.view_of(config, backbone)}/{dataset}.h5"
+    return f"results/tiles/{grid.view_of(config, backbone, intensity)}/{dataset}.h5"
+
+
+def features_path(backbone, dataset, intensity="raw"):
+    """Unaligned features keep the short path; intensity-normalised ones get a folder of their own."""
+    if intensity == "raw":
+        return f"results/features/{backbone}/{dataset}.h5"
+    return f"results/features/{backbone}/{intensity}/{dataset}.h5"
+
+
+def tile_sources(w):
+    """The prepared slices, plus the reference dataset's for histogram matching."""
+    inputs = {"prepared": f"results/prepared/{w.dataset}.h5"}
+    if w.view.endswith("-histmatch"):
+        reference = config["alignment"]["reference"] or next(iter(config["datasets"]))
+        inputs["reference"] = f"results/prepared/{reference}.h5"
+    return inputs
 
 
 def train_datasets(w):
@@ -77,6 +99,8 @@ TABLES = [
     "results/tables/training_logs.csv",
 ]
 FIGURE_NAMES = ["iou_bars", "cross_domain", "qualitative", "learning_curves"]
+if set(config["alignment"]["variants"]) - {"none"}:
+    FIGURE_NAMES.append("alignment")
 FIGURES = expand("results/figures/{name}.{ext}", name=FIGURE_NAMES, ext=config["figures"]["formats"])
 
 
@@ -88,9 +112,9 @@ def dataset_archive(w):
 
 # used by rules/train.smk
 RUN_OUTPUTS = {
-    "model": "results/models/{backbone}/{regime}/{train_set}/seed{seed}/model.pt",
-    "log": "results/models/{backbone}/{regime}/{train_set}/seed{seed}/train_log.csv",
-    "run": "results/models/{backbone}/{regime}/{train_set}/seed{seed}/run.json",
+    "model": "results/models/{backbone}/{regime}/{train_set}/{alignment}/seed{seed}/model.pt",
+    "log": "results/models/{backbone}/{regime}/{train_set}/{alignment}/seed{seed}/train_log.csv",
+    "run": "results/models/{backbone}/{regime}/{train_set}/{alignment}/seed{seed}/run.json",
 }
 
 
@@ -101,12 +125,12 @@ def split_inputs(w):
 
 # used by rules/train.smk
 def tile_inputs(w):
-    return {f"tiles_{d}": tiles_path(w.backbone, d) for d in train_datasets(w)}
+    return {f"tiles_{d}": tiles_path(w.backbone, d, intensity_of(w)) for d in train_datasets(w)}
 
 
 # used by rules/train.smk
 def feature_inputs(w):
-    return {f"features_{d}": f"results/features/{w.backbone}/{d}.h5" for d in train_datasets(w)}
+    return {f"features_{d}": features_path(w.backbone, d, intensity_of(w)) for d in train_datasets(w)}
 
 
 # used by rules/train.smk
@@ -115,7 +139,7 @@ def run_outputs(regime):
 
 
 # used by rules/evaluate.smk
-EVALUATION_STEM = "results/evaluation/{backbone}/{regime}/{train_set}/seed{seed}"
+EVALUATION_STEM = "results/evaluation/{backbone}/{regime}/{train_set}/{alignment}/seed{seed}"
 
 
 # used by rules/evaluate.smk
@@ -125,10 +149,10 @@ def evaluation_inputs(w):
         "model": f"{run}/model.pt",
         "run": f"{run}/run.json",
         "prepared": expand("results/prepared/{dataset}.h5", dataset=TEST_SETS),
-        "tiles": [tiles_path(w.backbone, dataset) for dataset in TEST_SETS],
+        "tiles": [tiles_path(w.backbone, dataset, intensity_of(w)) for dataset in TEST_SETS],
     }
     if w.regime in grid.CACHED_REGIMES:
-        inputs["features"] = expand("results/features/{backbone}/{dataset}.h5", backbone=w.backbone, dataset=TEST_SETS)
+        inputs["features"] = [features_path(w.backbone, dataset, intensity_of(w)) for dataset in TEST_SETS]
     else:
         inputs["weights"] = weights_input(w)
     return inputs
@@ -149,7 +173,7 @@ def qualitative_runs():
         containing = [name for name, members in config["training_sets"].items() if test_set in members]
         train_set = (own or containing or list(config["training_sets"]))[0]
         for run in RUNS:
-            if run.train_set == train_set and run.seed == seed:
+            if run.train_set == train_set and run.seed == seed and run.alignment == "none":
                 chosen.append((test_set, run))
     return chosen
 

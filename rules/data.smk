@@ -58,11 +58,12 @@ rule split_validation:
 # change makes new tiles beside the old ones instead of overwriting them.
 rule tile_dataset:
     input:
-        "results/prepared/{dataset}.h5",
+        unpack(tile_sources),
     output:
         "results/tiles/{view}/{dataset}.h5",
     params:
-        code=code_digest("data/tiles.py", "data/tiling.py", "data/prepared.py", *CORE),
+        percentiles=lambda w: config["alignment"]["percentiles"] if w.view.endswith("-percentile") else [],
+        code=code_digest("data/tiles.py", "data/tiling.py", "data/prepared.py", "alignment/intensity.py", *CORE),
     log:
         "results/logs/tile_dataset/{view}_{dataset}.log",
     benchmark:

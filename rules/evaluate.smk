@@ -17,9 +17,9 @@ rule evaluate:
         code=code_digest("evaluation", "training", "heads", "features.py", "data", "backbones", *CORE),
     threads: config["compute"]["threads"]
     log:
-        "results/logs/evaluate/{backbone}_{regime}_{train_set}_seed{seed}.log",
+        "results/logs/evaluate/{backbone}_{regime}_{train_set}_{alignment}_seed{seed}.log",
     benchmark:
-        "results/benchmarks/evaluate/{backbone}_{regime}_{train_set}_seed{seed}.tsv"
+        "results/benchmarks/evaluate/{backbone}_{regime}_{train_set}_{alignment}_seed{seed}.tsv"
     conda:
         "../envs/train.yaml"
     script:

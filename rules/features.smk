@@ -20,3 +20,16 @@ rule cache_features:
         "../envs/features.yaml"
     script:
         "../scripts/cache_features.py"
+
+
+# Features of intensity-normalised tiles (alignment variants percentile and histmatch).
+use rule cache_features as cache_features_aligned with:
+    input:
+        tiles=lambda w: tiles_path(w.backbone, w.dataset, w.intensity),
+        weights=weights_input,
+    output:
+        "results/features/{backbone}/{intensity}/{dataset}.h5",
+    log:
+        "results/logs/cache_features/{backbone}_{intensity}_{dataset}.log",
+    benchmark:
+        "results/benchmarks/cache_features/{backbone}_{intensity}_{dataset}.tsv"

@@ -28,6 +28,15 @@ use rule figure_iou_bars as figure_cross_domain with:
         "results/benchmarks/figures/cross_domain.tsv"
 
 
+use rule figure_iou_bars as figure_alignment with:
+    output:
+        **figure_outputs("alignment"),
+    log:
+        "results/logs/figures/alignment.log",
+    benchmark:
+        "results/benchmarks/figures/alignment.tsv"
+
+
 use rule figure_iou_bars as figure_learning_curves with:
     input:
         "results/tables/training_logs.csv",

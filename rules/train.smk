@@ -15,9 +15,9 @@ rule train_head:
         code=code_digest("training", "heads", "features.py", "data/tiles.py", "backbones/lora.py", *CORE),
     threads: config["compute"]["threads"]
     log:
-        "results/logs/train_head/{backbone}_{train_set}_seed{seed}.log",
+        "results/logs/train_head/{backbone}_{train_set}_{alignment}_seed{seed}.log",
     benchmark:
-        "results/benchmarks/train_head/{backbone}_{train_set}_seed{seed}.tsv"
+        "results/benchmarks/train_head/{backbone}_{train_set}_{alignment}_seed{seed}.tsv"
     conda:
         "../envs/train.yaml"
     script:
@@ -39,9 +39,9 @@ use rule train_head as train_lora with:
         training=config["training"],
         code=code_digest("training", "heads", "backbones", "features.py", "data/tiles.py", *CORE),
     log:
-        "results/logs/train_lora/{backbone}_{train_set}_seed{seed}.log",
+        "results/logs/train_lora/{backbone}_{train_set}_{alignment}_seed{seed}.log",
     benchmark:
-        "results/benchmarks/train_lora/{backbone}_{train_set}_seed{seed}.tsv"
+        "results/benchmarks/train_lora/{backbone}_{train_set}_{alignment}_seed{seed}.tsv"
 
 
 use rule train_lora as train_fullft with:
@@ -54,9 +54,9 @@ use rule train_lora as train_fullft with:
         training=config["training"],
         code=code_digest("training", "heads", "backbones", "features.py", "data/tiles.py", *CORE),
     log:
-        "results/logs/train_fullft/{backbone}_{train_set}_seed{seed}.log",
+        "results/logs/train_fullft/{backbone}_{train_set}_{alignment}_seed{seed}.log",
     benchmark:
-        "results/benchmarks/train_fullft/{backbone}_{train_set}_seed{seed}.tsv"
+        "results/benchmarks/train_fullft/{backbone}_{train_set}_{alignment}_seed{seed}.tsv"
 
 
 use rule train_head as train_forest with:
@@ -67,6 +67,6 @@ use rule train_head as train_forest with:
         forest=config["forest"],
         code=code_digest("training", "features.py", "data/tiles.py", *CORE),
     log:
-        "results/logs/train_forest/{backbone}_{train_set}_seed{seed}.log",
+        "results/logs/train_forest/{backbone}_{train_set}_{alignment}_seed{seed}.log",
     benchmark:
-        "results/benchmarks/train_forest/{backbone}_{train_set}_seed{seed}.tsv"
+        "results/benchmarks/train_forest/{backbone}_{train_set}_{alignment}_seed{seed}.tsv"

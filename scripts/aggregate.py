@@ -17,7 +17,8 @@ with logged(snakemake.log[0]):
         record = read_json(Path(path).with_name("run.json"))
         log = pd.read_csv(path)
         logs.append(log.assign(backbone=record["backbone_name"], regime=record["regime"], train_set=record["train_set"],
-                               seed=record["seed"], best_epoch=record["best_epoch"], stop_reason=record["stop_reason"]))
+                               alignment=record.get("alignment", "none"), seed=record["seed"],
+                               best_epoch=record["best_epoch"], stop_reason=record["stop_reason"]))
     outputs = snakemake.output
     for frame, path in ((runs, outputs.runs), (summary, outputs.summary), (per_image, outputs.per_image),
                         (pd.concat(logs, ignore_index=True), outputs.training_logs)):

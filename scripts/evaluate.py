@@ -15,9 +15,11 @@ with logged(snakemake.log[0]):
         model = load_segmenter(Path(inputs.model), dict(params.backbone))
     for k, test_set in enumerate(params.test_sets):
         features = inputs.features[k] if "features" in inputs.keys() else None
-        per_image, predictions = evaluate_model(model, w.regime, inputs.prepared[k], inputs.tiles[k], features, device)
+        per_image, predictions = evaluate_model(
+            model, w.regime, inputs.prepared[k], inputs.tiles[k], features, device, alignment=w.alignment
+        )
         record = {
-            "backbone": w.backbone, "regime": w.regime, "train_set": w.train_set, "seed": int(w.seed),
+            "backbone": w.backbone, "regime": w.regime, "train_set": w.train_set, "alignment": w.alignment, "seed": int(w.seed),
             "test_set": test_set, "train_datasets": list(params.datasets),
         }
         metrics = write_evaluation(

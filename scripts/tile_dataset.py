@@ -6,5 +6,8 @@ from em_foundation.scripting import logged
 
 with logged(snakemake.log[0]):
     view = parse_view(snakemake.wildcards.view)
-    counts = tile_dataset(snakemake.input[0], snakemake.output[0], view=view)
+    counts = tile_dataset(
+        snakemake.input.prepared, snakemake.output[0], view=view,
+        reference=snakemake.input.get("reference"), percentiles=tuple(snakemake.params.percentiles),
+    )
     print(f"tiles per split: {counts}")

@@ -15,7 +15,7 @@ with logged(snakemake.log[0]):
         record = train_run(
             regime=regime, backbone_name=w.backbone, train_set=w.train_set, datasets=list(p.datasets),
             seed=int(w.seed), backbone=dict(p.get("backbone", {})), head=dict(p.get("head", {})), lora=dict(p.get("lora", {})),
-            training=dict(p.get("training", {})), forest=dict(p.get("forest", {})), threads=snakemake.threads,
+            training=dict(p.get("training", {})), forest=dict(p.get("forest", {})), alignment=w.alignment, threads=snakemake.threads,
             tiles=unpack_prefixed(snakemake.input, "tiles_"),
             features=unpack_prefixed(snakemake.input, "features_") or None,
             splits=unpack_prefixed(snakemake.input, "split_"), device=device,

@@ -82,8 +82,32 @@ class TileSet:
         return stitch_tiles(tile_values, self.grid, self.overlap)
 
 
+def normalise_intensity(raw: np.ndarray, intensity: str, reference: str | Path | None, percentiles: tuple[float, float]) -> np.ndarray:
+    """Per-domain intensity normalisation of one split's slices (alignment, issue 9).
+
+    percentile: the split's own 1st-99th percentiles stretched to 0-255; histmatch: the
+    split's pooled histogram matched to the reference dataset's training slices. Both use
+    images only, never labels.
+    """
+    from em_foundation.alignment import histogram_match, percentile_normalise, reference_quantiles
+
+    if intensity == "raw":
+        return raw
+    if intensity == "percentile":
+        return percentile_normalise(raw, low=percentiles[0], high=percentiles[1])
+    if reference is None:
+        raise ValueError("histogram matching needs a reference dataset (alignment.reference)")
+    return histogram_match(raw, quantiles=reference_quantiles(read_split(reference, "train").raw))
+
+
 def tile_dataset(
-    prepared: str | Path, out: str | Path, tile: int | None = None, overlap: int | None = None, view: dict[str, Any] | None = None
+    prepared: str | Path,
+    out: str | Path,
+    tile: int | None = None,
+    overlap: int | None = None,
+    view: dict[str, Any] | None = None,
+    reference: str | Path | None = None,
+    percentiles: tuple[float, float] = (1.0, 99.0),
 ) -> dict[str, int]:
     """Cut every split into the inputs of ``view`` (see grid.parse_view), or into square
     ``tile`` tiles with ``overlap``; returns the number of tiles per split."""
@@ -94,6 +118,7 @@ def tile_dataset(
             split_names = list(source)
         for split_name in split_names:
             split = read_split(prepared, split_name)
+            split.raw = normalise_intensity(split.raw, view.get("intensity", "raw"), reference, percentiles)
             height, width = split.raw.shape[1:]
             if view["mode"] == "tile":
                 tile, overlap = view["tile_size"], view["overlap"]
@@ -110,7 +135,7 @@ def tile_dataset(
             n_per_image = len(raw) // len(split)
             group = handle.create_group(split_name)
             group.attrs.update({
-                "mode": view["mode"], "height": height, "width": width, "tile": tile, "overlap": overlap,
+                "mode": view["mode"], "intensity": view.get("intensity", "raw"), "height": height, "width": width, "tile": tile, "overlap": overlap,
                 "tile_height": raw.shape[1], "tile_width": raw.shape[2],
             })
             chunks = (1, *raw.shape[1:])

@@ -20,7 +20,8 @@ from em_foundation.data.prepared import read_split
 from em_foundation.data.tiles import TileSet, read_tiles
 from em_foundation.evaluation.metrics import Counts, confusion, scores
 from em_foundation.features import read_tokens, to_unit_float
-from em_foundation.grid import CACHED_REGIMES
+from em_foundation.alignment import adapt_batchnorm, domain_stats, iterate_batches, segmenter_forward, standardise
+from em_foundation.grid import CACHED_REGIMES, parse_alignment
 from em_foundation.io import atomic_path, write_json
 
 
@@ -44,13 +45,26 @@ def evaluate_model(
     features: str | Path | None,
     device: torch.device,
     batch_size: int = 8,
+    alignment: str = "none",
 ) -> tuple[pd.DataFrame, list[np.ndarray]]:
-    """Per-image metrics (one row per slice) and the predicted masks, at native resolution."""
+    """Per-image metrics (one row per slice) and the predicted masks, at native resolution.
+
+    Test-time alignment uses the test split's own images, never its labels (transductive):
+    ``featstd`` standardises its tokens with their own per-channel statistics; ``adabn``
+    re-estimates the head's batch-norm statistics on them before predicting.
+    """
+    options = parse_alignment(alignment)
     truth = read_split(prepared, "test")
     cached = regime in CACHED_REGIMES
     tile_set = read_tiles(tiles, "test", with_pixels=not cached)
     tokens = read_tokens(features, "test") if cached else None
+    if options["feature_std"]:
+        tokens = standardise(tokens, domain_stats(tokens), dtype=np.float16)
     model = model.to(device).eval()
+    if options["adabn"]:
+        inputs = tokens if cached else tile_set.raw
+        to_tensor = torch.from_numpy if cached else to_unit_float
+        model = adapt_batchnorm(model, iterate_batches(inputs, batch_size, lambda chunk: to_tensor(np.ascontiguousarray(chunk))), segmenter_forward)
     rows, predictions = [], []
     for image in tqdm(range(len(truth)), desc="evaluate", unit="slice"):
         indices = tile_set.tiles_of(image)

@@ -16,6 +16,8 @@ def build_figure(name: str, inputs: dict[str, Any], panels: list[dict] | None = 
         return plots.iou_bars(pd.read_csv(inputs["table"]))
     if name == "cross_domain":
         return plots.cross_domain_matrix(pd.read_csv(inputs["table"]))
+    if name == "alignment":
+        return plots.alignment_comparison(pd.read_csv(inputs["table"]))
     if name == "learning_curves":
         return plots.learning_curves(pd.read_csv(inputs["table"]))
     if name == "qualitative":

@@ -11,8 +11,14 @@ def _model_label(backbone: str, regime: str) -> str:
     return f"{backbone}\n{regime}"
 
 
+def unaligned(table: pd.DataFrame) -> pd.DataFrame:
+    """The main figures show the runs without domain alignment; alignment has its own figure."""
+    return table[table["alignment"] == "none"] if "alignment" in table.columns else table
+
+
 def iou_bars(summary: pd.DataFrame, metric: str = "fg_iou") -> plt.Figure:
     """Foreground IoU per backbone × regime, bars per training set, one panel per test set."""
+    summary = unaligned(summary)
     test_sets = sorted(summary["test_set"].unique())
     train_sets = list(dict.fromkeys(summary["train_set"]))
     models = list(dict.fromkeys(zip(summary["backbone"], summary["regime"])))
@@ -36,7 +42,7 @@ def iou_bars(summary: pd.DataFrame, metric: str = "fg_iou") -> plt.Figure:
 
 def cross_domain_matrix(summary: pd.DataFrame, metric: str = "fg_iou") -> plt.Figure:
     """Heatmap per backbone × regime: rows the training set, columns the single test sets."""
-    summary = summary[~summary["test_set"].str.contains("+", regex=False)]
+    summary = unaligned(summary[~summary["test_set"].str.contains("+", regex=False)])
     models = list(dict.fromkeys(zip(summary["backbone"], summary["regime"])))
     n_cols = min(3, len(models))
     n_rows = int(np.ceil(len(models) / n_cols))
@@ -95,6 +101,7 @@ def qualitative_panel(examples: list[dict]) -> plt.Figure:
 
 def learning_curves(logs: pd.DataFrame) -> plt.Figure:
     """Validation loss per epoch, one panel per backbone × regime, a line per run."""
+    logs = unaligned(logs)
     models = list(dict.fromkeys(zip(logs["backbone"], logs["regime"])))
     figure, axes = plt.subplots(1, len(models), squeeze=False, sharey=True, figsize=(max(3.4, 2.2 * len(models)), 2.3))
     for ax, (backbone, regime) in zip(axes[0], models):
@@ -106,5 +113,39 @@ def learning_curves(logs: pd.DataFrame) -> plt.Figure:
         ax.set_xlabel("epoch")
     axes[0][0].set_ylabel("validation soft-Dice loss")
     axes[0][-1].legend()
+    figure.tight_layout()
+    return figure
+
+
+def alignment_comparison(summary: pd.DataFrame, metric: str = "fg_iou") -> plt.Figure:
+    """Per source test set: its single-dataset model, the paired model, and the paired model
+    with each alignment variant; one panel per backbone × regime."""
+    single = summary[~summary["test_set"].str.contains("+", regex=False)]
+    multi_sets = sorted({t for t in single["train_set"]} - set(single["test_set"]))
+    models = list(dict.fromkeys(zip(single["backbone"], single["regime"])))
+    test_sets = sorted(single["test_set"].unique())
+    variants = [a for a in dict.fromkeys(single["alignment"]) if a != "none"]
+    bars = ["single-dataset"] + [f"{m} / none" for m in multi_sets] + [f"{m} / {a}" for m in multi_sets for a in variants]
+    figure, axes = plt.subplots(1, len(models), squeeze=False, sharey=True, figsize=(min(7.0, max(3.4, 2.4 * len(models))), 2.8))
+    width = 0.8 / len(bars)
+    for ax, (backbone, regime) in zip(axes[0], models):
+        cell = single[(single["backbone"] == backbone) & (single["regime"] == regime)]
+        for k, bar in enumerate(bars):
+            values, errors = [], []
+            for test_set in test_sets:
+                if bar == "single-dataset":
+                    rows = cell[(cell["train_set"] == test_set) & (cell["test_set"] == test_set) & (cell["alignment"] == "none")]
+                else:
+                    train_set, alignment = bar.split(" / ")
+                    rows = cell[(cell["train_set"] == train_set) & (cell["test_set"] == test_set) & (cell["alignment"] == alignment)]
+                values.append(rows[f"{metric}_mean"].iloc[0] if len(rows) else np.nan)
+                errors.append(rows[f"{metric}_std"].fillna(0).iloc[0] if len(rows) else 0)
+            ax.bar(np.arange(len(test_sets)) + (k - (len(bars) - 1) / 2) * width, values, width, yerr=errors, capsize=1, label=bar)
+        ax.set_xticks(np.arange(len(test_sets)), test_sets)
+        ax.set_xlabel("test set (source)")
+        ax.set_title(f"{backbone} / {regime}")
+        ax.set_ylim(0, 1)
+    axes[0][0].set_ylabel("foreground IoU (mean ± sd)")
+    figure.legend(*axes[0][0].get_legend_handles_labels(), loc="upper center", ncol=min(4, len(bars)), bbox_to_anchor=(0.5, 1.12))
     figure.tight_layout()
     return figure

@@ -79,7 +79,7 @@ def fit_forest(tokens: np.ndarray, labels: np.ndarray, patch_size: int, forest: 
 
 def train_forest_run(
     *, backbone_name: str, train_set: str, datasets: list[str], seed: int, forest: dict[str, Any],
-    train, val, patch_size: int, data_record: dict[str, Any], threads: int,
+    train, val, patch_size: int, data_record: dict[str, Any], threads: int, alignment: str = "none",
     out_model: Path, out_log: Path, out_run: Path,
 ) -> dict[str, Any]:
     started = time.perf_counter()
@@ -93,13 +93,13 @@ def train_forest_run(
         return float(soft_dice_loss(logits, torch.from_numpy(data.labels)))
 
     history = pd.DataFrame([{"epoch": 1, "train_loss": loss_of(train), "val_loss": loss_of(val), "lr": float("nan"), "improved": True, "seconds": time.perf_counter() - started}])
-    snapshot = {"regime": "forest", "backbone_name": backbone_name, "train_set": train_set, "datasets": datasets, "seed": seed, "forest": forest, "head": None, "lora": None}
+    snapshot = {"regime": "forest", "backbone_name": backbone_name, "train_set": train_set, "datasets": datasets, "seed": seed, "forest": forest, "head": None, "lora": None, "alignment": alignment}
     with atomic_path(out_model, suffix=".pt") as tmp:
         torch.save({"regime": "forest", "forest": model, "patch_size": patch_size, "in_channels": int(train.inputs.shape[1]), "config": snapshot}, tmp)
     with atomic_path(out_log, suffix=".csv") as tmp:
         history.to_csv(tmp, index=False)
     record = {
-        **{k: snapshot[k] for k in ("regime", "backbone_name", "train_set", "datasets", "seed")},
+        **{k: snapshot[k] for k in ("regime", "backbone_name", "train_set", "datasets", "seed", "alignment")},
         "balanced": False, "best_epoch": 1, "best_val_loss": float(history["val_loss"].iloc[0]), "epochs_run": 1,
         "stop_reason": "fitted", "resumed_from_epoch": 0, "tokens_sampled": n_samples, "trainable_parameters": 0,
         "data": data_record, "seconds": time.perf_counter() - started,

@@ -11,10 +11,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from em_foundation.alignment import domain_stats, standardise
 from em_foundation.backbones.lora import trainable_state_dict
 from em_foundation.data.prepared import IGNORE_LABEL
 from em_foundation.data.tiles import read_tiles
-from em_foundation.grid import CACHED_REGIMES
+from em_foundation.grid import CACHED_REGIMES, parse_alignment
 from em_foundation.features import read_cache_attrs, read_tokens, to_unit_float
 from em_foundation.io import atomic_path, read_json, write_json
 from em_foundation.runtime import seed_everything
@@ -32,8 +33,13 @@ def load_training_data(
     tiles: dict[str, str],
     features: dict[str, str] | None,
     splits: dict[str, str],
+    feature_std: bool = False,
 ) -> tuple[TrainingData, TrainingData, dict[str, Any]]:
-    """Training and validation tiles of every dataset in the training set, with their source."""
+    """Training and validation tiles of every dataset in the training set, with their source.
+
+    ``feature_std`` standardises each dataset's tokens with that dataset's own per-channel
+    statistics (per-domain standardisation), before datasets of different shapes are padded.
+    """
     parts: dict[str, list] = {"train": [], "val": []}
     record: dict[str, Any] = {}
     for dataset in datasets:
@@ -43,6 +49,8 @@ def load_training_data(
         is_val = np.array([tile_set.names[i] in val_names for i in tile_set.image_index])
         if regime in CACHED_REGIMES:
             inputs = read_tokens(features[dataset], "train")
+            if feature_std:
+                inputs = standardise(inputs, domain_stats(inputs, dataset=dataset), dtype=np.float16)
         else:
             inputs = tile_set.raw
         for part, mask in (("train", ~is_val), ("val", is_val)):
@@ -97,26 +105,28 @@ def train_run(
     out_log: Path,
     out_run: Path,
     forest: dict[str, Any] | None = None,
+    alignment: str = "none",
     threads: int = 1,
     stop_after_epochs: int | None = None,
 ) -> dict[str, Any]:
     """Train one (backbone, regime, training set, seed) cell and write model, log and record."""
     started = time.perf_counter()
-    balanced = bool(training.get("balanced_sampling", False)) and len(datasets) > 1
+    aligned = parse_alignment(alignment)
+    balanced = bool(training.get("balanced_sampling", False) or aligned["balanced"]) and len(datasets) > 1
     snapshot = {
         "regime": regime, "backbone_name": backbone_name, "train_set": train_set, "datasets": datasets,
         "seed": seed, "backbone": backbone, "head": head, "lora": lora if regime == "lora" else None,
-        "training": training, "balanced": balanced,
+        "training": training, "balanced": balanced, "alignment": alignment,
     }
     generator = seed_everything(seed)
-    train, val, data_record = load_training_data(regime, datasets, tiles, features, splits)
+    train, val, data_record = load_training_data(regime, datasets, tiles, features, splits, aligned["feature_std"])
     if regime == "forest":
         from em_foundation.training.forest import train_forest_run
 
         patch_size = int(read_cache_attrs(features[datasets[0]])["patch_size"])
         return train_forest_run(
             backbone_name=backbone_name, train_set=train_set, datasets=datasets, seed=seed, forest=forest or {},
-            train=train, val=val, patch_size=patch_size, data_record=data_record, threads=threads,
+            train=train, val=val, patch_size=patch_size, data_record=data_record, threads=threads, alignment=alignment,
             out_model=out_model, out_log=out_log, out_run=out_run,
         )
     in_channels = patch_size = None
@@ -133,7 +143,7 @@ def train_run(
     with atomic_path(out_log, suffix=".csv") as tmp:
         result.history.to_csv(tmp, index=False)
     record = {
-        **{k: snapshot[k] for k in ("regime", "backbone_name", "train_set", "datasets", "seed", "balanced")},
+        **{k: snapshot[k] for k in ("regime", "backbone_name", "train_set", "datasets", "seed", "balanced", "alignment")},
         "best_epoch": result.best_epoch,
         "best_val_loss": result.best_val_loss,
         "epochs_run": int(len(result.history)),
