@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import matplotlib
+import matplotlib.image
 import numpy as np
 import pandas as pd
 import pytest
@@ -159,6 +160,8 @@ def test_build_analysis_figure_from_csvs_saves_png_and_pdf(tables, tmp_path):
         outputs = [tmp_path / f"{name}.png", tmp_path / f"{name}.pdf"]
         save_figure(figure, outputs)
         assert all(p.stat().st_size > 1000 for p in outputs)
+        width_in = matplotlib.image.imread(outputs[0]).shape[1] / matplotlib.rcParams["savefig.dpi"]
+        assert width_in <= 7.0, f"{name}: {width_in:.2f} in wide on the page"
     with pytest.raises(KeyError, match="unknown analysis figure"):
         ap.build_analysis_figure("nope", inputs["probe"])
 

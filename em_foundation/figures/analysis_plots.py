@@ -36,8 +36,8 @@ def _ordered(values: Sequence[str], order: Sequence[str]) -> list[str]:
     return [v for v in order if v in present] + [v for v in present if v not in order]
 
 
-def _grid(n_rows: int, n_cols: int, panel_w: float, panel_h: float, **kw: Any):
-    width = min(MAX_WIDTH, panel_w * n_cols + 0.4)
+def _grid(n_rows: int, n_cols: int, panel_w: float, panel_h: float, max_width: float = MAX_WIDTH, **kw: Any):
+    width = min(max_width, panel_w * n_cols + 0.4)
     return plt.subplots(n_rows, n_cols, squeeze=False, figsize=(width, panel_h * n_rows + 0.5), **kw)
 
 
@@ -128,7 +128,9 @@ def frechet_matrix(frechet: pd.DataFrame, variant: str | None = None) -> plt.Fig
     vmax = max(2.0, finite.max()) if len(finite) else 2.0
     norm = LogNorm(vmin=vmin, vmax=vmax)
     size = 0.75 * k + 0.9
-    figure, axes = _grid(len(views), len(backbones), max(2.0, size), max(1.9, size), layout="constrained")
+    figure, axes = _grid(len(views), len(backbones), max(2.0, size), max(1.9, size), max_width=MAX_WIDTH - 0.4,
+                         layout="constrained")  # the colour bar's label can reach past the canvas
+    figure.get_layout_engine().set(h_pad=0.08, hspace=0.06)  # keep tick labels off the next row's titles
     image = None
     for i, view in enumerate(views):
         for j, backbone in enumerate(backbones):
@@ -166,7 +168,11 @@ def frechet_matrix(frechet: pd.DataFrame, variant: str | None = None) -> plt.Fig
             ax.set_title(f"{backbone}: {VIEW_LABEL.get(view, view)}\n(d={dim})", fontsize=7)
     if image is not None:
         label = "FD / permutation-null 95th pct." if has_null else "Fréchet distance"
-        figure.colorbar(image, ax=axes, shrink=0.7, label=label, pad=0.02, aspect=30)
+        bar = figure.colorbar(image, ax=axes, shrink=0.7, label=label, pad=0.02, aspect=30)
+        ticks = [t for t in (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if vmin <= t <= vmax]
+        if has_null and len(ticks) >= 2:  # plain numbers, not 2×10^0
+            bar.set_ticks(ticks, labels=[f"{t:g}" for t in ticks])
+            bar.minorticks_off()
     figure.suptitle(f"Fréchet distance ({variant.replace('_', '-')}), bootstrap 95 % interval", fontsize=8)
     return figure
 
