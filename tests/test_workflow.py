@@ -128,3 +128,12 @@ def test_editing_a_package_module_reruns_its_stages(demo_run, tmp_path):
     command = [sys.executable, "-m", "snakemake", "-s", str(copy / "Snakefile"), "-d", str(demo_run), "--profile", str(REPO / "profiles/demo"), "-n"]
     jobs = scheduled_jobs(subprocess.run(command, capture_output=True, text=True))
     assert jobs["aggregate"] == 1 and "train_head" not in jobs and "evaluate" not in jobs, dict(jobs)
+
+
+def test_changing_one_backbones_weights_reruns_only_its_jobs(demo_run, tmp_path):
+    config = demo_config()
+    config["backbones"]["tinyvit"]["options"] = {"init_seed": 7}
+    jobs = scheduled_jobs(snakemake(demo_run, "-n", configfile=write_config(tmp_path / "c.yaml", config)))
+    assert jobs["cache_features"] == 2, "only tinyvit's two feature caches"
+    assert jobs["train_head"] == 6 and jobs["train_lora"] == 6 and jobs["evaluate"] == 12, dict(jobs)
+    assert not {"prepare_dataset", "tile_dataset", "split_validation"} & set(jobs), dict(jobs)
