@@ -30,17 +30,26 @@ def pooled_view(path):
     return np.concatenate(arrays).astype(np.float32), np.array(ids)
 
 
-def token_view(features, tiles, per_tile, seed, stream):
-    """(n_tiles * per_tile, C) sampled tokens over both splits, with their source-image ids."""
+def token_view(features, tiles, per_tile, max_tokens, seed, stream):
+    """(n_tiles * take, C) sampled tokens over both splits, with their source-image ids.
+
+    ``take`` is ``per_tile``, capped at the grid size and, when ``max_tokens`` is set, at
+    max_tokens // n_tiles (at least 1): every tile, so every image, still contributes.
+    """
     chunks, ids = [], []
     with h5py.File(features, "r") as handle, h5py.File(tiles, "r") as tile_file:
-        for k, split in enumerate(sorted(handle)):
+        splits = sorted(handle)
+        total_tiles = sum(len(handle[s]["tokens"]) for s in splits)
+        _, _, h, w = handle[splits[0]]["tokens"].shape
+        take = min(per_tile, h * w)
+        if max_tokens:
+            take = max(1, min(take, max_tokens // total_tiles))
+        for k, split in enumerate(splits):
             tokens = handle[split]["tokens"]
             image_index = tile_file[split]["image_index"][()]  # tile -> image, the tiles file's layout
             if len(image_index) != len(tokens):
                 raise ValueError(f"{features}: {len(tokens)} {split} tiles but {tiles} has {len(image_index)}")
-            n_tiles, _, h, w = tokens.shape
-            take = min(per_tile, h * w)
+            n_tiles = len(tokens)
             for start in range(0, n_tiles, CHUNK):
                 state = np.random.SeedSequence([seed, stream, k, start]).generate_state(1)[0]
                 sample, tile = sample_patch_tokens(tokens[start : start + CHUNK], take, seed=int(state), return_index=True)
@@ -87,11 +96,13 @@ with logged(snakemake.log[0]):
         loaded = {d: pooled_view(features[d]) for d in datasets}
         views["pooled"] = ({d: x for d, (x, _) in loaded.items()}, None)
     if "tokens" in opts["views"]:
-        loaded = {d: token_view(features[d], tiles[d], opts["tokens_per_tile"], opts["seed"], i) for i, d in enumerate(datasets)}
+        loaded = {d: token_view(features[d], tiles[d], opts["tokens_per_tile"], opts["max_tokens_per_dataset"], opts["seed"], i)
+                  for i, d in enumerate(datasets)}
         views["tokens"] = ({d: v[0] for d, v in loaded.items()}, {d: v[1] for d, v in loaded.items()})
         for d, (_, _, take, grid) in loaded.items():
             if take < opts["tokens_per_tile"]:
-                notes.append(f"tokens: {d} grids hold {grid} positions; sampled {take} per tile, not {opts['tokens_per_tile']}")
+                notes.append(f"tokens: sampled {take} per tile from {d}, not {opts['tokens_per_tile']} "
+                             f"(grid of {grid} positions; max_tokens_per_dataset {opts['max_tokens_per_dataset']})")
 
     for view, (embeddings, groups) in views.items():
         print(f"{view}: " + ", ".join(f"{d} {x.shape}" for d, x in embeddings.items()), flush=True)
