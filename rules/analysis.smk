@@ -47,6 +47,7 @@ rule domain_analysis:
         summary="results/analysis/{backbone}/summary.json",
     params:
         analysis=config["analysis"],
+        after_featstd=any("featstd" in variant.split("-") for variant in config["alignment"]["variants"]),
         code=code_digest("analysis", *CORE),
     threads: config["compute"]["threads"]
     log:

@@ -104,6 +104,13 @@ with logged(snakemake.log[0]):
                 notes.append(f"tokens: sampled {take} per tile from {d}, not {opts['tokens_per_tile']} "
                              f"(grid of {grid} positions; max_tokens_per_dataset {opts['max_tokens_per_dataset']})")
 
+    if snakemake.params.get("after_featstd", False):
+        # The same analysis after per-domain feature standardisation (alignment variant
+        # featstd): each dataset's channels to zero mean and unit variance on its own.
+        for view, (embeddings, groups) in list(views.items()):
+            standardised = {d: (x - x.mean(axis=0)) / np.sqrt(x.var(axis=0) + 1e-6) for d, x in embeddings.items()}
+            views[f"{view}-featstd"] = (standardised, groups)
+
     for view, (embeddings, groups) in views.items():
         print(f"{view}: " + ", ".join(f"{d} {x.shape}" for d, x in embeddings.items()), flush=True)
         t0 = time.time()

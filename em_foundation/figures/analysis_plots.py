@@ -233,6 +233,8 @@ def paired_comparison(summary: pd.DataFrame, training_sets: dict[str, list[str]]
     One panel per test set that some multi-dataset training set contains; bars per backbone
     × regime (mean ± sample sd over seeds), with the difference union − single above.
     """
+    if "alignment" in summary.columns:
+        summary = summary[summary["alignment"] == "none"]  # alignment has its own figure
     test_sets = [t for t in sorted(summary["test_set"].unique()) if all(_paired_sets(training_sets, t))]
     if not test_sets:
         raise ValueError("no test set has both a single-dataset and a multi-dataset training set")
