@@ -79,6 +79,14 @@ def test_pca_scatter_one_panel_per_backbone_and_view(tables):
     _width_ok(figure)
 
 
+def test_pca_scatter_featstd_view_gets_its_own_row_and_label(tables):
+    extra = tables["pca"][tables["pca"]["view"] == "pooled"].assign(view="pooled-featstd")
+    figure = ap.pca_scatter(pd.concat([tables["pca"], extra], ignore_index=True))
+    panels = _data_axes(figure)
+    assert len(panels) == 6
+    assert sum("standardised per dataset" in ax.get_title() for ax in panels) == 2
+
+
 def test_pca_scatter_single_view(tables):
     figure = ap.pca_scatter(tables["pca"][tables["pca"]["view"] == "pooled"])
     assert len(_data_axes(figure)) == 2

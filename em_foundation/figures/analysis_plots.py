@@ -27,8 +27,14 @@ __all__ = [
 
 MAX_WIDTH = 7.0  # inches: a two-column paper's full width
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
-VIEW_ORDER = ["pooled", "tokens"]
-VIEW_LABEL = {"pooled": "per-image embedding", "tokens": "patch tokens"}
+VIEW_ORDER = ["pooled", "tokens", "pooled-featstd", "tokens-featstd"]
+VIEW_LABEL = {
+    "pooled": "per-image embedding",
+    "tokens": "patch tokens",
+    # The same, after per-dataset feature standardisation (alignment variant featstd).
+    "pooled-featstd": "per-image, standardised per dataset",
+    "tokens-featstd": "tokens, standardised per dataset",
+}
 
 
 def _ordered(values: Sequence[str], order: Sequence[str]) -> list[str]:
