@@ -11,6 +11,9 @@ from snakemake.utils import min_version
 
 min_version("9.0")
 
+
+report: "report/workflow.rst"
+
 # With no --configfile, the published setup (config.yaml) or a named preset (the demo
 # profile passes --config preset=demo) is the config; a --configfile replaces it whole.
 PRESETS = {"published": "config.yaml", "demo": "profiles/demo/workflow_config.yaml"}

@@ -77,7 +77,7 @@ def qualitative_panel(examples: list[dict]) -> plt.Figure:
     Each example is {"dataset", "image", "truth", "predictions": {label: mask}}.
     """
     n_pred = max(len(example["predictions"]) for example in examples)
-    figure, axes = plt.subplots(len(examples), 2 + n_pred, squeeze=False, figsize=(1.5 * (2 + n_pred), 1.6 * len(examples)))
+    figure, axes = plt.subplots(len(examples), 2 + n_pred, squeeze=False, figsize=(min(7.0, 1.4 * (2 + n_pred)), 1.45 * len(examples) * min(1.0, 7.0 / (1.4 * (2 + n_pred)))))
     for index, (row, example) in enumerate(zip(axes, examples)):
         row[0].imshow(example["image"], cmap="gray")
         row[0].set_ylabel(example["dataset"])
