@@ -6,10 +6,11 @@
 # * Must run as root. Installs Debian's slurm-wlm + munge with apt-get if
 #   `slurmctld` (or slurmd/munged/sbatch) is missing; nothing else is installed.
 # * Writes slurm.conf / gres.conf / cgroup.conf into STATE_DIR from the
-#   templates next to this script (slurm.conf.in, gres.conf, cgroup.conf).
+#   templates next to this script (slurm.conf.in, gres.conf.in, cgroup.conf).
 #   One node (NodeName = `hostname -s`, NodeAddr 127.0.0.1) with all CPUs,
-#   ~80 % of RAM and one *fake* GPU (gres.conf: AutoDetect=off, File=/dev/null),
-#   in two partitions: `cpu` (default) and `gpu`.
+#   ~80 % of RAM and *fake* GPUs (gres.conf: AutoDetect=off, File=/dev/null),
+#   in two partitions: `cpu` (default) and `gpu`. Sizes can be overridden:
+#   SLURM_TEST_CPUS, SLURM_TEST_REALMEMORY (MB), SLURM_TEST_GPUS (default 1).
 # * Runs its own munged (private key + socket under STATE_DIR, so it neither
 #   needs nor touches a system munge), slurmctld and slurmd as root,
 #   daemonized, with pid files under STATE_DIR/run. Ports are picked free.
@@ -147,6 +148,7 @@ if [[ -n "$(live_pid "$DIR/run/slurmctld.pid")" || -n "$(live_pid "$DIR/run/slur
 else
     NODE="$(hostname -s)"
     NCPU="${SLURM_TEST_CPUS:-$(nproc)}"
+    NGPU="${SLURM_TEST_GPUS:-1}"
     MEM_MB=$(awk '/^MemTotal:/ {printf "%d", $2 / 1024}' /proc/meminfo)
     REAL_MB="${SLURM_TEST_REALMEMORY:-$((MEM_MB * 8 / 10))}"
     # Pick ports from a per-directory pseudo-random base to limit collisions
@@ -156,15 +158,24 @@ else
     SLURMD_PORT="${SLURM_TEST_SLURMD_PORT:-$(free_port $((CTLD_PORT + 1)) "$CTLD_PORT")}"
     # Cluster names must be unique per StateSaveLocation only; keep it short.
     CLUSTER="emtest$(printf '%s' "$DIR" | cksum | cut -c1-5)"
-    sed -e "s|@DIR@|$DIR|g" -e "s|@NODE@|$NODE|g" -e "s|@CPUS@|$NCPU|g" \
+    sed -e "s|@DIR@|$DIR|g" -e "s|@NODE@|$NODE|g" -e "s|@CPUS@|$NCPU|g" -e "s|@GPUS@|$NGPU|g" \
         -e "s|@REALMEM@|$REAL_MB|g" -e "s|@CTLD_PORT@|$CTLD_PORT|g" \
         -e "s|@SLURMD_PORT@|$SLURMD_PORT|g" -e "s|@CLUSTER@|$CLUSTER|g" \
         -e "s|@MUNGE_SOCKET@|$MUNGE_SOCKET|g" \
         "$HERE/slurm.conf.in" >"$CONF.tmp"
     mv "$CONF.tmp" "$CONF"
-    cp "$HERE/gres.conf" "$DIR/gres.conf"
+    # Fake GPUs: /dev/null itself for one, symlinks to it for more
+    # (device index = number in the file name, as with /dev/nvidiaN).
+    if ((NGPU == 1)); then
+        GPU_FILES=/dev/null
+    else
+        mkdir -p "$DIR/dev"
+        for ((i = 0; i < NGPU; i++)); do ln -sfn /dev/null "$DIR/dev/fakegpu$i"; done
+        GPU_FILES="$DIR/dev/fakegpu[0-$((NGPU - 1))]"
+    fi
+    sed -e "s|@GPU_FILES@|$GPU_FILES|g" -e "s|@GPUS@|$NGPU|g" "$HERE/gres.conf.in" >"$DIR/gres.conf"
     cp "$HERE/cgroup.conf" "$DIR/cgroup.conf"
-    log "wrote $CONF (node $NODE, CPUs=$NCPU, RealMemory=$REAL_MB, ports $CTLD_PORT/$SLURMD_PORT)"
+    log "wrote $CONF (node $NODE, CPUs=$NCPU, RealMemory=$REAL_MB, gpu:$NGPU, ports $CTLD_PORT/$SLURMD_PORT)"
 fi
 export SLURM_CONF="$CONF"
 
