@@ -128,6 +128,8 @@ def alignments_for(config: dict[str, Any], regime: str, train_set: str) -> list[
             continue  # the tokens of a backbone that trains change every step
         if options["adabn"] and regime == "forest":
             continue  # a forest has no batch-norm statistics
+        if options["balanced"] and len(config["training_sets"][train_set]) < 2:
+            continue  # one source: balanced sampling would repeat another variant exactly
         chosen.append(name)
     return chosen
 

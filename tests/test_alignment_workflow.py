@@ -23,6 +23,8 @@ def test_variants_go_where_they_mean_something():
     assert alignments_for(config, "lora", "paired") == ["none", "adabn-balanced"]
     assert alignments_for(config, "forest", "paired") == ["none", "featstd"]
     assert alignments_for(config, "head", "fibsem") == ["none"]
+    config["alignment"]["train_sets"] = None
+    assert alignments_for(config, "head", "fibsem") == ["none", "featstd"], "balanced sampling needs several sources"
     assert {run.alignment for run in runs(config)} == {"none", "featstd", "adabn-balanced"}
 
 
