@@ -93,11 +93,6 @@ def read_tokens(path: str | Path, split: str, indices: np.ndarray | None = None)
         return tokens[()] if indices is None else tokens[np.sort(indices)]
 
 
-def read_pooled(path: str | Path, split: str) -> np.ndarray:
-    with h5py.File(path, "r") as handle:
-        return handle[split]["pooled"][()]
-
-
 def read_cache_attrs(path: str | Path) -> dict[str, Any]:
     with h5py.File(path, "r") as handle:
         return dict(handle.attrs)

@@ -44,15 +44,19 @@ class Backbone(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
-    def normalise(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 1, H, W) in [0, 1] to (B, 3, H, W) normalised with this family's constants."""
+    def check_input(self, images: torch.Tensor) -> None:
+        """Grayscale (B, 1, H, W) with sides that are multiples of the patch size, or a clear error."""
         if images.ndim != 4 or images.shape[1] != 1:
             raise ValueError(f"expected grayscale images (B, 1, H, W), got {tuple(images.shape)}")
         height, width = images.shape[-2:]
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(
-                f"input {height}x{width} is not a multiple of the patch size {self.patch_size}"
+                f"{self.family or 'backbone'} input {height}x{width} is not a multiple of the patch size {self.patch_size}"
             )
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) in [0, 1] to (B, 3, H, W) normalised with this family's constants."""
+        self.check_input(images)
         return (images.expand(-1, 3, -1, -1) - self.mean) / self.std
 
     def forward(self, images: torch.Tensor) -> BackboneOutput:  # pragma: no cover - abstract

@@ -114,17 +114,8 @@ class FilterBankBackbone(Backbone):
             f":patch={self.patch_size}:mode=reflect"
         )
 
-    def _check(self, images: torch.Tensor) -> None:
-        if images.ndim != 4 or images.shape[1] != 1:
-            raise ValueError(f"expected grayscale images (B, 1, H, W), got {tuple(images.shape)}")
-        height, width = images.shape[-2:]
-        if height % self.patch_size or width % self.patch_size:
-            raise ValueError(
-                f"filterbank input {height}x{width} is not a multiple of the patch size {self.patch_size}"
-            )
-
     def forward(self, images: torch.Tensor) -> BackboneOutput:
-        self._check(images)
+        self.check_input(images)
         batch = images.detach().to("cpu", torch.float32).numpy()[:, 0]
         grids = np.stack([pool_to_grid(pixel_features(image, self.sigmas), self.patch_size) for image in batch])
         grid = torch.from_numpy(grids).to(images.device)

@@ -40,8 +40,6 @@ def token_labels(labels: np.ndarray, patch_size: int) -> np.ndarray:
 class ForestSegmenter(nn.Module):
     """Wraps a fitted forest so that evaluation treats it like the torch segmenters."""
 
-    takes = "tokens"
-
     def __init__(self, forest: RandomForestClassifier) -> None:
         super().__init__()
         self.forest = forest

@@ -21,8 +21,6 @@ from em_foundation.heads.deconv import up_blocks_for
 class CachedFeatureSegmenter(nn.Module):
     """Head on cached tokens (float16 on disk, float32 here)."""
 
-    takes = "tokens"
-
     def __init__(self, in_channels: int, width: int, patch_size: int) -> None:
         super().__init__()
         self.head = DeconvHead(in_channels, width, up_blocks=up_blocks_for(patch_size))
@@ -33,8 +31,6 @@ class CachedFeatureSegmenter(nn.Module):
 
 class BackboneSegmenter(nn.Module):
     """Backbone (with adapters, or fully trainable) followed by the head, on pixels."""
-
-    takes = "pixels"
 
     def __init__(self, backbone: nn.Module, width: int) -> None:
         super().__init__()
