@@ -154,3 +154,36 @@ def test_token_labels_follow_the_pixel_majority():
     labels[0, 8:, 8:] = 255
     labels[0, :8, 8:12] = 1  # half of the top-right patch: not a majority
     assert token_labels(labels, 8).tolist() == [[[1, 0], [0, 255]]]
+
+
+def test_logged_losses_are_the_means_of_the_batch_losses(tmp_path, monkeypatch):
+    # fit() reads losses once per epoch instead of once per step; the logged numbers must
+    # still be the mean over training batches and the sample-weighted validation mean.
+    import em_foundation.training.trainer as trainer
+    from em_foundation.training.segmenter import CachedFeatureSegmenter
+
+    seen: list[tuple[bool, float, int]] = []
+    real_loss = trainer.soft_dice_loss
+
+    def recording(logits, labels):
+        loss = real_loss(logits, labels)
+        seen.append((torch.is_grad_enabled(), float(loss.detach()), len(labels)))
+        return loss
+
+    monkeypatch.setattr(trainer, "soft_dice_loss", recording)
+    rng = np.random.default_rng(0)
+    tokens = rng.standard_normal((8, 6, 4, 4)).astype(np.float16)
+    labels = rng.integers(0, 2, (8, 16, 16)).astype(np.uint8)
+    train = trainer.TrainingData(tokens[:5], labels[:5], np.array(["a"] * 5), torch.from_numpy)
+    val = trainer.TrainingData(tokens[5:], labels[5:], np.array(["a"] * 3), torch.from_numpy)
+    torch.manual_seed(0)
+    model = CachedFeatureSegmenter(in_channels=6, width=8, patch_size=4)
+    settings = dict(TRAINING, batch_size=2, max_epochs=2, patience=5)
+    result = trainer.fit(model, train, val, settings, torch.Generator().manual_seed(0), torch.device("cpu"), tmp_path / "ckpt.pt", "fp")
+    steps = [(loss, n) for grad, loss, n in seen if grad]
+    checks = [(loss, n) for grad, loss, n in seen if not grad]
+    assert len(steps) == 6 and len(checks) == 4  # 3 batches of 5 tiles, 2 of 3 tiles, per epoch
+    for epoch, row in result.history.iterrows():
+        train_part, val_part = steps[3 * epoch : 3 * epoch + 3], checks[2 * epoch : 2 * epoch + 2]
+        assert row["train_loss"] == pytest.approx(np.mean([loss for loss, _ in train_part]), rel=1e-6)
+        assert row["val_loss"] == pytest.approx(sum(loss * n for loss, n in val_part) / 3, rel=1e-6)

@@ -36,6 +36,11 @@ class DeconvHead(nn.Module):
     a parameter so that the CPU demo can use a narrow head with the same structure, and
     backbones with patches smaller than 9 pixels get fewer up-blocks (``up_blocks_for``).
     Logits are resized bilinearly to the requested output size (the tile's pixels).
+
+    Weights and activations are kept channels-last (NHWC): oneDNN on CPU and cuDNN on GPU
+    run these convolutions faster in that layout (the training step on a 2-core CPU drops
+    from 3.4 s to 2.6 s at width 512, batch 2, 448² tiles; ``benchmarks/``), with the same
+    arithmetic up to float rounding. ``Module.to`` and ``load_state_dict`` keep the layout.
     """
 
     def __init__(self, in_channels: int, width: int = 512, num_classes: int = 2, up_blocks: int = 4) -> None:
@@ -46,8 +51,10 @@ class DeconvHead(nn.Module):
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, kernel_size=1), nn.BatchNorm2d(width), nn.GELU())
         self.up = nn.Sequential(*[_up_block(a, b) for a, b in zip(channels[:-1], channels[1:])])
         self.classifier = nn.Conv2d(channels[-1], num_classes, kernel_size=1)
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, grid: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+        grid = grid.contiguous(memory_format=torch.channels_last)
         logits = self.classifier(self.up(self.stem(grid)))
         if tuple(logits.shape[-2:]) != tuple(out_size):
             logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)

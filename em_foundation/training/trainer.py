@@ -70,15 +70,16 @@ def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
 
 def _validation_loss(model: torch.nn.Module, data: TrainingData, batch_size: int, device: torch.device) -> float:
     model.eval()
-    total, count = 0.0, 0
+    # Summed on the device and read once: a read per batch would make a GPU wait each time.
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     with torch.no_grad():
         for start in range(0, len(data), batch_size):
             inputs = data.to_tensor(data.inputs[start : start + batch_size]).to(device)
             labels = torch.from_numpy(data.labels[start : start + batch_size]).to(device)
             logits = model(inputs, tuple(labels.shape[-2:]))
-            total += float(soft_dice_loss(logits, labels)) * len(labels)
+            total += soft_dice_loss(logits, labels).double() * len(labels)
             count += len(labels)
-    return total / max(count, 1)
+    return total.item() / max(count, 1)
 
 
 def fit(
@@ -135,7 +136,8 @@ def fit(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, training["grad_clip"])
             optimizer.step()
-            losses.append(float(loss.detach()))
+            losses.append(loss.detach())  # read once per epoch, not per step (no GPU sync)
+        train_loss = torch.stack(losses).double().mean().item() if losses else math.nan
         val_loss = _validation_loss(model, val, training["batch_size"], device)
         improved = val_loss < state["best_val"]
         if improved:
@@ -144,9 +146,9 @@ def fit(
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
         state["history"].append(
-            {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": val_loss, "lr": optimizer.param_groups[0]["lr"], "improved": improved, "seconds": time.perf_counter() - started}
+            {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "lr": optimizer.param_groups[0]["lr"], "improved": improved, "seconds": time.perf_counter() - started}
         )
-        progress.set_postfix(train=f"{np.mean(losses):.4f}", val=f"{val_loss:.4f}")
+        progress.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
         _save_checkpoint(
             checkpoint,
             {"fingerprint": fingerprint, "model": _trainable_state(model), "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "state": state},
