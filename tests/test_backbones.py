@@ -187,6 +187,11 @@ def test_normalisation_constants():
     # ... and the published (mismatched) ImageNet constants as an option.
     assert uses(spec_of("openclip", normalisation="imagenet"), IMAGENET_MEAN, IMAGENET_STD)
     assert uses({**tagged, "normalisation": "imagenet"}, IMAGENET_MEAN, IMAGENET_STD)
+    # OpenAI CLIP's constants on request, whatever the tag recorded, and for any family.
+    assert uses({**tagged, "normalisation": "clip"}, CLIP_MEAN, CLIP_STD)
+    assert uses(spec_of("dinov2", normalisation="clip"), CLIP_MEAN, CLIP_STD)
+    with pytest.raises(ValueError, match="'inception' is not one of family, imagenet, clip"):
+        build_backbone(spec_of("dinov2", normalisation="inception"))
 
 
 def test_openclip_config_errors():

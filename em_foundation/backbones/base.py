@@ -13,6 +13,21 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # published pipeline did) shifts every input it sees.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# Explicit overrides of a family's own constants: "imagenet" reproduces the published
+# pipeline (all three families), "clip" is OpenAI CLIP's, which some LAION checkpoints
+# (ViT-L-14 laion2b_s32b_b82k: mean = std = 0.5) were not trained with.
+NAMED_NORMALISATION = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "clip": (CLIP_MEAN, CLIP_STD)}
+
+
+def normalisation_constants(
+    choice: str | None, family_mean: tuple[float, ...], family_std: tuple[float, ...]
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std for ``normalisation`` = family (the weights' own; the default), imagenet or clip."""
+    if choice in (None, "family"):
+        return family_mean, family_std
+    if choice not in NAMED_NORMALISATION:
+        raise ValueError(f"normalisation {choice!r} is not one of family, {', '.join(NAMED_NORMALISATION)}")
+    return NAMED_NORMALISATION[choice]
 
 
 class BackboneOutput(NamedTuple):

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from em_foundation.backbones import BACKBONES
-from em_foundation.backbones.base import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, Backbone, BackboneOutput
+from em_foundation.backbones.base import CLIP_MEAN, CLIP_STD, Backbone, BackboneOutput, normalisation_constants
 from em_foundation.backbones.timm_vit import check_patch_size, resolve_layers
 from em_foundation.backbones.weights import (
     HubSource,
@@ -249,10 +249,8 @@ class OpenClipViT(Backbone):
         name = _model_name(spec)
         tag = _tag(spec)
         trained = tag_config(spec)
-        if spec.get("normalisation") == "imagenet":
-            mean, std = IMAGENET_MEAN, IMAGENET_STD
-        else:
-            mean, std = tuple(trained.get("mean") or CLIP_MEAN), tuple(trained.get("std") or CLIP_STD)
+        own_mean, own_std = tuple(trained.get("mean") or CLIP_MEAN), tuple(trained.get("std") or CLIP_STD)
+        mean, std = normalisation_constants(spec.get("normalisation"), own_mean, own_std)
         super().__init__(mean, std)
         self.family = "openclip"
         weights = spec.get("weights") or "pretrained"

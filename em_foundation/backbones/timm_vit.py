@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import torch
 
 from em_foundation.backbones import BACKBONES
-from em_foundation.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, BackboneOutput
+from em_foundation.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, BackboneOutput, normalisation_constants
 from em_foundation.backbones.weights import (  # noqa: F401 (re-exported: the public contract)
     HubSource,
     WeightsError,
@@ -129,9 +129,7 @@ class TimmViT(Backbone):
         import timm
 
         family = spec["family"]
-        mean, std = FAMILY_NORMALISATION[family]
-        if spec.get("normalisation") == "imagenet":
-            mean, std = IMAGENET_MEAN, IMAGENET_STD
+        mean, std = normalisation_constants(spec.get("normalisation"), *FAMILY_NORMALISATION[family])
         super().__init__(mean, std)
         self.family = family
         name = spec.get("model") or FAMILY_DEFAULT_MODEL[family]
