@@ -187,3 +187,37 @@ def test_logged_losses_are_the_means_of_the_batch_losses(tmp_path, monkeypatch):
         train_part, val_part = steps[3 * epoch : 3 * epoch + 3], checks[2 * epoch : 2 * epoch + 2]
         assert row["train_loss"] == pytest.approx(np.mean([loss for loss, _ in train_part]), rel=1e-6)
         assert row["val_loss"] == pytest.approx(sum(loss * n for loss, n in val_part) / 3, rel=1e-6)
+
+
+def test_filter_bank_tokens_reach_the_head_standardised_with_training_statistics(data, tmp_path):
+    from em_foundation.training.run import load_training_data
+
+    run_head(data, tmp_path, seed=0)
+    saved = torch.load(tmp_path / "model.pt", map_location="cpu", weights_only=False)
+    stats = saved["input_standardisation"]
+    train, _, _ = load_training_data(
+        "head", ["fibsem"], {"fibsem": data["fibsem"]["tiles"]}, {"fibsem": data["fibsem"]["features"]},
+        {"fibsem": str(data["root"] / "fibsem.split0.json")},
+    )
+    mean, scale = np.array(stats["mean"])[None, :, None, None], np.array(stats["scale"])[None, :, None, None]
+    standardised = (train.inputs.astype(np.float64) - mean) / scale
+    # Raw filter-bank channels span orders of magnitude; the head sees every one at unit scale.
+    raw_std = train.inputs.astype(np.float64).std(axis=(0, 2, 3))
+    assert raw_std.max() / raw_std.min() > 100
+    np.testing.assert_allclose(standardised.mean(axis=(0, 2, 3)), 0, atol=1e-6)
+    np.testing.assert_allclose(standardised.std(axis=(0, 2, 3)), 1, rtol=1e-3)
+    # The statistics travel with the model: evaluation applies the same ones.
+    model = load_segmenter(tmp_path / "model.pt", {})
+    np.testing.assert_allclose(model.input_mean.flatten().numpy(), stats["mean"], rtol=1e-6)
+    np.testing.assert_allclose(model.input_scale.flatten().numpy(), stats["scale"], rtol=1e-6)
+
+
+def test_vit_tokens_reach_the_head_as_published():
+    # Only STANDARDISED_FAMILIES get input standardisation; a head without it is the bare DeconvHead.
+    model = build_segmenter("head", {}, HEAD, {}, in_channels=6, patch_size=14)
+    tokens = torch.randn(1, 6, 2, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(tokens, (28, 28)), model.head(tokens, (28, 28)))
+    assert not hasattr(model, "input_mean")
+    with pytest.raises(ValueError, match="a mean and a scale for each of the 6 channels"):
+        build_segmenter("head", {}, HEAD, {}, in_channels=6, patch_size=14, input_standardisation={"mean": [0.0] * 5, "scale": [1.0] * 5})

@@ -14,7 +14,10 @@ the transfer question is moot. The bank is the ilastik default set, per scale si
 plus the raw intensity once. Filters run at full resolution with scipy.ndimage on
 float32 (``mode="reflect"``); the backbone average-pools them to a patch grid so that the
 same heads and caches serve it as serve the ViTs. Responses are not scale-normalised
-(as in ilastik): the head's BatchNorm and the forest's splits do not need it.
+(as in ilastik): their standard deviations span four orders of magnitude. The forest's
+splits do not mind; the deconvolution head does (its BatchNorm layers then behave very
+differently in training and evaluation mode), so it standardises filter-bank tokens with
+their training-set statistics (``STANDARDISED_FAMILIES`` in ``training/segmenter.py``).
 """
 
 from __future__ import annotations

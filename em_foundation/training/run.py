@@ -19,7 +19,7 @@ from em_foundation.grid import CACHED_REGIMES, parse_alignment
 from em_foundation.features import read_cache_attrs, read_tokens, to_unit_float
 from em_foundation.io import atomic_path, read_json, write_json
 from em_foundation.runtime import seed_everything
-from em_foundation.training.segmenter import build_segmenter
+from em_foundation.training.segmenter import STANDARDISED_FAMILIES, build_segmenter
 from em_foundation.training.trainer import TrainingData, fit
 
 
@@ -129,17 +129,24 @@ def train_run(
             train=train, val=val, patch_size=patch_size, data_record=data_record, threads=threads, alignment=alignment,
             out_model=out_model, out_log=out_log, out_run=out_run,
         )
-    in_channels = patch_size = None
+    in_channels = patch_size = input_standardisation = None
     if regime == "head":
         cache = {d: read_cache_attrs(features[d]) for d in datasets}
         in_channels = int(train.inputs.shape[1])
         patch_size = int(cache[datasets[0]]["patch_size"])
         snapshot["weights_identity"] = {d: str(attrs["weights_identity"]) for d, attrs in cache.items()}
-    model = build_segmenter(regime, backbone, head, lora, in_channels, patch_size)
+        if any(str(attrs.get("family")) in STANDARDISED_FAMILIES for attrs in cache.values()):
+            # eps far below the smallest filter-bank variance (~1e-11), so every channel reaches unit variance.
+            stats = domain_stats(train.inputs, eps=1e-14, dataset=train_set, split="train")
+            input_standardisation = {"mean": stats.mean.tolist(), "scale": stats.scale.tolist()}
+    model = build_segmenter(regime, backbone, head, lora, in_channels, patch_size, input_standardisation)
     checkpoint = out_model.with_name("checkpoint.pt")
     result = fit(model, train, val, training, generator, device, checkpoint, fingerprint_of(snapshot), balanced, stop_after_epochs)
     with atomic_path(out_model, suffix=".pt") as tmp:
-        torch.save({"regime": regime, "in_channels": in_channels, "patch_size": patch_size, "state": result.best_state, "config": snapshot}, tmp)
+        torch.save({
+            "regime": regime, "in_channels": in_channels, "patch_size": patch_size, "input_standardisation": input_standardisation,
+            "state": result.best_state, "config": snapshot,
+        }, tmp)
     with atomic_path(out_log, suffix=".csv") as tmp:
         result.history.to_csv(tmp, index=False)
     record = {
@@ -167,7 +174,10 @@ def load_segmenter(model_path: Path, backbone: dict[str, Any]) -> torch.nn.Modul
 
         return ForestSegmenter(saved["forest"]).eval()
     config = saved["config"]
-    model = build_segmenter(saved["regime"], backbone, config["head"], config["lora"] or {}, saved["in_channels"], saved["patch_size"])
+    model = build_segmenter(
+        saved["regime"], backbone, config["head"], config["lora"] or {}, saved["in_channels"], saved["patch_size"],
+        saved.get("input_standardisation"),
+    )
     result = model.load_state_dict(saved["state"], strict=False)
     if result.unexpected_keys:
         raise RuntimeError(f"{model_path}: keys the model lacks: {result.unexpected_keys[:5]}")

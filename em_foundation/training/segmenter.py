@@ -7,7 +7,7 @@ backbone and the head and take tile pixels.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -18,15 +18,40 @@ from em_foundation.heads import DeconvHead
 from em_foundation.heads.deconv import up_blocks_for
 
 
-class CachedFeatureSegmenter(nn.Module):
-    """Head on cached tokens (float16 on disk, float32 here)."""
+# Families whose tokens reach the head standardised with training-set channel statistics.
+# The filter bank's channels differ in scale by up to 10^3 (raw intensity against
+# structure-tensor eigenvalues); fed raw, the head's BatchNorm layers give evaluation-mode
+# outputs far from their training-mode ones, and the validation loss jumps from epoch to
+# epoch (a float-rounding change moved demo IoUs by 0.2). ViT tokens are layer-normalised
+# and reach the head as published, untouched.
+STANDARDISED_FAMILIES = frozenset({"filterbank"})
 
-    def __init__(self, in_channels: int, width: int, patch_size: int) -> None:
+
+class CachedFeatureSegmenter(nn.Module):
+    """Head on cached tokens (float16 on disk, float32 here).
+
+    ``input_mean`` / ``input_scale`` (per channel, from the training tokens) standardise the
+    tokens first when given; they travel with the model, so evaluation uses the same ones.
+    """
+
+    def __init__(
+        self, in_channels: int, width: int, patch_size: int,
+        input_mean: Sequence[float] | None = None, input_scale: Sequence[float] | None = None,
+    ) -> None:
         super().__init__()
         self.head = DeconvHead(in_channels, width, up_blocks=up_blocks_for(patch_size))
+        self.input_standardised = input_mean is not None
+        if self.input_standardised:
+            if input_scale is None or len(input_mean) != in_channels or len(input_scale) != in_channels:
+                raise ValueError(f"input standardisation needs a mean and a scale for each of the {in_channels} channels")
+            self.register_buffer("input_mean", torch.tensor(input_mean, dtype=torch.float32).view(1, -1, 1, 1))
+            self.register_buffer("input_scale", torch.tensor(input_scale, dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, tokens: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
-        return self.head(tokens.float(), out_size)
+        tokens = tokens.float()
+        if self.input_standardised:
+            tokens = (tokens - self.input_mean) / self.input_scale
+        return self.head(tokens, out_size)
 
 
 class BackboneSegmenter(nn.Module):
@@ -54,12 +79,17 @@ def build_segmenter(
     lora: dict[str, Any],
     in_channels: int | None = None,
     patch_size: int | None = None,
+    input_standardisation: dict[str, list[float]] | None = None,
 ) -> nn.Module:
-    """The segmenter of a regime; ``head`` needs the cache's channel count and patch size."""
+    """The segmenter of a regime; ``head`` needs the cache's channel count and patch size.
+
+    ``input_standardisation`` ({"mean": [...], "scale": [...]}) only applies to ``head``.
+    """
     if regime == "head":
         if in_channels is None or patch_size is None:
             raise ValueError("the head regime needs the cached features' channel count and patch size")
-        return CachedFeatureSegmenter(in_channels, head["width"], patch_size)
+        stats = input_standardisation or {}
+        return CachedFeatureSegmenter(in_channels, head["width"], patch_size, stats.get("mean"), stats.get("scale"))
     backbone = build_backbone(backbone_spec)
     if regime == "lora":
         backbone = add_lora(backbone, lora["rank"], lora["alpha"], lora["dropout"])
