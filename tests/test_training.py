@@ -208,8 +208,8 @@ def test_filter_bank_tokens_reach_the_head_standardised_with_training_statistics
     np.testing.assert_allclose(standardised.std(axis=(0, 2, 3)), 1, rtol=1e-3)
     # The statistics travel with the model: evaluation applies the same ones.
     model = load_segmenter(tmp_path / "model.pt", {})
-    np.testing.assert_allclose(model.input_mean.flatten().numpy(), stats["mean"], rtol=1e-6)
-    np.testing.assert_allclose(model.input_scale.flatten().numpy(), stats["scale"], rtol=1e-6)
+    np.testing.assert_allclose(model.standardiser.mean.flatten().numpy(), stats["mean"], rtol=1e-6)
+    np.testing.assert_allclose(model.standardiser.std.flatten().numpy(), stats["scale"], rtol=1e-6)
 
 
 def test_vit_tokens_reach_the_head_as_published():
@@ -218,6 +218,6 @@ def test_vit_tokens_reach_the_head_as_published():
     tokens = torch.randn(1, 6, 2, 2)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(tokens, (28, 28)), model.head(tokens, (28, 28)))
-    assert not hasattr(model, "input_mean")
+    assert model.standardiser is None
     with pytest.raises(ValueError, match="a mean and a scale for each of the 6 channels"):
         build_segmenter("head", {}, HEAD, {}, in_channels=6, patch_size=14, input_standardisation={"mean": [0.0] * 5, "scale": [1.0] * 5})

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from em_foundation.alignment.features import FeatureStandardiser
 from em_foundation.backbones import build_backbone
 from em_foundation.backbones.lora import add_lora, make_fully_trainable
 from em_foundation.heads import DeconvHead
@@ -19,7 +20,7 @@ from em_foundation.heads.deconv import up_blocks_for
 
 
 # Families whose tokens reach the head standardised with training-set channel statistics.
-# The filter bank's channels differ in scale by up to 10^3 (raw intensity against
+# The filter bank's channels differ in scale by up to 10^4 (raw intensity against
 # structure-tensor eigenvalues); fed raw, the head's BatchNorm layers give evaluation-mode
 # outputs far from their training-mode ones, and the validation loss jumps from epoch to
 # epoch (a float-rounding change moved demo IoUs by 0.2). ViT tokens are layer-normalised
@@ -40,17 +41,14 @@ class CachedFeatureSegmenter(nn.Module):
     ) -> None:
         super().__init__()
         self.head = DeconvHead(in_channels, width, up_blocks=up_blocks_for(patch_size))
-        self.input_standardised = input_mean is not None
-        if self.input_standardised:
+        self.standardiser: FeatureStandardiser | None = None
+        if input_mean is not None:
             if input_scale is None or len(input_mean) != in_channels or len(input_scale) != in_channels:
                 raise ValueError(f"input standardisation needs a mean and a scale for each of the {in_channels} channels")
-            self.register_buffer("input_mean", torch.tensor(input_mean, dtype=torch.float32).view(1, -1, 1, 1))
-            self.register_buffer("input_scale", torch.tensor(input_scale, dtype=torch.float32).view(1, -1, 1, 1))
+            self.standardiser = FeatureStandardiser(input_mean, input_scale)
 
     def forward(self, tokens: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
-        tokens = tokens.float()
-        if self.input_standardised:
-            tokens = (tokens - self.input_mean) / self.input_scale
+        tokens = tokens.float() if self.standardiser is None else self.standardiser(tokens)
         return self.head(tokens, out_size)
 
 
