@@ -22,7 +22,15 @@ class ConfigError(ValueError):
 
 
 def load_schema() -> dict[str, Any]:
-    return yaml.safe_load(resources.files("em_foundation").joinpath(SCHEMA_FILE).read_text())
+    """The schema file, with the family and regime names filled in from their tables."""
+    from em_foundation.families import FAMILIES
+    from em_foundation.regimes import REGIMES
+
+    schema = yaml.safe_load(resources.files("em_foundation").joinpath(SCHEMA_FILE).read_text())
+    properties = schema["properties"]
+    properties["backbones"]["additionalProperties"]["properties"]["family"]["enum"] = list(FAMILIES)
+    properties["regimes"]["items"]["enum"] = list(REGIMES)
+    return schema
 
 
 def _with_defaults(validator_class: type) -> type:

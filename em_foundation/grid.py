@@ -10,34 +10,24 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-# Regimes that run on cached features never run the backbone during training.
-CACHED_REGIMES = ("head", "forest")
-# Regimes that train (part of) the backbone, so they need the tiles and the weights.
-BACKBONE_REGIMES = ("lora", "fullft")
-
-FAMILY_REGIMES: dict[str, tuple[str, ...]] = {
-    # Hand-crafted filters have nothing to adapt: only the learners on top train.
-    "filterbank": ("head", "forest"),
-    "dinov2": ("head", "lora", "fullft", "forest"),
-    "dinov3": ("head", "lora", "fullft", "forest"),
-    "openclip": ("head", "lora", "fullft", "forest"),
-}
-
-FAMILY_DEFAULT_PATCH = {"filterbank": 8, "dinov2": 14, "dinov3": 16, "openclip": 14}
+from em_foundation.families import FAMILIES, family_of
+# Views of the families and regimes tables, importable from here as before.
+from em_foundation.families import FAMILY_DEFAULT_PATCH, FAMILY_REGIMES  # noqa: F401
+from em_foundation.regimes import BACKBONE_REGIMES, CACHED_REGIMES  # noqa: F401
 
 
 def patch_size_of(backbone: dict[str, Any]) -> int:
     """Patch size of a backbone config entry, read from its model name or overrides."""
-    family = backbone["family"]
-    if family == "filterbank":
-        return int(backbone.get("options", {}).get("patch_size", FAMILY_DEFAULT_PATCH[family]))
+    family = family_of(backbone["family"])
+    if family.name == "filterbank":
+        return int(backbone.get("options", {}).get("patch_size", family.default_patch))
     override = backbone.get("model_kwargs", {}).get("patch_size")
     if override:
         return int(override)
     match = re.search(r"patch(\d+)|-(\d+)(?:-|$)", backbone.get("model") or "")
     if match:
         return int(match.group(1) or match.group(2))
-    return FAMILY_DEFAULT_PATCH[family]
+    return family.default_patch
 
 
 INTENSITY_ALIGNMENTS = ("percentile", "histmatch")
@@ -113,7 +103,7 @@ class Run:
 
 def regimes_for(config: dict[str, Any], backbone: str) -> list[str]:
     family = config["backbones"][backbone]["family"]
-    return [r for r in config["regimes"] if r in FAMILY_REGIMES[family]]
+    return [r for r in config["regimes"] if r in FAMILIES[family].regimes]
 
 
 def alignments_for(config: dict[str, Any], regime: str, train_set: str) -> list[str]:
@@ -143,11 +133,6 @@ def runs(config: dict[str, Any]) -> list[Run]:
         for alignment in alignments_for(config, regime, train_set)
         for seed in config["seeds"]
     ]
-
-
-def intensities(config: dict[str, Any]) -> list[str]:
-    """Intensity normalisations any run needs (always 'raw')."""
-    return ["raw"] + sorted({parse_alignment(a)["intensity"] for a in config["alignment"]["variants"]} - {"raw"})
 
 
 def test_sets(config: dict[str, Any]) -> list[str]:

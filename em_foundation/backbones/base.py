@@ -7,12 +7,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# OpenCLIP was trained with OpenAI CLIP's constants; feeding it ImageNet's (as the
-# published pipeline did) shifts every input it sees.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from em_foundation.families import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+
 # Explicit overrides of a family's own constants: "imagenet" reproduces the published
 # pipeline (all three families), "clip" is OpenAI CLIP's, which some LAION checkpoints
 # (ViT-L-14 laion2b_s32b_b82k: mean = std = 0.5) were not trained with.

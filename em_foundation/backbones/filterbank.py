@@ -17,7 +17,7 @@ same heads and caches serve it as serve the ViTs. Responses are not scale-normal
 (as in ilastik): their standard deviations span four orders of magnitude. The forest's
 splits do not mind; the deconvolution head does (its BatchNorm layers then behave very
 differently in training and evaluation mode), so it standardises filter-bank tokens with
-their training-set statistics (``STANDARDISED_FAMILIES`` in ``training/segmenter.py``).
+their training-set statistics (``standardise_tokens`` in ``em_foundation/families.py``).
 """
 
 from __future__ import annotations
@@ -28,9 +28,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from em_foundation.backbones import BACKBONES
 from em_foundation.backbones.base import Backbone, BackboneOutput
-from em_foundation.grid import FAMILY_DEFAULT_PATCH
+from em_foundation.families import FAMILIES
 
 DEFAULT_SIGMAS = (0.7, 1.6, 3.5, 5.0)
 FILTERS_PER_SCALE = ("gaussian", "log", "ggm", "hess1", "hess2", "st1", "st2")
@@ -100,8 +99,9 @@ class FilterBankBackbone(Backbone):
 
     family = "filterbank"
 
-    def __init__(self, sigmas: Sequence[float] = DEFAULT_SIGMAS, patch_size: int = FAMILY_DEFAULT_PATCH["filterbank"]) -> None:
-        super().__init__(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    def __init__(self, sigmas: Sequence[float] = DEFAULT_SIGMAS, patch_size: int = FAMILIES["filterbank"].default_patch) -> None:
+        family = FAMILIES["filterbank"]
+        super().__init__(mean=family.mean, std=family.std)
         sigmas = tuple(float(s) for s in sigmas)
         if not sigmas or any(not np.isfinite(s) or s <= 0 for s in sigmas):
             raise ValueError(f"filterbank sigmas must be a non-empty list of positive numbers, got {list(sigmas)}")
@@ -128,17 +128,13 @@ class FilterBankBackbone(Backbone):
         return {**super().describe(), "sigmas": list(self.sigmas), "channels": list(self.channel_names)}
 
 
-@BACKBONES.register("filterbank")
-def build_filterbank(spec: dict[str, Any], seed: int) -> Backbone:
-    """Build from a config entry; ``options`` takes ``sigmas`` and ``patch_size``.
-
-    ``seed`` is accepted for the common builder signature and ignored: nothing is random.
-    """
+def build(spec: dict[str, Any]) -> Backbone:
+    """Build from a config entry; ``options`` takes ``sigmas`` and ``patch_size``."""
     options = spec.get("options") or {}
     unknown = set(options) - _OPTIONS
     if unknown:
         raise ValueError(f"filterbank options {sorted(unknown)} are unknown; allowed: {sorted(_OPTIONS)}")
     return FilterBankBackbone(
         sigmas=options.get("sigmas", DEFAULT_SIGMAS),
-        patch_size=options.get("patch_size", FAMILY_DEFAULT_PATCH["filterbank"]),
+        patch_size=options.get("patch_size", FAMILIES["filterbank"].default_patch),
     )

@@ -7,12 +7,13 @@ import re
 import torch
 
 from em_foundation.backbones.base import Backbone
+from em_foundation.families import family_of
 
 
 def add_lora(backbone: Backbone, rank: int, alpha: float, dropout: float) -> Backbone:
     """Inject LoRA into ``backbone.model`` on the family's attention targets.
 
-    ``backbone.lora_targets`` is a regular expression that peft matches against whole
+    The family's ``lora_targets`` (em_foundation.families) is a regular expression that peft matches against whole
     module names: every block's attention input projection (q, k, v; one fused Linear)
     and output projection. Only the adapters become trainable: the pretrained weights stay
     frozen, as in the study. The patch embedding's ``proj`` convolution and the MLPs are
@@ -20,6 +21,9 @@ def add_lora(backbone: Backbone, rank: int, alpha: float, dropout: float) -> Bac
     """
     from peft import LoraConfig, inject_adapter_in_model
 
+    targets = family_of(backbone.family).lora_targets
+    if targets is None:
+        raise ValueError(f"family {backbone.family!r} has no LoRA targets (its regimes exclude lora)")
     prepare = getattr(backbone, "prepare_lora", None)
     if prepare is not None:
         prepare()
@@ -27,12 +31,12 @@ def add_lora(backbone: Backbone, rank: int, alpha: float, dropout: float) -> Bac
         r=rank,
         lora_alpha=alpha,
         lora_dropout=dropout,
-        target_modules=backbone.lora_targets,
+        target_modules=targets,
         bias="none",
     )
     backbone.model = inject_adapter_in_model(config, backbone.model)
     adapted = adapted_modules(backbone)
-    wrong = [name for name in adapted if not re.fullmatch(backbone.lora_targets, name)]
+    wrong = [name for name in adapted if not re.fullmatch(targets, name)]
     if not adapted or wrong:
         raise RuntimeError(
             f"LoRA landed on unexpected modules of {backbone.family}: {wrong[:5] or 'none at all'}"

@@ -50,8 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from em_foundation.backbones import BACKBONES
-from em_foundation.backbones.base import CLIP_MEAN, CLIP_STD, Backbone, BackboneOutput, normalisation_constants
+from em_foundation.backbones.base import Backbone, BackboneOutput, normalisation_constants
 from em_foundation.backbones.timm_vit import check_patch_size, resolve_layers
 from em_foundation.backbones.weights import (
     HubSource,
@@ -62,8 +61,8 @@ from em_foundation.backbones.weights import (
     require_file,
     resolve_pretrained,
 )
+from em_foundation.families import FAMILIES
 
-OPENCLIP_DEFAULT_MODEL = "ViT-L-14"
 # model_kwargs that belong to the model config, not to its vision_cfg.
 TOP_LEVEL_KWARGS = ("embed_dim", "quick_gelu", "text_cfg")
 # Keys of a visual-tower state dict that this backbone does not use (the CLIP projection).
@@ -71,7 +70,7 @@ UNUSED_KEYS = ("proj",)
 
 
 def _model_name(spec: dict[str, Any]) -> str:
-    name = spec.get("model") or OPENCLIP_DEFAULT_MODEL
+    name = spec.get("model") or FAMILIES["openclip"].default_model
     if "/" in name or ":" in name:
         raise ValueError(
             f"openclip model {name!r}: give an open_clip built-in name (e.g. ViT-L-14) in `model` and the "
@@ -125,7 +124,7 @@ def model_config(spec: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-def openclip_hub_source(spec: dict[str, Any]) -> HubSource:
+def hub_source(spec: dict[str, Any]) -> HubSource:
     """Where open_clip publishes (model, pretrained_tag)'s checkpoint."""
     from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 
@@ -241,15 +240,12 @@ def build_visual(spec: dict[str, Any]) -> nn.Module:
 class OpenClipViT(Backbone):
     """OpenCLIP's ViT image tower: patch tokens of chosen blocks as a (C, H/p, W/p) grid."""
 
-    # Each block's attention input projection (q, k and v) and output projection, after
-    # SplitAttention made them Linear modules; the MLPs (mlp.c_fc, mlp.c_proj) do not match.
-    lora_targets = r".*resblocks\.\d+\.attn\.(qkv|proj)"
-
     def __init__(self, spec: dict[str, Any]) -> None:
         name = _model_name(spec)
         tag = _tag(spec)
         trained = tag_config(spec)
-        own_mean, own_std = tuple(trained.get("mean") or CLIP_MEAN), tuple(trained.get("std") or CLIP_STD)
+        family = FAMILIES["openclip"]
+        own_mean, own_std = tuple(trained.get("mean") or family.mean), tuple(trained.get("std") or family.std)
         mean, std = normalisation_constants(spec.get("normalisation"), own_mean, own_std)
         super().__init__(mean, std)
         self.family = "openclip"
@@ -282,7 +278,7 @@ class OpenClipViT(Backbone):
     def _pretrained_visual(self, spec: dict[str, Any], name: str, tag: str | None, kwargs: dict[str, Any]) -> nn.Module:
         import open_clip
 
-        resolved = resolve_pretrained(spec, openclip_hub_source(spec))
+        resolved = resolve_pretrained(spec, hub_source(spec))
         self.identity = f"open_clip:{name}/{tag}|{resolved.identity}"
         cfg = model_config(spec)
         overrides = {"vision_cfg": cfg["vision_cfg"], **{k: cfg[k] for k in TOP_LEVEL_KWARGS if k in cfg}} if kwargs else {}
@@ -329,8 +325,8 @@ class OpenClipViT(Backbone):
         return BackboneOutput(grid=grid, pooled=pooled)
 
 
-@BACKBONES.register("openclip")
-def build_openclip(spec: dict[str, Any], seed: int = 0) -> Backbone:
+def build(spec: dict[str, Any]) -> Backbone:
+    """Builder of the openclip family (em_foundation.families)."""
     return OpenClipViT(spec)
 
 
@@ -339,7 +335,7 @@ __all__ = [
     "SplitAttention",
     "build_visual",
     "model_config",
-    "openclip_hub_source",
+    "hub_source",
     "split_attention",
     "tag_config",
     "to_open_clip_state_dict",

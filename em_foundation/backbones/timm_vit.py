@@ -21,8 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
-from em_foundation.backbones import BACKBONES
-from em_foundation.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, BackboneOutput, normalisation_constants
+from em_foundation.backbones.base import Backbone, BackboneOutput, normalisation_constants
 from em_foundation.backbones.weights import (  # noqa: F401 (re-exported: the public contract)
     HubSource,
     WeightsError,
@@ -33,13 +32,7 @@ from em_foundation.backbones.weights import (  # noqa: F401 (re-exported: the pu
     resolve_pretrained,
 )
 
-# Both DINO families were trained with ImageNet's constants, so "family" and
-# "imagenet" normalisation coincide for them.
-FAMILY_NORMALISATION = {"dinov2": (IMAGENET_MEAN, IMAGENET_STD), "dinov3": (IMAGENET_MEAN, IMAGENET_STD)}
-FAMILY_DEFAULT_MODEL = {
-    "dinov2": "vit_large_patch14_dinov2.lvd142m",
-    "dinov3": "vit_large_patch16_dinov3.lvd1689m",
-}
+from em_foundation.families import family_of
 
 # The published sizes, as config entries (``family`` + ``model`` [+ ``options``]). The
 # study used the three Large models; the others are the options users asked for.
@@ -95,11 +88,11 @@ def check_patch_size(spec: dict[str, Any], patch_size: int) -> None:
         )
 
 
-def timm_hub_source(spec: dict[str, Any]) -> HubSource:
+def hub_source(spec: dict[str, Any]) -> HubSource:
     """The hub repository timm loads ``spec['model']``'s pretrained weights from."""
     import timm
 
-    name = spec.get("model") or FAMILY_DEFAULT_MODEL[spec["family"]]
+    name = spec.get("model") or family_of(spec["family"]).default_model
     try:
         cfg = timm.models.get_pretrained_cfg(name)
     except Exception:  # older timm raise on unknown names, newer return None
@@ -120,19 +113,16 @@ def timm_hub_source(spec: dict[str, Any]) -> HubSource:
 class TimmViT(Backbone):
     """A timm ViT returning the patch tokens of chosen blocks as a (C, H/p, W/p) grid."""
 
-    # Each block's fused qkv projection and attention output projection; the patch
-    # embedding (``patch_embed.proj``) and the MLPs do not match. Same module names in
-    # timm's VisionTransformer (DINOv2) and Eva (DINOv3).
-    lora_targets = r".*blocks\.\d+\.attn\.(qkv|proj)"
-
     def __init__(self, spec: dict[str, Any]) -> None:
         import timm
 
-        family = spec["family"]
-        mean, std = normalisation_constants(spec.get("normalisation"), *FAMILY_NORMALISATION[family])
+        family = family_of(spec["family"])
+        # Both DINO families were trained with ImageNet's constants, so "family" and
+        # "imagenet" normalisation coincide for them.
+        mean, std = normalisation_constants(spec.get("normalisation"), family.mean, family.std)
         super().__init__(mean, std)
-        self.family = family
-        name = spec.get("model") or FAMILY_DEFAULT_MODEL[family]
+        self.family = family.name
+        name = spec.get("model") or family.default_model
         weights = spec.get("weights") or "pretrained"
         kwargs = dict(spec.get("model_kwargs") or {})
         overlay = None
@@ -141,7 +131,7 @@ class TimmViT(Backbone):
             torch.manual_seed(init_seed)
             self.identity = f"random-init:{name}:seed={init_seed}:{sorted(kwargs.items())}"
         elif weights == "pretrained":
-            resolved = resolve_pretrained(spec, timm_hub_source(spec))
+            resolved = resolve_pretrained(spec, hub_source(spec))
             # timm's loader, on exactly the file whose commit goes into the identity.
             overlay = {"file": str(resolved.path)}
             self.identity = f"timm:{name}|{resolved.identity}"
@@ -199,11 +189,6 @@ class TimmViT(Backbone):
         return BackboneOutput(grid=grid, pooled=pooled)
 
 
-@BACKBONES.register("dinov2")
-def build_dinov2(spec: dict[str, Any], seed: int = 0) -> Backbone:
-    return TimmViT(spec)
-
-
-@BACKBONES.register("dinov3")
-def build_dinov3(spec: dict[str, Any], seed: int = 0) -> Backbone:
+def build(spec: dict[str, Any]) -> Backbone:
+    """Builder of the dinov2 and dinov3 families (em_foundation.families)."""
     return TimmViT(spec)

@@ -28,8 +28,7 @@ from typing import Any, Iterator
 
 import torch
 
-# Families whose pretrained weights come from the Hugging Face hub.
-HUB_FAMILIES = ("dinov2", "dinov3", "openclip")
+from em_foundation.families import HUB_FAMILIES, family_of
 
 
 class WeightsError(RuntimeError):
@@ -167,16 +166,10 @@ class HubSource:
 
 def hub_source(spec: dict[str, Any]) -> HubSource:
     """The published checkpoint of a config entry with ``weights: pretrained``."""
-    family = spec["family"]
-    if family in ("dinov2", "dinov3"):
-        from em_foundation.backbones.timm_vit import timm_hub_source
-
-        return timm_hub_source(spec)
-    if family == "openclip":
-        from em_foundation.backbones.openclip import openclip_hub_source
-
-        return openclip_hub_source(spec)
-    raise WeightsError(f"family {family!r} has no pretrained weights to fetch")
+    source = family_of(spec["family"]).load_hub_source()
+    if source is None:
+        raise WeightsError(f"family {spec['family']!r} has no pretrained weights to fetch")
+    return source(spec)
 
 
 @dataclass(frozen=True)

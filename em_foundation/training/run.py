@@ -15,11 +15,12 @@ from em_foundation.alignment import domain_stats, standardise
 from em_foundation.backbones.lora import trainable_state_dict
 from em_foundation.data.prepared import IGNORE_LABEL
 from em_foundation.data.tiles import read_tiles
-from em_foundation.grid import CACHED_REGIMES, parse_alignment
+from em_foundation.families import STANDARDISED_FAMILIES
 from em_foundation.features import read_cache_attrs, read_tokens, to_unit_float
+from em_foundation.grid import CACHED_REGIMES, parse_alignment
 from em_foundation.io import atomic_path, read_json, write_json
 from em_foundation.runtime import seed_everything
-from em_foundation.training.segmenter import STANDARDISED_FAMILIES, build_segmenter
+from em_foundation.training.segmenter import build_segmenter
 from em_foundation.training.trainer import TrainingData, fit
 
 

@@ -19,15 +19,6 @@ from em_foundation.heads import DeconvHead
 from em_foundation.heads.deconv import up_blocks_for
 
 
-# Families whose tokens reach the head standardised with training-set channel statistics.
-# The filter bank's channels differ in scale by up to 10^4 (raw intensity against
-# structure-tensor eigenvalues); fed raw, the head's BatchNorm layers give evaluation-mode
-# outputs far from their training-mode ones, and the validation loss jumps from epoch to
-# epoch (a float-rounding change moved demo IoUs by 0.2). ViT tokens are layer-normalised
-# and reach the head as published, untouched.
-STANDARDISED_FAMILIES = frozenset({"filterbank"})
-
-
 class CachedFeatureSegmenter(nn.Module):
     """Head on cached tokens (float16 on disk, float32 here).
 

@@ -1,0 +1,130 @@
+"""Backbone families: every fact about a family, declared once, importable without torch.
+
+A config entry's ``family`` names a row of ``FAMILIES``; the grid (which regimes run), the
+config checks (which families exist), weight fetching (where the hub weights live), the
+segmenter (which tokens are standardised), LoRA (which modules get adapters) and the
+parameter table all read this table instead of keeping their own lists. The model is timm's
+registry with its per-model ``pretrained_cfg``: a name maps to a builder and a record of
+defaults.
+
+Adding a family: one ``Family`` row here and one builder module (a ``build(spec)`` function
+returning a ``Backbone``, and, for hub weights, a ``hub_source(spec)`` function).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# OpenCLIP was trained with OpenAI CLIP's constants; feeding it ImageNet's (as the
+# published pipeline did) shifts every input it sees.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IDENTITY_MEAN = (0.0, 0.0, 0.0)
+IDENTITY_STD = (1.0, 1.0, 1.0)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One backbone family: how to build it and the defaults the workflow plans with."""
+
+    name: str
+    builder: str  # "module:function" taking the config entry, returning a Backbone
+    default_patch: int  # tokens per side when neither the model name nor overrides say
+    regimes: tuple[str, ...]  # regimes that make sense for it (others are dropped from the grid)
+    mean: tuple[float, ...]  # normalisation constants the weights were trained with ("family")
+    std: tuple[float, ...]
+    hub: str | None = None  # "module:function" giving a spec's HubSource; None: no weights to fetch
+    lora_targets: str | None = None  # regex over module names that LoRA adapts; None: no LoRA
+    default_model: str | None = None  # architecture when the config entry names none
+    standardise_tokens: bool = False  # head sees tokens standardised with training-set statistics
+    note: str = ""
+
+    def load_builder(self) -> Callable[[dict[str, Any]], Any]:
+        return _load(self.builder)
+
+    def load_hub_source(self) -> Callable[[dict[str, Any]], Any] | None:
+        return _load(self.hub) if self.hub else None
+
+
+def _load(path: str) -> Callable[..., Any]:
+    module, _, attribute = path.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+FAMILIES: dict[str, Family] = {
+    family.name: family
+    for family in (
+        Family(
+            name="filterbank",
+            builder="em_foundation.backbones.filterbank:build",
+            default_patch=8,
+            # Hand-crafted filters have nothing to adapt: only the learners on top train.
+            regimes=("head", "forest"),
+            # Pixels in [0, 1] as they come (no 3-channel ImageNet constants).
+            mean=IDENTITY_MEAN,
+            std=IDENTITY_STD,
+            # Channels differ in scale by up to 10^4 (raw intensity against structure-tensor
+            # eigenvalues); fed raw, the head's BatchNorm behaves very differently in training
+            # and evaluation mode. ViT tokens are layer-normalised and reach the head untouched.
+            standardise_tokens=True,
+            note="ilastik's default Gaussian-derivative filter bank, pooled to a patch grid",
+        ),
+        Family(
+            name="dinov2",
+            builder="em_foundation.backbones.timm_vit:build",
+            default_patch=14,
+            regimes=("head", "lora", "fullft", "forest"),
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            hub="em_foundation.backbones.timm_vit:hub_source",
+            # Each block's fused qkv and attention output projection (timm's VisionTransformer).
+            lora_targets=r".*blocks\.\d+\.attn\.(qkv|proj)",
+            default_model="vit_large_patch14_dinov2.lvd142m",
+        ),
+        Family(
+            name="dinov3",
+            builder="em_foundation.backbones.timm_vit:build",
+            default_patch=16,
+            regimes=("head", "lora", "fullft", "forest"),
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            hub="em_foundation.backbones.timm_vit:hub_source",
+            # Same module names in timm's Eva class as in its VisionTransformer.
+            lora_targets=r".*blocks\.\d+\.attn\.(qkv|proj)",
+            default_model="vit_large_patch16_dinov3.lvd1689m",
+        ),
+        Family(
+            name="openclip",
+            builder="em_foundation.backbones.openclip:build",
+            default_patch=14,
+            regimes=("head", "lora", "fullft", "forest"),
+            # Without a pretrained tag; with one, the builder uses the tag's own constants
+            # from open_clip's registry (ViT-L-14 laion2b_s32b_b82k: 0.5 / 0.5).
+            mean=CLIP_MEAN,
+            std=CLIP_STD,
+            hub="em_foundation.backbones.openclip:hub_source",
+            # Attention input and output projections after SplitAttention made them Linear.
+            lora_targets=r".*resblocks\.\d+\.attn\.(qkv|proj)",
+            default_model="ViT-L-14",
+        ),
+    )
+}
+
+
+def family_of(name: str) -> Family:
+    """The row of ``name``, or an error that lists the families there are."""
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise KeyError(f"unknown backbone family {name!r}; families: {', '.join(FAMILIES)}") from None
+
+
+# Views of the table for callers that want a plain mapping.
+FAMILY_REGIMES: dict[str, tuple[str, ...]] = {name: family.regimes for name, family in FAMILIES.items()}
+FAMILY_DEFAULT_PATCH: dict[str, int] = {name: family.default_patch for name, family in FAMILIES.items()}
+HUB_FAMILIES: tuple[str, ...] = tuple(name for name, family in FAMILIES.items() if family.hub)
+STANDARDISED_FAMILIES: frozenset[str] = frozenset(name for name, family in FAMILIES.items() if family.standardise_tokens)

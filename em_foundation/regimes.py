@@ -1,0 +1,44 @@
+"""Training regimes: what each one trains, what it reads, what its checkpoint holds, declared once.
+
+Torch-free, like ``families``: the Snakefile, the grid, training, evaluation and the
+parameter table all read ``REGIMES`` instead of keeping their own lists of regime names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Regime:
+    name: str
+    cached: bool  # trains on the feature cache; the backbone never runs during training
+    trains_backbone: bool  # (part of) the backbone trains, so evaluation rebuilds it from its weights
+    checkpoint: str  # what model.pt holds, for readers of the files
+    rule: str  # the Snakemake rule that trains it
+    blocks: tuple[str, ...]  # config blocks the training rule passes as params
+
+
+REGIMES: dict[str, Regime] = {
+    regime.name: regime
+    for regime in (
+        Regime("head", cached=True, trains_backbone=False, rule="train_head", blocks=("head", "training"),
+               checkpoint="deconvolution head state (and the token standardisation it was trained with)"),
+        Regime("lora", cached=False, trains_backbone=True, rule="train_lora", blocks=("backbone", "head", "lora", "training"),
+               checkpoint="LoRA adapters and head state; the frozen backbone comes from its weights"),
+        Regime("fullft", cached=False, trains_backbone=True, rule="train_fullft", blocks=("backbone", "head", "training"),
+               checkpoint="every backbone parameter and the head state"),
+        Regime("forest", cached=True, trains_backbone=False, rule="train_forest", blocks=("forest",),
+               checkpoint="pickled scikit-learn random forest on cached tokens"),
+    )
+}
+
+CACHED_REGIMES: tuple[str, ...] = tuple(name for name, regime in REGIMES.items() if regime.cached)
+BACKBONE_REGIMES: tuple[str, ...] = tuple(name for name, regime in REGIMES.items() if regime.trains_backbone)
+
+
+def regime_of(name: str) -> Regime:
+    try:
+        return REGIMES[name]
+    except KeyError:
+        raise KeyError(f"unknown regime {name!r}; regimes: {', '.join(REGIMES)}") from None
