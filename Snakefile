@@ -56,10 +56,8 @@ rule all:
         TABLES,
         ANALYSIS,
         FIGURES,
-        ANALYSIS_FIGURES,
 
 
 rule figures:
     input:
         FIGURES,
-        ANALYSIS_FIGURES,

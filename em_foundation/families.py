@@ -13,9 +13,7 @@ returning a ``Backbone``, and, for hub weights, a ``hub_source(spec)`` function)
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
-from typing import Any, Callable
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -32,27 +30,16 @@ class Family:
     """One backbone family: how to build it and the defaults the workflow plans with."""
 
     name: str
-    builder: str  # "module:function" taking the config entry, returning a Backbone
+    builder: str  # "module:function" in em_foundation.backbones: config entry in, Backbone out
     default_patch: int  # tokens per side when neither the model name nor overrides say
     regimes: tuple[str, ...]  # regimes that make sense for it (others are dropped from the grid)
     mean: tuple[float, ...]  # normalisation constants the weights were trained with ("family")
     std: tuple[float, ...]
-    hub: str | None = None  # "module:function" giving a spec's HubSource; None: no weights to fetch
+    hub: str | None = None  # "module:function" in em_foundation.backbones giving a spec's HubSource; None: no weights
     lora_targets: str | None = None  # regex over module names that LoRA adapts; None: no LoRA
     default_model: str | None = None  # architecture when the config entry names none
     standardise_tokens: bool = False  # head sees tokens standardised with training-set statistics
     note: str = ""
-
-    def load_builder(self) -> Callable[[dict[str, Any]], Any]:
-        return _load(self.builder)
-
-    def load_hub_source(self) -> Callable[[dict[str, Any]], Any] | None:
-        return _load(self.hub) if self.hub else None
-
-
-def _load(path: str) -> Callable[..., Any]:
-    module, _, attribute = path.partition(":")
-    return getattr(importlib.import_module(module), attribute)
 
 
 FAMILIES: dict[str, Family] = {
@@ -60,7 +47,7 @@ FAMILIES: dict[str, Family] = {
     for family in (
         Family(
             name="filterbank",
-            builder="em_foundation.backbones.filterbank:build",
+            builder="filterbank:build",
             default_patch=8,
             # Hand-crafted filters have nothing to adapt: only the learners on top train.
             regimes=("head", "forest"),
@@ -75,38 +62,38 @@ FAMILIES: dict[str, Family] = {
         ),
         Family(
             name="dinov2",
-            builder="em_foundation.backbones.timm_vit:build",
+            builder="timm_vit:build",
             default_patch=14,
             regimes=("head", "lora", "fullft", "forest"),
             mean=IMAGENET_MEAN,
             std=IMAGENET_STD,
-            hub="em_foundation.backbones.timm_vit:hub_source",
+            hub="timm_vit:hub_source",
             # Each block's fused qkv and attention output projection (timm's VisionTransformer).
             lora_targets=r".*blocks\.\d+\.attn\.(qkv|proj)",
             default_model="vit_large_patch14_dinov2.lvd142m",
         ),
         Family(
             name="dinov3",
-            builder="em_foundation.backbones.timm_vit:build",
+            builder="timm_vit:build",
             default_patch=16,
             regimes=("head", "lora", "fullft", "forest"),
             mean=IMAGENET_MEAN,
             std=IMAGENET_STD,
-            hub="em_foundation.backbones.timm_vit:hub_source",
+            hub="timm_vit:hub_source",
             # Same module names in timm's Eva class as in its VisionTransformer.
             lora_targets=r".*blocks\.\d+\.attn\.(qkv|proj)",
             default_model="vit_large_patch16_dinov3.lvd1689m",
         ),
         Family(
             name="openclip",
-            builder="em_foundation.backbones.openclip:build",
+            builder="openclip:build",
             default_patch=14,
             regimes=("head", "lora", "fullft", "forest"),
             # Without a pretrained tag; with one, the builder uses the tag's own constants
             # from open_clip's registry (ViT-L-14 laion2b_s32b_b82k: 0.5 / 0.5).
             mean=CLIP_MEAN,
             std=CLIP_STD,
-            hub="em_foundation.backbones.openclip:hub_source",
+            hub="openclip:hub_source",
             # Attention input and output projections after SplitAttention made them Linear.
             lora_targets=r".*resblocks\.\d+\.attn\.(qkv|proj)",
             default_model="ViT-L-14",

@@ -7,12 +7,12 @@ dry-run within seconds.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from em_foundation.families import FAMILIES, family_of
 # Views of the families and regimes tables, importable from here as before.
-from em_foundation.families import FAMILY_DEFAULT_PATCH, FAMILY_REGIMES  # noqa: F401
+from em_foundation.families import FAMILY_DEFAULT_PATCH, FAMILY_REGIMES, HUB_FAMILIES  # noqa: F401
 from em_foundation.regimes import BACKBONE_REGIMES, CACHED_REGIMES  # noqa: F401
 
 
@@ -86,6 +86,10 @@ def parse_view(view: str) -> dict[str, Any]:
     raise ValueError(f"unknown tile view {view!r}")
 
 
+# Where everything of one trained model lives, below results/models, results/evaluation, ...
+RUN_PATTERN = "{backbone}/{regime}/{train_set}/{alignment}/seed{seed}"
+
+
 @dataclass(frozen=True)
 class Run:
     """One trained model: a cell of the grid and one of its seeds."""
@@ -98,7 +102,7 @@ class Run:
 
     @property
     def path(self) -> str:
-        return f"{self.backbone}/{self.regime}/{self.train_set}/{self.alignment}/seed{self.seed}"
+        return RUN_PATTERN.format(**asdict(self))
 
 
 def regimes_for(config: dict[str, Any], backbone: str) -> list[str]:

@@ -14,6 +14,7 @@ class Regime:
     name: str
     cached: bool  # trains on the feature cache; the backbone never runs during training
     trains_backbone: bool  # (part of) the backbone trains, so evaluation rebuilds it from its weights
+    trains: tuple[str, ...]  # torch parts whose parameters train: backbone, adapters, head (none: a forest)
     checkpoint: str  # what model.pt holds, for readers of the files
     rule: str  # the Snakemake rule that trains it
     blocks: tuple[str, ...]  # config blocks the training rule passes as params
@@ -22,13 +23,13 @@ class Regime:
 REGIMES: dict[str, Regime] = {
     regime.name: regime
     for regime in (
-        Regime("head", cached=True, trains_backbone=False, rule="train_head", blocks=("head", "training"),
+        Regime("head", cached=True, trains_backbone=False, trains=("head",), rule="train_head", blocks=("head", "training"),
                checkpoint="deconvolution head state (and the token standardisation it was trained with)"),
-        Regime("lora", cached=False, trains_backbone=True, rule="train_lora", blocks=("backbone", "head", "lora", "training"),
+        Regime("lora", cached=False, trains_backbone=True, trains=("adapters", "head"), rule="train_lora", blocks=("backbone", "head", "lora", "training"),
                checkpoint="LoRA adapters and head state; the frozen backbone comes from its weights"),
-        Regime("fullft", cached=False, trains_backbone=True, rule="train_fullft", blocks=("backbone", "head", "training"),
+        Regime("fullft", cached=False, trains_backbone=True, trains=("backbone", "head"), rule="train_fullft", blocks=("backbone", "head", "training"),
                checkpoint="every backbone parameter and the head state"),
-        Regime("forest", cached=True, trains_backbone=False, rule="train_forest", blocks=("forest",),
+        Regime("forest", cached=True, trains_backbone=False, trains=(), rule="train_forest", blocks=("forest",),
                checkpoint="pickled scikit-learn random forest on cached tokens"),
     )
 }

@@ -8,29 +8,31 @@ rule fetch_weights:
         backbone=lambda w: config["backbones"][w.backbone],
         hub=config["hub"],
     log:
-        "results/logs/fetch_weights/{backbone}.log",
+        logs("fetch_weights/{backbone}.log"),
     benchmark:
-        "results/benchmarks/fetch_weights/{backbone}.tsv"
+        benchmarks("fetch_weights/{backbone}.tsv")
     conda:
-        "../envs/features.yaml"
+        "../envs/workflow.yaml"
     script:
         "../scripts/fetch_weights.py"
 
 
+# Total and trainable parameters per backbone x regime; part of `all`, or on its own with
+# `snakemake parameters` (built on PyTorch's meta device: nothing is downloaded).
 rule parameters:
     output:
-        "results/tables/parameters.csv",
+        results("tables/parameters.csv"),
     params:
         backbones=config["backbones"],
         regimes=config["regimes"],
         head=config["head"],
         lora=config["lora"],
-        code=code_digest("backbones", "heads", *CORE),
+        code=code_digest("parameters.py"),
     log:
-        "results/logs/parameters/parameters.log",
+        logs("parameters/parameters.log"),
     benchmark:
-        "results/benchmarks/parameters/parameters.tsv"
+        benchmarks("parameters/parameters.tsv")
     conda:
-        "../envs/features.yaml"
+        "../envs/workflow.yaml"
     script:
         "../scripts/parameters.py"

@@ -1,13 +1,18 @@
-# Shared helpers: the grid, paths, and the code digests that make package edits rerun
-# what they touch.
-import hashlib
+# Shared helpers: the grid, one helper per output tree (results, logs, benchmarks, as
+# PyPSA-Eur's resources()/logs()/benchmarks()), and the code digests that make package
+# edits rerun exactly the rules that import them. `snakemake --lint` wants every function
+# here rather than beside its rule, so the input functions follow below in sections named
+# after the rule file that uses them, in the order the Snakefile includes those files.
 from pathlib import Path
 
 from em_foundation import grid
+from em_foundation.provenance import code_digest as _code_digest
+from em_foundation.regimes import REGIMES
 
 RUNS = grid.runs(config)
 TEST_SETS = grid.test_sets(config)
-PACKAGE = Path(workflow.basedir) / "em_foundation"
+# One trained model: {backbone}/{regime}/{train_set}/{alignment}/seed{seed}, written once (in grid).
+RUN = grid.RUN_PATTERN
 
 
 wildcard_constraints:
@@ -22,53 +27,68 @@ wildcard_constraints:
     alignment=r"none|[a-z]+(-[a-z]+)*",
 
 
-def code_digest(*parts):
-    """Hash of the package sources a rule runs, passed as a param.
+def results(path):
+    return f"results/{path}"
 
-    Snakemake reruns a job when its params change, so an edit to a helper module reruns
-    exactly the stages that import it (and their dependants), never silently nothing.
+
+def logs(path):
+    return f"results/logs/{path}"
+
+
+def benchmarks(path):
+    return f"results/benchmarks/{path}"
+
+
+def run_path(regime="{regime}"):
+    """The run pattern, with the regime fixed by a regime's own training rule."""
+    return RUN.replace("{regime}", regime)
+
+
+def run_flat(regime="{regime}"):
+    """The run pattern as one file name (logs, benchmarks)."""
+    return "_".join(Path(run_path(regime)).parts)
+
+
+def code_digest(script):
+    """Hash of a rule's script and every package module it imports, passed as a param.
+
+    Snakemake reruns a job when its params change, so an edit to a module reruns exactly
+    the rules whose scripts import it (transitively) and their dependants.
     """
-    digest = hashlib.sha256()
-    for part in sorted(parts):
-        path = PACKAGE / part
-        files = sorted(path.rglob("*.py")) + sorted(path.rglob("*.mplstyle")) if path.is_dir() else [path]
-        for file in files:
-            digest.update(file.relative_to(PACKAGE).as_posix().encode())
-            digest.update(file.read_bytes())
-    return digest.hexdigest()[:16]
+    return _code_digest(Path(workflow.basedir) / "scripts" / script)
 
 
-# Modules every stage uses.
-CORE = ("io.py", "registry.py", "runtime.py")
-
-
-def run_dir(w):
-    return f"results/models/{w.backbone}/{w.regime}/{w.train_set}/{w.alignment}/seed{w.seed}"
+def compute_params():
+    """The compute and hub blocks, which every torch script needs."""
+    return {"compute": config["compute"], "hub": config["hub"]}
 
 
 def intensity_of(w):
     return grid.parse_alignment(w.alignment)["intensity"]
 
 
+def prepared_path(dataset):
+    return results(f"prepared/{dataset}.h5")
+
+
 def tiles_path(backbone, dataset, intensity="raw"):
     """The tiles a backbone sees: shared by all backbones when tiling, per patch size when resizing."""
-    return f"results/tiles/{grid.view_of(config, backbone, intensity)}/{dataset}.h5"
+    return results(f"tiles/{grid.view_of(config, backbone, intensity)}/{dataset}.h5")
 
 
 def features_path(backbone, dataset, intensity="raw"):
     """Unaligned features keep the short path; intensity-normalised ones get a folder of their own."""
     if intensity == "raw":
-        return f"results/features/{backbone}/{dataset}.h5"
-    return f"results/features/{backbone}/{intensity}/{dataset}.h5"
+        return results(f"features/{backbone}/{dataset}.h5")
+    return results(f"features/{backbone}/{intensity}/{dataset}.h5")
 
 
-def tile_sources(w):
-    """The prepared slices, plus the reference dataset's for histogram matching."""
-    inputs = {"prepared": f"results/prepared/{w.dataset}.h5"}
-    if w.view.endswith("-histmatch"):
-        reference = config["alignment"]["reference"] or next(iter(config["datasets"]))
-        inputs["reference"] = f"results/prepared/{reference}.h5"
-    return inputs
+def model_path(name, regime="{regime}"):
+    return results(f"models/{run_path(regime)}/{name}")
+
+
+def evaluation_path(test_set, suffix, regime="{regime}"):
+    return results(f"evaluation/{run_path(regime)}/{test_set}{suffix}")
 
 
 def train_datasets(w):
@@ -79,91 +99,128 @@ def weights_input(w):
     """What a backbone's weights depend on: the fetched hub marker, a local file, or nothing."""
     spec = config["backbones"][w.backbone]
     weights = spec["weights"]
-    if weights == "random" or spec["family"] == "filterbank":
+    if weights == "random" or spec["family"] not in grid.HUB_FAMILIES:
         return []
     if weights == "pretrained":
         return f"{config['hub']['cache_dir']}/{w.backbone}.json"
     return weights
 
 
-EVALUATIONS = expand(
-    "results/evaluation/{run}/{test_set}.json",
-    run=[run.path for run in RUNS],
-    test_set=TEST_SETS,
-)
-TABLES = [
-    "results/tables/runs.csv",
-    "results/tables/summary.csv",
-    "results/tables/summary.md",
-    "results/tables/per_image.csv",
-    "results/tables/training_logs.csv",
+def figure_outputs(name):
+    """A figure in every configured format: PNG into the HTML report with its caption, PDF/SVG for the paper."""
+    outputs = {}
+    for ext in config["figures"]["formats"]:
+        path = results(f"figures/{name}.{ext}")
+        outputs[ext] = report(path, caption=f"../report/{name}.rst", category="Figures") if ext == "png" else path
+    return outputs
+
+
+EVALUATIONS = [
+    results(f"evaluation/{run.path}/{test_set}.json") for run in RUNS for test_set in TEST_SETS
 ]
-FIGURE_NAMES = ["iou_bars", "cross_domain", "qualitative", "learning_curves"]
-if set(config["alignment"]["variants"]) - {"none"}:
-    FIGURE_NAMES.append("alignment")
-FIGURES = expand("results/figures/{name}.{ext}", name=FIGURE_NAMES, ext=config["figures"]["formats"])
+TABLES = [
+    results("tables/runs.csv"),
+    results("tables/summary.csv"),
+    results("tables/summary.md"),
+    results("tables/per_image.csv"),
+    results("tables/training_logs.csv"),
+    results("tables/parameters.csv"),
+]
 
 
-# used by rules/data.smk
+# ---------------------------------------------------------------- rules/data.smk
+
+
 def dataset_archive(w):
     """Downloaded datasets depend on their archive; generated ones on nothing."""
     return [f"resources/downloads/{w.dataset}.zip"] if config["datasets"][w.dataset]["url"] else []
 
 
-# used by rules/train.smk
-RUN_OUTPUTS = {
-    "model": "results/models/{backbone}/{regime}/{train_set}/{alignment}/seed{seed}/model.pt",
-    "log": "results/models/{backbone}/{regime}/{train_set}/{alignment}/seed{seed}/train_log.csv",
-    "run": "results/models/{backbone}/{regime}/{train_set}/{alignment}/seed{seed}/run.json",
-}
+def tile_sources(w):
+    """The prepared slices, plus the reference dataset's for histogram matching."""
+    inputs = {"prepared": prepared_path(w.dataset)}
+    if w.view.endswith("-histmatch"):
+        reference = config["alignment"]["reference"] or next(iter(config["datasets"]))
+        inputs["reference"] = prepared_path(reference)
+    return inputs
 
 
-# used by rules/train.smk
+# ---------------------------------------------------------------- rules/train.smk
+
+
 def split_inputs(w):
-    return {f"split_{d}": f"results/splits/{d}/seed{w.seed}.json" for d in train_datasets(w)}
+    return {f"split_{d}": results(f"splits/{d}/seed{w.seed}.json") for d in train_datasets(w)}
 
 
-# used by rules/train.smk
 def tile_inputs(w):
     return {f"tiles_{d}": tiles_path(w.backbone, d, intensity_of(w)) for d in train_datasets(w)}
 
 
-# used by rules/train.smk
 def feature_inputs(w):
     return {f"features_{d}": features_path(w.backbone, d, intensity_of(w)) for d in train_datasets(w)}
 
 
-# used by rules/train.smk
 def run_outputs(regime):
-    return {key: path.replace("{regime}", regime) for key, path in RUN_OUTPUTS.items()}
+    return {key: model_path(name, regime) for key, name in (("model", "model.pt"), ("log", "train_log.csv"), ("run", "run.json"))}
 
 
-# used by rules/evaluate.smk
-EVALUATION_STEM = "results/evaluation/{backbone}/{regime}/{train_set}/{alignment}/seed{seed}"
+def train_params(regime):
+    """The regime, the config blocks it uses (regimes table), compute and hub, the code digest."""
+    blocks = {
+        block: (lambda w: config["backbones"][w.backbone]) if block == "backbone" else config[block]
+        for block in REGIMES[regime].blocks
+    }
+    return {"regime": regime, "datasets": train_datasets, **blocks, **compute_params(), "code": code_digest("train.py")}
 
 
-# used by rules/evaluate.smk
+# ---------------------------------------------------------------- rules/evaluate.smk
+
+
 def evaluation_inputs(w):
-    run = run_dir(w)
     inputs = {
-        "model": f"{run}/model.pt",
-        "run": f"{run}/run.json",
-        "prepared": expand("results/prepared/{dataset}.h5", dataset=TEST_SETS),
+        "model": model_path("model.pt").format(**dict(w.items())),
+        "run": model_path("run.json").format(**dict(w.items())),
+        "prepared": [prepared_path(dataset) for dataset in TEST_SETS],
         "tiles": [tiles_path(w.backbone, dataset, intensity_of(w)) for dataset in TEST_SETS],
     }
-    if w.regime in grid.CACHED_REGIMES:
+    if REGIMES[w.regime].cached:
         inputs["features"] = [features_path(w.backbone, dataset, intensity_of(w)) for dataset in TEST_SETS]
     else:
         inputs["weights"] = weights_input(w)
     return inputs
 
 
-# used by rules/evaluate.smk
 def per_test_set(suffix):
-    return [f"{EVALUATION_STEM}/{test_set}{suffix}" for test_set in TEST_SETS]
+    return [evaluation_path(test_set, suffix) for test_set in TEST_SETS]
 
 
-# used by rules/figures.smk
+# ---------------------------------------------------------------- rules/analysis.smk
+
+
+def domain_inputs(w):
+    """Every dataset's tiles and unaligned features, as this backbone sees them."""
+    return {
+        **{f"tiles_{d}": tiles_path(w.backbone, d) for d in config["datasets"]},
+        **{f"features_{d}": features_path(w.backbone, d) for d in config["datasets"]},
+    }
+
+
+def report_page(path, caption, category, **labels):
+    return report(path, caption=f"../report/{caption}.rst", category=category, labels=labels)
+
+
+# ---------------------------------------------------------------- rules/figures.smk
+
+
+def figure_params(name, **extra):
+    return {"name": name, "figures": config["figures"], **extra, "code": code_digest("figure.py")}
+
+
+def analysis_tables(table):
+    """One domain-analysis table of every backbone: what a domain figure reads."""
+    return expand(results("analysis/{backbone}/{table}.csv"), backbone=list(config["backbones"]), table=table)
+
+
 def qualitative_runs():
     """Per test set, the in-domain single-dataset models of the first seed, one per backbone × regime."""
     chosen = []
@@ -176,13 +233,3 @@ def qualitative_runs():
             if run.train_set == train_set and run.seed == seed and run.alignment == "none":
                 chosen.append((test_set, run))
     return chosen
-
-
-# used by rules/figures.smk
-def figure_outputs(name):
-    """PNG goes into the HTML report; PDF is for the paper."""
-    outputs = {}
-    for ext in config["figures"]["formats"]:
-        path = f"results/figures/{name}.{ext}"
-        outputs[ext] = report(path, caption=f"../report/{name}.rst", category="Figures") if ext == "png" else path
-    return outputs

@@ -8,11 +8,11 @@ rule download_dataset:
         url=lambda w: config["datasets"][w.dataset]["url"],
         sha256=lambda w: config["datasets"][w.dataset]["sha256"],
     log:
-        "results/logs/download_dataset/{dataset}.log",
+        logs("download_dataset/{dataset}.log"),
     benchmark:
-        "results/benchmarks/download_dataset/{dataset}.tsv"
+        benchmarks("download_dataset/{dataset}.tsv")
     conda:
-        "../envs/data.yaml"
+        "../envs/workflow.yaml"
     script:
         "../scripts/download_dataset.py"
 
@@ -21,35 +21,35 @@ rule prepare_dataset:
     input:
         dataset_archive,
     output:
-        h5="results/prepared/{dataset}.h5",
-        report="results/prepared/{dataset}.integrity.json",
+        h5=prepared_path("{dataset}"),
+        report=results("prepared/{dataset}.integrity.json"),
     params:
         dataset=lambda w: config["datasets"][w.dataset],
-        code=code_digest("data", *CORE),
+        code=code_digest("prepare_dataset.py"),
     log:
-        "results/logs/prepare_dataset/{dataset}.log",
+        logs("prepare_dataset/{dataset}.log"),
     benchmark:
-        "results/benchmarks/prepare_dataset/{dataset}.tsv"
+        benchmarks("prepare_dataset/{dataset}.tsv")
     conda:
-        "../envs/data.yaml"
+        "../envs/workflow.yaml"
     script:
         "../scripts/prepare_dataset.py"
 
 
 rule split_validation:
     input:
-        "results/prepared/{dataset}.h5",
+        prepared_path("{dataset}"),
     output:
-        "results/splits/{dataset}/seed{seed}.json",
+        results("splits/{dataset}/seed{seed}.json"),
     params:
         val_fraction=config["training"]["val_fraction"],
-        code=code_digest("data/splits.py", *CORE),
+        code=code_digest("split_validation.py"),
     log:
-        "results/logs/split_validation/{dataset}_seed{seed}.log",
+        logs("split_validation/{dataset}_seed{seed}.log"),
     benchmark:
-        "results/benchmarks/split_validation/{dataset}_seed{seed}.tsv"
+        benchmarks("split_validation/{dataset}_seed{seed}.tsv")
     conda:
-        "../envs/data.yaml"
+        "../envs/workflow.yaml"
     script:
         "../scripts/split_validation.py"
 
@@ -60,15 +60,15 @@ rule tile_dataset:
     input:
         unpack(tile_sources),
     output:
-        "results/tiles/{view}/{dataset}.h5",
+        results("tiles/{view}/{dataset}.h5"),
     params:
         percentiles=lambda w: config["alignment"]["percentiles"] if w.view.endswith("-percentile") else [],
-        code=code_digest("data/tiles.py", "data/tiling.py", "data/prepared.py", "alignment/intensity.py", *CORE),
+        code=code_digest("tile_dataset.py"),
     log:
-        "results/logs/tile_dataset/{view}_{dataset}.log",
+        logs("tile_dataset/{view}_{dataset}.log"),
     benchmark:
-        "results/benchmarks/tile_dataset/{view}_{dataset}.tsv"
+        benchmarks("tile_dataset/{view}_{dataset}.tsv")
     conda:
-        "../envs/data.yaml"
+        "../envs/workflow.yaml"
     script:
         "../scripts/tile_dataset.py"

@@ -1,6 +1,7 @@
 # Evaluation: every trained model on every test set, at native resolution. One job per
 # model scores all test sets, so the model (and for LoRA the backbone) is built once.
 
+
 rule evaluate:
     input:
         unpack(evaluation_inputs),
@@ -11,16 +12,17 @@ rule evaluate:
     params:
         test_sets=TEST_SETS,
         # Only backbone-training regimes rebuild the backbone at test time.
-        backbone=lambda w: config["backbones"][w.backbone] if w.regime in grid.BACKBONE_REGIMES else {},
+        backbone=lambda w: config["backbones"][w.backbone] if REGIMES[w.regime].trains_backbone else {},
         datasets=train_datasets,
         keep_predictions=config["evaluation"]["save_predictions"],
-        code=code_digest("evaluation", "training", "heads", "features.py", "data", "backbones", *CORE),
+        **compute_params(),
+        code=code_digest("evaluate.py"),
     threads: config["compute"]["threads"]
     log:
-        "results/logs/evaluate/{backbone}_{regime}_{train_set}_{alignment}_seed{seed}.log",
+        logs(f"evaluate/{run_flat()}.log"),
     benchmark:
-        "results/benchmarks/evaluate/{backbone}_{regime}_{train_set}_{alignment}_seed{seed}.tsv"
+        benchmarks(f"evaluate/{run_flat()}.tsv")
     conda:
-        "../envs/train.yaml"
+        "../envs/workflow.yaml"
     script:
         "../scripts/evaluate.py"

@@ -6,18 +6,19 @@ rule cache_features:
         tiles=lambda w: tiles_path(w.backbone, w.dataset),
         weights=weights_input,
     output:
-        "results/features/{backbone}/{dataset}.h5",
+        features_path("{backbone}", "{dataset}"),
     params:
         backbone=lambda w: config["backbones"][w.backbone],
         features=config["features"],
-        code=code_digest("backbones", "features.py", "data/tiles.py", *CORE),
+        **compute_params(),
+        code=code_digest("cache_features.py"),
     threads: config["compute"]["threads"]
     log:
-        "results/logs/cache_features/{backbone}_{dataset}.log",
+        logs("cache_features/{backbone}_{dataset}.log"),
     benchmark:
-        "results/benchmarks/cache_features/{backbone}_{dataset}.tsv"
+        benchmarks("cache_features/{backbone}_{dataset}.tsv")
     conda:
-        "../envs/features.yaml"
+        "../envs/workflow.yaml"
     script:
         "../scripts/cache_features.py"
 
@@ -28,8 +29,8 @@ use rule cache_features as cache_features_aligned with:
         tiles=lambda w: tiles_path(w.backbone, w.dataset, w.intensity),
         weights=weights_input,
     output:
-        "results/features/{backbone}/{intensity}/{dataset}.h5",
+        features_path("{backbone}", "{dataset}", "{intensity}"),
     log:
-        "results/logs/cache_features/{backbone}_{intensity}_{dataset}.log",
+        logs("cache_features/{backbone}_{intensity}_{dataset}.log"),
     benchmark:
-        "results/benchmarks/cache_features/{backbone}_{intensity}_{dataset}.tsv"
+        benchmarks("cache_features/{backbone}_{intensity}_{dataset}.tsv")

@@ -1,20 +1,29 @@
-# Figures: rebuilt from the tables alone (and a few saved predictions), in seconds.
+# Figures: each rule names its figure (em_foundation/figures/registry.py) and passes the
+# tables it reads; rebuilt from the tables alone (and a few saved predictions), in seconds.
+
+FIGURE_NAMES = ["iou_bars", "cross_domain", "qualitative", "learning_curves"]
+if set(config["alignment"]["variants"]) - {"none"}:
+    FIGURE_NAMES.append("alignment")
+FIGURE_NAMES += ["pca", "frechet", "probe"]
+# The paired comparison needs a training set that unites several datasets.
+if any(len(members) > 1 for members in config["training_sets"].values()):
+    FIGURE_NAMES.append("paired")
+FIGURES = expand(results("figures/{name}.{ext}"), name=FIGURE_NAMES, ext=config["figures"]["formats"])
 
 
 rule figure_iou_bars:
     input:
-        "results/tables/summary.csv",
+        table=results("tables/summary.csv"),
     output:
         **figure_outputs("iou_bars"),
     params:
-        figures=config["figures"],
-        code=code_digest("figures", *CORE),
+        **figure_params("iou_bars"),
     log:
-        "results/logs/figures/iou_bars.log",
+        logs("figures/iou_bars.log"),
     benchmark:
-        "results/benchmarks/figures/iou_bars.tsv"
+        benchmarks("figures/iou_bars.tsv")
     conda:
-        "../envs/analysis.yaml"
+        "../envs/workflow.yaml"
     script:
         "../scripts/figure.py"
 
@@ -22,47 +31,104 @@ rule figure_iou_bars:
 use rule figure_iou_bars as figure_cross_domain with:
     output:
         **figure_outputs("cross_domain"),
+    params:
+        **figure_params("cross_domain"),
     log:
-        "results/logs/figures/cross_domain.log",
+        logs("figures/cross_domain.log"),
     benchmark:
-        "results/benchmarks/figures/cross_domain.tsv"
+        benchmarks("figures/cross_domain.tsv")
 
 
 use rule figure_iou_bars as figure_alignment with:
     output:
         **figure_outputs("alignment"),
+    params:
+        **figure_params("alignment"),
     log:
-        "results/logs/figures/alignment.log",
+        logs("figures/alignment.log"),
     benchmark:
-        "results/benchmarks/figures/alignment.tsv"
+        benchmarks("figures/alignment.tsv")
+
+
+use rule figure_iou_bars as figure_paired with:
+    output:
+        **figure_outputs("paired"),
+    params:
+        **figure_params("paired", training_sets=config["training_sets"]),
+    log:
+        logs("figures/paired.log"),
+    benchmark:
+        benchmarks("figures/paired.tsv")
 
 
 use rule figure_iou_bars as figure_learning_curves with:
     input:
-        "results/tables/training_logs.csv",
+        table=results("tables/training_logs.csv"),
     output:
         **figure_outputs("learning_curves"),
+    params:
+        **figure_params("learning_curves"),
     log:
-        "results/logs/figures/learning_curves.log",
+        logs("figures/learning_curves.log"),
     benchmark:
-        "results/benchmarks/figures/learning_curves.tsv"
+        benchmarks("figures/learning_curves.tsv")
 
 
-rule figure_qualitative:
+use rule figure_iou_bars as figure_qualitative with:
     input:
-        prepared=expand("results/prepared/{dataset}.h5", dataset=TEST_SETS),
-        predictions=[f"results/evaluation/{run.path}/{test_set}.predictions.h5" for test_set, run in qualitative_runs()],
+        prepared=[prepared_path(dataset) for dataset in TEST_SETS],
+        predictions=[results(f"evaluation/{run.path}/{test_set}.predictions.h5") for test_set, run in qualitative_runs()],
     output:
         **figure_outputs("qualitative"),
     params:
-        figures=config["figures"],
-        panels=[{"test_set": test_set, "backbone": run.backbone, "regime": run.regime, "train_set": run.train_set} for test_set, run in qualitative_runs()],
-        code=code_digest("figures", *CORE),
+        **figure_params(
+            "qualitative",
+            panels=[
+                {"test_set": test_set, "backbone": run.backbone, "regime": run.regime, "train_set": run.train_set}
+                for test_set, run in qualitative_runs()
+            ],
+        ),
     log:
-        "results/logs/figures/qualitative.log",
+        logs("figures/qualitative.log"),
     benchmark:
-        "results/benchmarks/figures/qualitative.tsv"
-    conda:
-        "../envs/analysis.yaml"
-    script:
-        "../scripts/figure.py"
+        benchmarks("figures/qualitative.tsv")
+
+
+use rule figure_iou_bars as figure_pca with:
+    input:
+        table=analysis_tables("pca"),
+        counts=analysis_tables("counts"),
+    output:
+        **figure_outputs("pca"),
+    params:
+        **figure_params("pca"),
+    log:
+        logs("figures/pca.log"),
+    benchmark:
+        benchmarks("figures/pca.tsv")
+
+
+use rule figure_iou_bars as figure_frechet with:
+    input:
+        table=analysis_tables("frechet"),
+    output:
+        **figure_outputs("frechet"),
+    params:
+        **figure_params("frechet"),
+    log:
+        logs("figures/frechet.log"),
+    benchmark:
+        benchmarks("figures/frechet.tsv")
+
+
+use rule figure_iou_bars as figure_probe with:
+    input:
+        table=analysis_tables("probe"),
+    output:
+        **figure_outputs("probe"),
+    params:
+        **figure_params("probe"),
+    log:
+        logs("figures/probe.log"),
+    benchmark:
+        benchmarks("figures/probe.tsv")

@@ -5,20 +5,20 @@ rule aggregate:
     input:
         metrics=EVALUATIONS,
         images=[path.replace(".json", ".images.csv") for path in EVALUATIONS],
-        logs=expand("results/models/{run}/train_log.csv", run=[run.path for run in RUNS]),
+        logs=[results(f"models/{run.path}/train_log.csv") for run in RUNS],
     output:
-        runs="results/tables/runs.csv",
-        summary="results/tables/summary.csv",
-        markdown="results/tables/summary.md",
-        per_image="results/tables/per_image.csv",
-        training_logs="results/tables/training_logs.csv",
+        runs=results("tables/runs.csv"),
+        summary=results("tables/summary.csv"),
+        markdown=results("tables/summary.md"),
+        per_image=results("tables/per_image.csv"),
+        training_logs=results("tables/training_logs.csv"),
     params:
-        code=code_digest("tables.py", *CORE),
+        code=code_digest("aggregate.py"),
     log:
-        "results/logs/aggregate/aggregate.log",
+        logs("aggregate/aggregate.log"),
     benchmark:
-        "results/benchmarks/aggregate/aggregate.tsv"
+        benchmarks("aggregate/aggregate.tsv")
     conda:
-        "../envs/analysis.yaml"
+        "../envs/workflow.yaml"
     script:
         "../scripts/aggregate.py"

@@ -1,5 +1,7 @@
-# Training: one job per (backbone, regime, training set, seed). Head training reads only
-# the feature cache; LoRA and full fine-tuning read tiles and weights.
+# Training: one job per (backbone, regime, training set, alignment, seed), one rule per
+# regime of em_foundation/regimes.py. Cached regimes (head, forest) read only the feature
+# cache; the others (LoRA, full fine-tuning) read tiles and weights.
+
 
 rule train_head:
     input:
@@ -9,19 +11,27 @@ rule train_head:
     output:
         **run_outputs("head"),
     params:
-        datasets=train_datasets,
-        head=config["head"],
-        training=config["training"],
-        code=code_digest("training", "heads", "features.py", "data/tiles.py", "backbones/lora.py", *CORE),
+        **train_params("head"),
     threads: config["compute"]["threads"]
     log:
-        "results/logs/train_head/{backbone}_{train_set}_{alignment}_seed{seed}.log",
+        logs(f"train_head/{run_flat('head')}.log"),
     benchmark:
-        "results/benchmarks/train_head/{backbone}_{train_set}_{alignment}_seed{seed}.tsv"
+        benchmarks(f"train_head/{run_flat('head')}.tsv")
     conda:
-        "../envs/train.yaml"
+        "../envs/workflow.yaml"
     script:
         "../scripts/train.py"
+
+
+use rule train_head as train_forest with:
+    output:
+        **run_outputs("forest"),
+    params:
+        **train_params("forest"),
+    log:
+        logs(f"train_forest/{run_flat('forest')}.log"),
+    benchmark:
+        benchmarks(f"train_forest/{run_flat('forest')}.tsv")
 
 
 use rule train_head as train_lora with:
@@ -32,41 +42,19 @@ use rule train_head as train_lora with:
     output:
         **run_outputs("lora"),
     params:
-        datasets=train_datasets,
-        backbone=lambda w: config["backbones"][w.backbone],
-        head=config["head"],
-        lora=config["lora"],
-        training=config["training"],
-        code=code_digest("training", "heads", "backbones", "features.py", "data/tiles.py", *CORE),
+        **train_params("lora"),
     log:
-        "results/logs/train_lora/{backbone}_{train_set}_{alignment}_seed{seed}.log",
+        logs(f"train_lora/{run_flat('lora')}.log"),
     benchmark:
-        "results/benchmarks/train_lora/{backbone}_{train_set}_{alignment}_seed{seed}.tsv"
+        benchmarks(f"train_lora/{run_flat('lora')}.tsv")
 
 
 use rule train_lora as train_fullft with:
     output:
         **run_outputs("fullft"),
     params:
-        datasets=train_datasets,
-        backbone=lambda w: config["backbones"][w.backbone],
-        head=config["head"],
-        training=config["training"],
-        code=code_digest("training", "heads", "backbones", "features.py", "data/tiles.py", *CORE),
+        **train_params("fullft"),
     log:
-        "results/logs/train_fullft/{backbone}_{train_set}_{alignment}_seed{seed}.log",
+        logs(f"train_fullft/{run_flat('fullft')}.log"),
     benchmark:
-        "results/benchmarks/train_fullft/{backbone}_{train_set}_{alignment}_seed{seed}.tsv"
-
-
-use rule train_head as train_forest with:
-    output:
-        **run_outputs("forest"),
-    params:
-        datasets=train_datasets,
-        forest=config["forest"],
-        code=code_digest("training", "features.py", "data/tiles.py", *CORE),
-    log:
-        "results/logs/train_forest/{backbone}_{train_set}_{alignment}_seed{seed}.log",
-    benchmark:
-        "results/benchmarks/train_forest/{backbone}_{train_set}_{alignment}_seed{seed}.tsv"
+        benchmarks(f"train_fullft/{run_flat('fullft')}.tsv")

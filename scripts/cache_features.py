@@ -7,10 +7,10 @@ from em_foundation.runtime import configure
 from em_foundation.scripting import logged
 
 with logged(snakemake.log[0]):
-    compute = {**snakemake.config["compute"], "threads": snakemake.threads}
+    compute = {**snakemake.params.compute, "threads": snakemake.threads}
     device = configure(compute)
     spec = dict(snakemake.params.backbone)
-    with hub_environment(snakemake.config["hub"]["cache_dir"], offline=True):
+    with hub_environment(snakemake.params.hub["cache_dir"], offline=True):
         backbone = build_backbone(spec)
     counts = cache_features(
         backbone, snakemake.input.tiles, snakemake.output[0], snakemake.params.features["batch_size"], device,

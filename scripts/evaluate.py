@@ -9,9 +9,9 @@ from em_foundation.scripting import logged
 from em_foundation.training.run import load_segmenter
 
 with logged(snakemake.log[0]):
-    device = configure({**snakemake.config["compute"], "threads": snakemake.threads})
+    device = configure({**snakemake.params.compute, "threads": snakemake.threads})
     w, inputs, outputs, params = snakemake.wildcards, snakemake.input, snakemake.output, snakemake.params
-    with hub_environment(snakemake.config["hub"]["cache_dir"], offline=True):
+    with hub_environment(snakemake.params.hub["cache_dir"], offline=True):
         model = load_segmenter(Path(inputs.model), dict(params.backbone))
     for k, test_set in enumerate(params.test_sets):
         features = inputs.features[k] if "features" in inputs.keys() else None

@@ -1,4 +1,4 @@
-"""Snakemake entry point: train one (backbone, regime, training set, seed) run."""
+"""Snakemake entry point: train one (backbone, regime, training set, alignment, seed) run."""
 
 from pathlib import Path
 
@@ -8,12 +8,11 @@ from em_foundation.scripting import logged, unpack_prefixed
 from em_foundation.training.run import train_run
 
 with logged(snakemake.log[0]):
-    device = configure({**snakemake.config["compute"], "threads": snakemake.threads})
     w, p = snakemake.wildcards, snakemake.params
-    regime = snakemake.rule.removeprefix("train_")
-    with hub_environment(snakemake.config["hub"]["cache_dir"], offline=True):
+    device = configure({**p.compute, "threads": snakemake.threads})
+    with hub_environment(p.hub["cache_dir"], offline=True):
         record = train_run(
-            regime=regime, backbone_name=w.backbone, train_set=w.train_set, datasets=list(p.datasets),
+            regime=p.regime, backbone_name=w.backbone, train_set=w.train_set, datasets=list(p.datasets),
             seed=int(w.seed), backbone=dict(p.get("backbone", {})), head=dict(p.get("head", {})), lora=dict(p.get("lora", {})),
             training=dict(p.get("training", {})), forest=dict(p.get("forest", {})), alignment=w.alignment, threads=snakemake.threads,
             tiles=unpack_prefixed(snakemake.input, "tiles_"),

@@ -22,6 +22,7 @@ matplotlib.use("Agg")
 
 from em_foundation.analysis import analyse_domains  # noqa: E402
 from em_foundation.figures import analysis_plots as ap  # noqa: E402
+from em_foundation.figures.registry import build_figure  # noqa: E402
 from em_foundation.figures.style import save_figure, use_style  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,7 +148,7 @@ def test_paired_comparison_one_panel_per_source_with_deltas():
         ap.paired_comparison(summary, {"fibsem": ["fibsem"], "sstem": ["sstem"]})
 
 
-def test_build_analysis_figure_from_csvs_saves_png_and_pdf(tables, tmp_path):
+def test_figure_registry_draws_analysis_figures_from_csvs_as_png_and_pdf(tables, tmp_path):
     use_style("paper")
     paths = {}
     for name in ("pca", "counts", "frechet", "probe"):
@@ -164,14 +165,14 @@ def test_build_analysis_figure_from_csvs_saves_png_and_pdf(tables, tmp_path):
         "paired": {"table": [str(tmp_path / "summary.csv")]},
     }
     for name, figure_inputs in inputs.items():
-        figure = ap.build_analysis_figure(name, figure_inputs, {"training_sets": TRAINING_SETS})
+        figure = build_figure(name, figure_inputs, {"training_sets": TRAINING_SETS})
         outputs = [tmp_path / f"{name}.png", tmp_path / f"{name}.pdf"]
         save_figure(figure, outputs)
         assert all(p.stat().st_size > 1000 for p in outputs)
         width_in = matplotlib.image.imread(outputs[0]).shape[1] / matplotlib.rcParams["savefig.dpi"]
         assert width_in <= 7.0, f"{name}: {width_in:.2f} in wide on the page"
-    with pytest.raises(KeyError, match="unknown analysis figure"):
-        ap.build_analysis_figure("nope", inputs["probe"])
+    with pytest.raises(KeyError, match="unknown figure 'nope'; choose one of iou_bars"):
+        build_figure("nope", inputs["probe"])
 
 
 # --------------------------------------------------------------------------- workflow

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from em_foundation import grid
+from em_foundation.backbones import load
 from em_foundation.config import load_schema
 from em_foundation.families import FAMILIES, family_of
 from em_foundation.regimes import REGIMES, regime_of
@@ -16,8 +17,8 @@ from em_foundation.regimes import REGIMES, regime_of
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_every_family_row_resolves(name: str) -> None:
     family = FAMILIES[name]
-    assert callable(family.load_builder())
-    assert (family.load_hub_source() is None) == (family.hub is None)
+    assert callable(load(family.builder))
+    assert family.hub is None or callable(load(family.hub))
     # LoRA needs targets; a family that cannot take adapters must not offer the regime.
     assert (family.lora_targets is not None) == ("lora" in family.regimes)
     assert set(family.regimes) <= set(REGIMES)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from em_foundation.data import get_converter
+from em_foundation.data.registry import get_converter
 from em_foundation.data.prepared import read_attrs, read_split, write_prepared
 from em_foundation.data.synthetic import DOMAINS, DomainStyle, convert_synthetic, generate_images
 

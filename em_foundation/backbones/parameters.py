@@ -37,31 +37,25 @@ def count_parameters(
     from em_foundation.backbones import build_backbone
     from em_foundation.backbones.lora import add_lora, make_fully_trainable
     from em_foundation.heads.deconv import DeconvHead
+    from em_foundation.regimes import regime_of
 
+    trains = regime_of(regime).trains
     spec = {**spec, "weights": "random"}
     with torch.device(device):
         backbone = build_backbone(spec)
-        head = DeconvHead(backbone.embed_dim, head_width) if regime != "forest" else None
-        if regime == "lora":
+        head = DeconvHead(backbone.embed_dim, head_width) if "head" in trains else None
+        if "adapters" in trains:
             add_lora(backbone, int(lora["rank"]), float(lora["alpha"]), float(lora.get("dropout", 0.0)))
-        elif regime == "fullft":
+        if "backbone" in trains:
             make_fully_trainable(backbone)
     adapter = _lora_count(backbone)
     backbone_total = _count(backbone) - adapter
     head_total = _count(head)
-    if regime == "head":
-        trainable = head_total
-    elif regime == "lora":
-        trainable = adapter + head_total
-    elif regime == "fullft":
-        trainable = backbone_total + head_total
-    elif regime == "forest":
-        trainable = 0  # a random forest has no torch parameters
-    else:
-        raise ValueError(f"unknown regime {regime!r}")
-    # What requires_grad says must agree with the rule above (head's parameters always train).
-    measured = _count(backbone, trainable_only=True) + head_total if regime != "forest" else 0
-    if regime in ("head", "lora", "fullft") and measured != trainable:
+    # What the regimes table says trains (a random forest has no torch parameters) ...
+    trainable = sum({"backbone": backbone_total, "adapters": adapter, "head": head_total}[part] for part in trains)
+    # ... must agree with what requires_grad says (the head's parameters always train).
+    measured = _count(backbone, trainable_only=True) + head_total if trains else 0
+    if measured != trainable:
         raise RuntimeError(f"{spec['family']} {regime}: {measured} trainable by requires_grad, expected {trainable}")
     total = backbone_total + adapter + head_total
     return {

@@ -166,10 +166,12 @@ class HubSource:
 
 def hub_source(spec: dict[str, Any]) -> HubSource:
     """The published checkpoint of a config entry with ``weights: pretrained``."""
-    source = family_of(spec["family"]).load_hub_source()
-    if source is None:
-        raise WeightsError(f"family {spec['family']!r} has no pretrained weights to fetch")
-    return source(spec)
+    from em_foundation.backbones import load
+
+    family = family_of(spec["family"])
+    if family.hub is None:
+        raise WeightsError(f"family {family.name!r} has no pretrained weights to fetch")
+    return load(family.hub)(spec)
 
 
 @dataclass(frozen=True)

@@ -1,18 +1,5 @@
-"""Datasets: generation or download, conversion to the prepared HDF5, tiling, splits."""
+"""Datasets: generation or download, conversion to the prepared HDF5, tiling, splits.
 
-from __future__ import annotations
-
-import importlib
-
-from em_foundation.data.registry import CONVERTERS
-
-# Modules that register converters; imported on first use.
-_CONVERTER_MODULES = ("em_foundation.data.synthetic", "em_foundation.data.em_datasets")
-
-
-def get_converter(name: str):
-    for module in _CONVERTER_MODULES:
-        if name in CONVERTERS:
-            break
-        importlib.import_module(module)
-    return CONVERTERS.get(name)
+Converters are looked up in ``em_foundation.data.registry``; this package's ``__init__``
+imports nothing, so reading a prepared file does not load every converter.
+"""

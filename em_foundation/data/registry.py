@@ -1,15 +1,26 @@
-"""Registry of dataset converters: a dataset in the config is a converter name plus its source."""
+"""Registry of dataset converters: a dataset in the config is a converter name plus its source.
+
+A converter turns a downloaded archive (None for generated datasets) and the dataset's
+config entry into splits at native resolution plus the dataset's attributes.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Callable, Optional
+import importlib
+from typing import Any
 
 from em_foundation.data.prepared import Split
 from em_foundation.registry import Registry
 
-# A converter turns a downloaded archive (None for generated datasets) and the dataset's
-# config entry into splits at native resolution plus the dataset's attributes.
-Converter = Callable[[Optional[Path], dict[str, Any]], tuple[dict[str, Split], dict[str, Any]]]
-
 CONVERTERS: Registry[tuple[dict[str, Split], dict[str, Any]]] = Registry("dataset converter")
+
+# Modules that register converters; imported on first use.
+_CONVERTER_MODULES = ("em_foundation.data.synthetic", "em_foundation.data.em_datasets")
+
+
+def get_converter(name: str):
+    for module in _CONVERTER_MODULES:
+        if name in CONVERTERS:
+            break
+        importlib.import_module(module)
+    return CONVERTERS.get(name)

@@ -17,8 +17,6 @@ import pandas as pd
 from matplotlib.colors import LogNorm
 
 __all__ = [
-    "ANALYSIS_FIGURES",
-    "build_analysis_figure",
     "frechet_matrix",
     "paired_comparison",
     "pca_scatter",
@@ -282,25 +280,3 @@ def paired_comparison(summary: pd.DataFrame, training_sets: dict[str, list[str]]
     figure.tight_layout(rect=(0, 0.13, 1, 1))
     return figure
 
-
-ANALYSIS_FIGURES = ("pca", "frechet", "probe", "paired")
-
-
-def build_analysis_figure(name: str, inputs: dict[str, Sequence[str]], params: dict[str, Any] | None = None) -> plt.Figure:
-    """Read a figure's CSV inputs and draw it; ``name`` is one of ANALYSIS_FIGURES.
-
-    ``inputs["table"]`` lists the CSVs to concatenate (one per backbone, or summary.csv for
-    ``paired``); ``inputs["counts"]`` optionally lists counts.csv files for ``pca``.
-    """
-    params = params or {}
-    table = pd.concat([pd.read_csv(path) for path in inputs["table"]], ignore_index=True)
-    if name == "paired":
-        return paired_comparison(table, params["training_sets"])
-    if name == "pca":
-        counts = inputs.get("counts")
-        return pca_scatter(table, pd.concat([pd.read_csv(p) for p in counts], ignore_index=True) if counts else None)
-    if name == "frechet":
-        return frechet_matrix(table, params.get("variant"))
-    if name == "probe":
-        return probe_accuracy(table)
-    raise KeyError(f"unknown analysis figure {name!r}; choose one of {', '.join(ANALYSIS_FIGURES)}")

@@ -17,6 +17,7 @@ from em_foundation.backbones import build_backbone
 from em_foundation.backbones.lora import add_lora, make_fully_trainable
 from em_foundation.heads import DeconvHead
 from em_foundation.heads.deconv import up_blocks_for
+from em_foundation.regimes import regime_of
 
 
 class CachedFeatureSegmenter(nn.Module):
@@ -74,17 +75,18 @@ def build_segmenter(
 
     ``input_standardisation`` ({"mean": [...], "scale": [...]}) only applies to ``head``.
     """
-    if regime == "head":
+    spec = regime_of(regime)
+    if "head" not in spec.trains:
+        raise ValueError(f"regime {regime!r} has no torch segmenter")
+    if spec.cached:
         if in_channels is None or patch_size is None:
-            raise ValueError("the head regime needs the cached features' channel count and patch size")
+            raise ValueError(f"the {regime} regime needs the cached features' channel count and patch size")
         stats = input_standardisation or {}
         return CachedFeatureSegmenter(in_channels, head["width"], patch_size, stats.get("mean"), stats.get("scale"))
     backbone = build_backbone(backbone_spec)
-    if regime == "lora":
+    if "adapters" in spec.trains:
         backbone = add_lora(backbone, lora["rank"], lora["alpha"], lora["dropout"])
-    elif regime == "fullft":
+    if "backbone" in spec.trains:
         backbone = make_fully_trainable(backbone)
-    else:
-        raise ValueError(f"regime {regime!r} has no torch segmenter")
     return BackboneSegmenter(backbone, head["width"])
 
