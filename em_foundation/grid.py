@@ -10,9 +10,8 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from em_foundation.families import FAMILIES, family_of
 # Views of the families and regimes tables, importable from here as before.
-from em_foundation.families import FAMILY_DEFAULT_PATCH, FAMILY_REGIMES, HUB_FAMILIES  # noqa: F401
+from em_foundation.families import FAMILIES, FAMILY_DEFAULT_PATCH, FAMILY_REGIMES, HUB_FAMILIES, family_of  # noqa: F401
 from em_foundation.regimes import BACKBONE_REGIMES, CACHED_REGIMES  # noqa: F401
 
 

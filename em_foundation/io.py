@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -30,6 +31,31 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file atomically; the suffix is kept so tools that sniff it still work."""
+    with atomic_path(path, suffix=Path(path).suffix) as tmp:
+        tmp.write_text(text)
+
+
+def write_csv(frame: Any, path: str | os.PathLike) -> None:
+    """A pandas DataFrame to CSV without the index, atomically."""
+    with atomic_path(path, suffix=".csv") as tmp:
+        frame.to_csv(tmp, index=False)
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def decode(value: Any) -> str:
+    """An HDF5 string (bytes from h5py, or str) as str."""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> None:

@@ -55,9 +55,15 @@ def _absolute(node: ast.ImportFrom, path: Path, root: Path) -> str | None:
     return ".".join(base + ((node.module,) if node.module else ()))
 
 
-@lru_cache(maxsize=None)
 def _direct_imports(path: Path, root: Path) -> frozenset[Path]:
-    tree = ast.parse(_text(path), filename=str(path))
+    stat = path.stat()
+    return _parsed_imports(path, root, stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=None)
+def _parsed_imports(path: Path, root: Path, mtime_ns: int, size: int) -> frozenset[Path]:
+    """Cached per file version (the Snakefile asks once per rule for the same modules)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
     names: set[str] = set()
     named: set[str] = set()  # string constants that name a package module
     loads_by_name = False
@@ -99,14 +105,14 @@ def imported_files(script: str | Path, root: Path = PACKAGE_DIR) -> list[Path]:
         file
         for source in seen
         for file in source.parent.iterdir()
-        if file.suffix in DATA_SUFFIXES and (file.name in _text(source) or f'{file.suffix}"' in _text(source))
+        if file.suffix in DATA_SUFFIXES and _names_file(source, file)
     }
     return sorted(seen | data)
 
 
-@lru_cache(maxsize=None)
-def _text(path: Path) -> str:
-    return path.read_text()
+def _names_file(source: Path, file: Path) -> bool:
+    text = source.read_text()
+    return file.name in text or f'{file.suffix}"' in text
 
 
 def code_digest(script: str | Path, root: Path = PACKAGE_DIR) -> str:

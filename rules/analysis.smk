@@ -58,6 +58,7 @@ rule report_tables:
             for b in config["backbones"]
         },
     params:
+        backbones=list(config["backbones"]),
         tables=REPORT_ANALYSIS_TABLES,
         code=code_digest("report_tables.py"),
     log:

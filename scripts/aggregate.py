@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from em_foundation.io import atomic_path, read_json
+from em_foundation.io import read_json, write_csv, write_text
 from em_foundation.scripting import logged
 from em_foundation.tables import collect_runs, summarise, summary_markdown
 
@@ -22,8 +22,6 @@ with logged(snakemake.log[0]):
     outputs = snakemake.output
     for frame, path in ((runs, outputs.runs), (summary, outputs.summary), (per_image, outputs.per_image),
                         (pd.concat(logs, ignore_index=True), outputs.training_logs)):
-        with atomic_path(path, suffix=".csv") as tmp:
-            frame.to_csv(tmp, index=False)
-    with atomic_path(outputs.markdown, suffix=".md") as tmp:
-        tmp.write_text(summary_markdown(summary))
+        write_csv(frame, path)
+    write_text(outputs.markdown, summary_markdown(summary))
     print(summary_markdown(summary))

@@ -1,161 +1,20 @@
-"""Snakemake entry point: domain analysis of one backbone's cached features across datasets.
-
-Two views of every dataset (train and test splits together):
-  pooled  one embedding per image, the cache's /<split>/pooled (the study's view);
-  tokens  patch tokens sampled per tile from /<split>/tokens, grouped by source image so
-          that bootstrap, folds and permutations move whole images (what the heads see).
-Tiles are read a chunk at a time, so a published-size cache never sits in memory whole.
-"""
+"""Snakemake entry point: domain analysis of one backbone's cached features across datasets."""
 
 import json
-import time
 
-import h5py
-import numpy as np
-import pandas as pd
-
-from em_foundation.analysis import analyse_domains, sample_patch_tokens
-from em_foundation.io import atomic_path
+from em_foundation.analysis.run import analyse_backbone, plain
+from em_foundation.io import write_csv, write_text
 from em_foundation.scripting import logged, unpack_prefixed
 
-CHUNK = 64  # tiles read at once
-
-
-def pooled_view(path):
-    """(n_images, C) over both splits, with 'split/image' ids."""
-    with h5py.File(path, "r") as handle:
-        splits = sorted(handle)
-        arrays = [handle[s]["pooled"][()] for s in splits]
-    ids = [f"{s}/{i}" for s, a in zip(splits, arrays) for i in range(len(a))]
-    return np.concatenate(arrays).astype(np.float32), np.array(ids)
-
-
-def token_view(features, tiles, per_tile, max_tokens, seed, stream):
-    """(n_tiles * take, C) sampled tokens over both splits, with their source-image ids.
-
-    ``take`` is ``per_tile``, capped at the grid size and, when ``max_tokens`` is set, at
-    max_tokens // n_tiles (at least 1): every tile, so every image, still contributes.
-    """
-    chunks, ids = [], []
-    with h5py.File(features, "r") as handle, h5py.File(tiles, "r") as tile_file:
-        splits = sorted(handle)
-        total_tiles = sum(len(handle[s]["tokens"]) for s in splits)
-        _, _, h, w = handle[splits[0]]["tokens"].shape
-        take = min(per_tile, h * w)
-        if max_tokens:
-            take = max(1, min(take, max_tokens // total_tiles))
-        for k, split in enumerate(splits):
-            tokens = handle[split]["tokens"]
-            image_index = tile_file[split]["image_index"][()]  # tile -> image, the tiles file's layout
-            if len(image_index) != len(tokens):
-                raise ValueError(f"{features}: {len(tokens)} {split} tiles but {tiles} has {len(image_index)}")
-            n_tiles = len(tokens)
-            for start in range(0, n_tiles, CHUNK):
-                state = np.random.SeedSequence([seed, stream, k, start]).generate_state(1)[0]
-                sample, tile = sample_patch_tokens(tokens[start : start + CHUNK], take, seed=int(state), return_index=True)
-                chunks.append(sample.astype(np.float32))
-                ids.append(np.char.add(f"{split}/", image_index[start + tile].astype(str)))
-    return np.concatenate(chunks), np.concatenate(ids), take, h * w
-
-
-def plain(value):
-    """JSON-safe: numpy scalars to Python, NaN to null."""
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if value is pd.NA:
-        return None
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value
-
-
-def cache_attrs(path):
-    with h5py.File(path, "r") as handle:
-        return {k: (v.item() if isinstance(v, np.generic) else str(v)) for k, v in handle.attrs.items()}
-
-
-def write_csv(frame, path):
-    with atomic_path(path, suffix=".csv") as tmp:
-        frame.to_csv(tmp, index=False)
-
-
 with logged(snakemake.log[0]):
-    started = time.time()
-    backbone = snakemake.wildcards.backbone
-    opts = dict(snakemake.params.analysis)
-    features = unpack_prefixed(snakemake.input, "features_")
-    tiles = unpack_prefixed(snakemake.input, "tiles_")
-    datasets = list(features)
-    notes, views, tables = [], {}, {}
-
-    if "pooled" in opts["views"]:
-        loaded = {d: pooled_view(features[d]) for d in datasets}
-        views["pooled"] = ({d: x for d, (x, _) in loaded.items()}, None)
-    if "tokens" in opts["views"]:
-        loaded = {d: token_view(features[d], tiles[d], opts["tokens_per_tile"], opts["max_tokens_per_dataset"], opts["seed"], i)
-                  for i, d in enumerate(datasets)}
-        views["tokens"] = ({d: v[0] for d, v in loaded.items()}, {d: v[1] for d, v in loaded.items()})
-        for d, (_, _, take, grid) in loaded.items():
-            if take < opts["tokens_per_tile"]:
-                notes.append(f"tokens: sampled {take} per tile from {d}, not {opts['tokens_per_tile']} "
-                             f"(grid of {grid} positions; max_tokens_per_dataset {opts['max_tokens_per_dataset']})")
-
-    if snakemake.params.get("after_featstd", False):
-        # The same analysis after per-domain feature standardisation (alignment variant
-        # featstd): each dataset's channels to zero mean and unit variance on its own.
-        for view, (embeddings, groups) in list(views.items()):
-            standardised = {d: (x - x.mean(axis=0)) / np.sqrt(x.var(axis=0) + 1e-6) for d, x in embeddings.items()}
-            views[f"{view}-featstd"] = (standardised, groups)
-
-    for view, (embeddings, groups) in views.items():
-        print(f"{view}: " + ", ".join(f"{d} {x.shape}" for d, x in embeddings.items()), flush=True)
-        t0 = time.time()
-        result = analyse_domains(
-            embeddings, seed=opts["seed"], n_boot=opts["n_boot"], pca_dim=opts["pca_dim"], groups=groups,
-            n_perm=opts["n_perm"], probe_permutations=opts["probe_permutations"], percentile=opts["percentile"],
-            n_splits=opts["n_splits"], balance_pca=opts["balance_pca"], umap=opts["umap"],
-        )
-        print(f"{view}: analysed in {time.time() - t0:.1f} s", flush=True)
-        notes += [f"{view}: {note}" for note in result.pop("notes")]
-        for name, frame in result.items():
-            frame.insert(0, "view", view)
-            frame.insert(0, "backbone", backbone)
-            tables.setdefault(name, []).append(frame)
-
-    tables = {name: pd.concat(frames, ignore_index=True) for name, frames in tables.items()}
-    pca = tables["pca"]
-    umap_columns = ["backbone", "view", "dataset", "index", "umap1", "umap2"]
-    umap = pca[umap_columns] if {"umap1", "umap2"} <= set(pca) else pd.DataFrame(columns=umap_columns)
-    if not opts["umap"]:
-        notes.append("UMAP not asked for (analysis.umap: false)")
-    tables["pca"] = pca.drop(columns=["umap1", "umap2"], errors="ignore")
-    tables["umap"] = umap
+    tables, summary = analyse_backbone(
+        snakemake.wildcards.backbone, unpack_prefixed(snakemake.input, "features_"),
+        unpack_prefixed(snakemake.input, "tiles_"), dict(snakemake.params.analysis),
+        after_featstd=snakemake.params.get("after_featstd", False),
+    )
     for name, frame in tables.items():
         write_csv(frame, snakemake.output[name])
-
-    frechet = tables["frechet"]
-    probe = tables["probe"]
-    summary = {
-        "backbone": backbone,
-        "datasets": datasets,
-        "features": {d: cache_attrs(features[d]) for d in datasets},
-        "analysis": opts,
-        "views": list(views),
-        "counts": tables["counts"].to_dict(orient="records"),
-        "frechet": frechet[["view", "dataset_a", "dataset_b", "variant", "value", "ci_low", "ci_high",
-                            "null_q95", "p_value", "n_a", "n_b", "n_groups_a", "n_groups_b", "dim"]].to_dict(orient="records"),
-        "probe": probe[["view", "task", "balanced_accuracy_mean", "balanced_accuracy_std", "roc_auc_mean",
-                        "roc_auc_std", "chance_balanced_accuracy", "n_per_class", "n_groups_per_class"]].to_dict(orient="records"),
-        "umap": "written" if len(umap) else "skipped",
-        "notes": notes,
-        "seconds": round(time.time() - started, 1),
-    }
-    with atomic_path(snakemake.output.summary, suffix=".json") as tmp:
-        tmp.write_text(json.dumps(plain(summary), indent=2) + "\n")
-    for note in notes:
+    write_text(snakemake.output.summary, json.dumps(plain(summary), indent=2) + "\n")
+    for note in summary["notes"]:
         print(f"note: {note}")
     print(f"wrote {', '.join(snakemake.output)} in {summary['seconds']} s")

@@ -3,7 +3,7 @@
 Backbones are built from random weights on the meta device: nothing is downloaded.
 """
 from em_foundation.backbones.parameters import parameter_table
-from em_foundation.io import atomic_path
+from em_foundation.io import write_csv
 from em_foundation.scripting import logged
 
 with logged(snakemake.log[0]):  # noqa: F821 (snakemake is injected by Snakemake)
@@ -11,6 +11,5 @@ with logged(snakemake.log[0]):  # noqa: F821 (snakemake is injected by Snakemake
     config = {"backbones": dict(params.backbones), "regimes": list(params.regimes),
               "head": dict(params.head), "lora": dict(params.lora)}
     table = parameter_table(config)
-    with atomic_path(snakemake.output[0], suffix=".csv") as tmp:  # noqa: F821
-        table.to_csv(tmp, index=False)
+    write_csv(table, snakemake.output[0])  # noqa: F821
     print(table.to_string(index=False))

@@ -1,103 +1,20 @@
-"""Snakemake entry point: render the summary table, the datasets' integrity reports and the
-domain-analysis tables as small self-contained HTML pages for `snakemake --report`."""
+"""Snakemake entry point: write the report's HTML pages (em_foundation/report_pages.py)."""
 
-import html
 import json
 
 import pandas as pd
 
-from em_foundation.io import atomic_path
+from em_foundation.io import write_text
+from em_foundation.report_pages import analysis_page, dataset_page, summary_page
 from em_foundation.scripting import logged, unpack_prefixed
 
-STYLE = """
-body { font-family: sans-serif; font-size: 13px; margin: 1em; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em 0; }
-th, td { border: 1px solid #ccc; padding: 2px 8px; text-align: right; }
-th { background: #f2f2f2; }
-td:first-child, th:first-child { text-align: left; }
-caption { text-align: left; font-weight: bold; padding: 4px 0; }
-"""
-
-
-def page(title, parts):
-    body = "\n".join(parts)
-    return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{STYLE}</style></head><body><h2>{html.escape(title)}</h2>\n{body}\n</body></html>\n")
-
-
-def table(frame, caption, digits=3):
-    formatted = frame.copy()
-    for column in formatted.columns:
-        if pd.api.types.is_float_dtype(formatted[column]):
-            formatted[column] = formatted[column].map(lambda v: "" if pd.isna(v) else f"{v:.{digits}g}" if abs(v) >= 1000 else f"{v:.{digits}f}")
-    out = formatted.to_html(index=False, na_rep="", border=0)
-    end = out.index(">") + 1  # after the opening <table ...> tag
-    return f"{out[:end]}<caption>{html.escape(caption)}</caption>{out[end:]}"
-
-
-def write(path, text):
-    with atomic_path(path, suffix=".html") as tmp:
-        tmp.write_text(text)
-
-
-def summary_page(summary):
-    def cell(row, metric):
-        std = row[f"{metric}_std"]
-        return f"{row[f'{metric}_mean']:.3f} ± {'n/a' if pd.isna(std) else f'{std:.3f}'} ({int(row[f'{metric}_n'])})"
-
-    parts = []
-    for metric, label in (("fg_iou", "Foreground IoU"), ("fg_dice", "Foreground Dice"), ("mean_iou", "Mean IoU (both classes)")):
-        wide = summary.assign(value=summary.apply(cell, axis=1, metric=metric)).pivot_table(
-            index=["backbone", "regime", "train_set"], columns="test_set", values="value", aggfunc="first").reset_index()
-        wide.columns.name = None
-        parts.append(table(wide, f"{label} per test set: mean ± sample sd (n seeds); native resolution, pooled over pixels"))
-    parts.append(table(summary, "Every column of results/tables/summary.csv"))
-    return page("Segmentation results", parts)
-
-
-def dataset_page(report):
-    facts = {key: value for key, value in report.items() if not isinstance(value, (dict, list))}
-    facts.update({f"archive {k}": v for k, v in (report.get("archive") or {}).items()})
-    facts["foreground_fraction_bounds"] = report.get("foreground_fraction_bounds")
-    parts = [table(pd.DataFrame({"field": list(facts), "value": [json.dumps(v) if not isinstance(v, str) else v for v in facts.values()]}), "Provenance")]
-    parts.append("<p><b>Checks passed</b></p><ul>" + "".join(f"<li>{html.escape(c)}</li>" for c in report.get("checks", [])) + "</ul>")
-    splits, slices = [], []
-    for name, split in (report.get("splits") or {}).items():
-        row = {"split": name}
-        row.update({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in split.items() if k != "slices"})
-        splits.append(row)
-        slices += [{"split": name, **s} for s in split.get("slices", [])]
-    if splits:
-        parts.append(table(pd.DataFrame(splits), "Splits"))
-    if report.get("split_info"):
-        parts.append(f"<p><b>Split</b>: {html.escape(json.dumps(report['split_info']))}</p>")
-    if slices:
-        parts.append(table(pd.DataFrame(slices), "Slices"))
-    return page(f"Dataset {report.get('dataset', '')}: integrity report", parts)
-
-
-def analysis_page(backbone, frames):
-    frechet = frames["frechet"][["view", "dataset_a", "dataset_b", "variant", "value", "ci_low", "ci_high", "null_mean",
-                                 "null_q95", "p_value", "n_a", "n_b", "n_groups_a", "n_groups_b", "dim", "n_boot", "n_perm"]]
-    probe = frames["probe"][["view", "task", "balanced_accuracy_mean", "balanced_accuracy_std", "roc_auc_mean", "roc_auc_std",
-                             "chance_balanced_accuracy", "n_per_class", "n_groups_per_class", "n_splits", "pca_components"]]
-    ood = frames["ood"][["view", "reference", "query", "fraction_flagged", "n_flagged", "n_query", "reference_fraction_flagged",
-                         "percentile", "n_reference", "n_groups_reference", "n_groups_query"]]
-    return page(f"Domain analysis: {backbone}", [
-        table(frames["counts"], "Sample counts (n: vectors; n_groups: source images)"),
-        table(frechet, "Fréchet distance per pair and estimator: bootstrap 95 % interval, permutation null (mean, 95th percentile, p)"),
-        table(probe, "Linear dataset probe (cross-validated, grouped by image for tokens): mean ± sd over folds"),
-        table(ood, "Mahalanobis OOD (Ledoit-Wolf): fraction of the query beyond the reference's out-of-fold threshold"),
-    ])
-
-
 with logged(snakemake.log[0]):
-    write(snakemake.output.summary, summary_page(pd.read_csv(snakemake.input.summary)))
+    write_text(snakemake.output.summary, summary_page(pd.read_csv(snakemake.input.summary)))
     for dataset, path in unpack_prefixed(snakemake.input, "integrity_").items():
         with open(path) as handle:
-            write(snakemake.output[f"dataset_{dataset}"], dataset_page(json.load(handle)))
+            write_text(snakemake.output[f"dataset_{dataset}"], dataset_page(json.load(handle)))
     analysis = unpack_prefixed(snakemake.input, "analysis_")
-    for backbone in dict.fromkeys(key.rsplit("_", 1)[0] for key in analysis):
-        frames = {name: pd.read_csv(analysis[f"{backbone}_{name}"]) for name in ("counts", "frechet", "probe", "ood")}
-        write(snakemake.output[f"analysis_{backbone}"], analysis_page(backbone, frames))
+    for backbone in snakemake.params.backbones:
+        frames = {name: pd.read_csv(analysis[f"{backbone}_{name}"]) for name in snakemake.params.tables}
+        write_text(snakemake.output[f"analysis_{backbone}"], analysis_page(backbone, frames))
     print(f"wrote {', '.join(snakemake.output)}")

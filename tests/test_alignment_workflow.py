@@ -1,6 +1,5 @@
 """Alignment variants in the grid, the tiles, training and evaluation."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest

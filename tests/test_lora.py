@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from em_foundation.backbones import build_backbone
-from em_foundation.backbones.lora import add_lora, adapted_modules, make_fully_trainable, trainable_state_dict
+from em_foundation.backbones.lora import adapted_modules, add_lora, make_fully_trainable, trainable_state_dict
 
 NARROW = {
     "dinov2": {

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from em_foundation.data.registry import get_converter
 from em_foundation.data.prepared import read_attrs, read_split, write_prepared
+from em_foundation.data.registry import get_converter
 from em_foundation.data.synthetic import DOMAINS, DomainStyle, convert_synthetic, generate_images
 
 SIZE = 256  # smaller fields make the image statistics below too noisy to compare

@@ -3,7 +3,6 @@
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from em_foundation.tables import collect_runs, summarise, summary_markdown

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import time
 
 import pandas as pd
@@ -118,16 +120,34 @@ def test_adding_a_backbone_adds_only_its_jobs(demo_run, tmp_path):
     assert not {"prepare_dataset", "tile_dataset", "split_validation"} & set(jobs), dict(jobs)
 
 
-def test_editing_a_package_module_reruns_its_stages(demo_run, tmp_path):
-    """The code digest in params: an edit to the tables module reruns aggregation and figures."""
+def _jobs_after_editing(demo_run, tmp_path, module):
+    """Dry-run the finished demo from a copy of the repository in which ``module`` was edited."""
     copy = tmp_path / "repo"
     shutil.copytree(REPO, copy, ignore=shutil.ignore_patterns(".venv", ".git", "results", "resources", ".snakemake", "__pycache__"))
-    with open(copy / "em_foundation/tables.py", "a") as handle:
+    with open(copy / module, "a") as handle:
         handle.write("\n# an edit\n")
-    import subprocess, sys
     command = [sys.executable, "-m", "snakemake", "-s", str(copy / "Snakefile"), "-d", str(demo_run), "--profile", str(REPO / "profiles/demo"), "-n"]
-    jobs = scheduled_jobs(subprocess.run(command, capture_output=True, text=True))
-    assert jobs["aggregate"] == 1 and "train_head" not in jobs and "evaluate" not in jobs, dict(jobs)
+    return scheduled_jobs(subprocess.run(command, capture_output=True, text=True))
+
+
+@pytest.mark.parametrize(
+    ("module", "rerun", "untouched"),
+    [
+        # aggregate imports metrics directly, evaluate through its own module: both rerun.
+        ("em_foundation/evaluation/metrics.py", {"evaluate", "aggregate", "report_tables", "figure_iou_bars"}, UPSTREAM | {"train_head"}),
+        # train imports alignment/features.py through training.run (the head's standardiser).
+        ("em_foundation/alignment/features.py", {"train_head", "train_lora", "evaluate", "tile_dataset"}, {"prepare_dataset"}),
+        # only the domain analysis imports the probe: its tables, report page and figures rerun.
+        ("em_foundation/analysis/probe.py", {"domain_analysis", "report_tables", "figure_probe"}, UPSTREAM | {"train_head", "evaluate", "aggregate"}),
+        # a new module nothing imports reruns nothing.
+        ("em_foundation/unused_helper.py", set(), {"all"}),
+    ],
+)
+def test_editing_a_package_module_reruns_what_imports_it(demo_run, tmp_path, module, rerun, untouched):
+    """The code digest in params follows each script's transitive imports."""
+    jobs = _jobs_after_editing(demo_run, tmp_path, module)
+    assert rerun <= set(jobs), f"{module}: expected {sorted(rerun)} to rerun, got {dict(jobs)}"
+    assert not untouched & set(jobs), f"{module}: {sorted(untouched & set(jobs))} reran, got {dict(jobs)}"
 
 
 def test_changing_one_backbones_weights_reruns_only_its_jobs(demo_run, tmp_path):

@@ -31,7 +31,6 @@ from em_foundation.backbones.weights import (  # noqa: F401 (re-exported: the pu
     require_file,
     resolve_pretrained,
 )
-
 from em_foundation.families import family_of
 
 # The published sizes, as config entries (``family`` + ``model`` [+ ``options``]). The

@@ -19,16 +19,16 @@ variables, for anything that reads them late (torch hub, child processes).
 
 from __future__ import annotations
 
-import hashlib
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
 from em_foundation.families import HUB_FAMILIES, family_of
+from em_foundation.io import file_sha256  # noqa: F401 (re-exported: the family modules' contract)
 
 
 class WeightsError(RuntimeError):
@@ -86,14 +86,6 @@ def hub_settings() -> HubSettings:
 
 
 # ----------------------------------------------------------------------------- files
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def require_file(path: Path) -> Path:

@@ -46,14 +46,6 @@ class IntegrityError(ValueError):
         return IntegrityError(label, self.problem, fix, self.files)
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # --- archives -------------------------------------------------------------------------
 
 

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from em_foundation.config import ConfigError
-from em_foundation.data.registry import get_converter
-from em_foundation.data.integrity import IntegrityError, build_report, check_splits, file_sha256
+from em_foundation.data.integrity import IntegrityError, build_report, check_splits
 from em_foundation.data.prepared import write_prepared
-from em_foundation.io import atomic_path, write_json
+from em_foundation.data.registry import get_converter
+from em_foundation.io import atomic_path, file_sha256, write_json
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from em_foundation.io import atomic_path
+from em_foundation.io import atomic_path, decode
 
 IGNORE_LABEL = 255
 SPLITS = ("train", "test")
@@ -72,8 +72,8 @@ def read_split(path: str | Path, split: str) -> Split:
         return Split(
             raw=group["raw"][()],
             labels=group["labels"][()],
-            names=[n.decode() if isinstance(n, bytes) else str(n) for n in group["names"][()]],
-            sources=[s.decode() if isinstance(s, bytes) else str(s) for s in group["sources"][()]],
+            names=[decode(n) for n in group["names"][()]],
+            sources=[decode(s) for s in group["sources"][()]],
         )
 
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from em_foundation.data.prepared import read_split
 from em_foundation.data.tiling import TileGrid, extract_tiles, stitch_tiles
-from em_foundation.io import atomic_path
+from em_foundation.io import atomic_path, decode
 
 
 def resized_shape(height: int, width: int, longest_edge: int, patch_size: int) -> tuple[int, int]:
@@ -157,7 +157,7 @@ def read_tiles(path: str | Path, split: str, with_pixels: bool = True) -> TileSe
             labels=group["labels"][()],
             image_index=group["image_index"][()],
             positions=group["positions"][()],
-            names=[n.decode() if isinstance(n, bytes) else str(n) for n in group["names"][()]],
+            names=[decode(n) for n in group["names"][()]],
             height=int(attrs["height"]),
             width=int(attrs["width"]),
             tile=int(attrs["tile"]),

@@ -16,13 +16,13 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from em_foundation.alignment import adapt_batchnorm, domain_stats, iterate_batches, segmenter_forward, standardise
 from em_foundation.data.prepared import read_split
 from em_foundation.data.tiles import TileSet, read_tiles
 from em_foundation.evaluation.metrics import Counts, confusion, scores
 from em_foundation.features import read_tokens, to_unit_float
-from em_foundation.alignment import adapt_batchnorm, domain_stats, iterate_batches, segmenter_forward, standardise
 from em_foundation.grid import CACHED_REGIMES, parse_alignment
-from em_foundation.io import atomic_path, write_json
+from em_foundation.io import atomic_path, write_csv, write_json
 
 
 def predict_image(
@@ -94,8 +94,7 @@ def write_evaluation(
     keep: int,
 ) -> dict[str, Any]:
     metrics = {**record, **pooled_scores(per_image)}
-    with atomic_path(out_images, suffix=".csv") as tmp:
-        per_image.assign(**{k: v for k, v in record.items() if not isinstance(v, (dict, list))}).to_csv(tmp, index=False)
+    write_csv(per_image.assign(**{k: v for k, v in record.items() if not isinstance(v, (dict, list))}), out_images)
     with atomic_path(out_predictions, suffix=".h5") as tmp, h5py.File(tmp, "w") as handle:
         for name, prediction in zip(per_image["image"][:keep], predictions[:keep]):
             handle.create_dataset(str(name), data=prediction, compression="gzip")

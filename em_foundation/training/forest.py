@@ -21,7 +21,7 @@ from sklearn.ensemble import RandomForestClassifier
 from torch import nn
 
 from em_foundation.data.prepared import IGNORE_LABEL
-from em_foundation.io import atomic_path, write_json
+from em_foundation.io import atomic_path, write_csv, write_json
 from em_foundation.runtime import seed_everything
 from em_foundation.training.losses import soft_dice_loss
 
@@ -94,8 +94,7 @@ def train_forest_run(
     snapshot = {"regime": "forest", "backbone_name": backbone_name, "train_set": train_set, "datasets": datasets, "seed": seed, "forest": forest, "head": None, "lora": None, "alignment": alignment}
     with atomic_path(out_model, suffix=".pt") as tmp:
         torch.save({"regime": "forest", "forest": model, "patch_size": patch_size, "in_channels": int(train.inputs.shape[1]), "config": snapshot}, tmp)
-    with atomic_path(out_log, suffix=".csv") as tmp:
-        history.to_csv(tmp, index=False)
+    write_csv(history, out_log)
     record = {
         **{k: snapshot[k] for k in ("regime", "backbone_name", "train_set", "datasets", "seed", "alignment")},
         "balanced": False, "best_epoch": 1, "best_val_loss": float(history["val_loss"].iloc[0]), "epochs_run": 1,

@@ -18,7 +18,7 @@ from em_foundation.data.tiles import read_tiles
 from em_foundation.families import STANDARDISED_FAMILIES
 from em_foundation.features import read_cache_attrs, read_tokens, to_unit_float
 from em_foundation.grid import CACHED_REGIMES, parse_alignment
-from em_foundation.io import atomic_path, read_json, write_json
+from em_foundation.io import atomic_path, read_json, write_csv, write_json
 from em_foundation.runtime import seed_everything
 from em_foundation.training.segmenter import build_segmenter
 from em_foundation.training.trainer import TrainingData, fit
@@ -148,8 +148,7 @@ def train_run(
             "regime": regime, "in_channels": in_channels, "patch_size": patch_size, "input_standardisation": input_standardisation,
             "state": result.best_state, "config": snapshot,
         }, tmp)
-    with atomic_path(out_log, suffix=".csv") as tmp:
-        result.history.to_csv(tmp, index=False)
+    write_csv(result.history, out_log)
     record = {
         **{k: snapshot[k] for k in ("regime", "backbone_name", "train_set", "datasets", "seed", "balanced", "alignment")},
         "best_epoch": result.best_epoch,

@@ -9,7 +9,6 @@ config) matches.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from em_foundation.backbones.lora import trainable_state_dict
+from em_foundation.io import atomic_path
 from em_foundation.training.losses import soft_dice_loss
 from em_foundation.training.sampling import epoch_batches
 
@@ -63,9 +63,8 @@ def _load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]
 
 
 def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save(payload, tmp)
 
 
 def _validation_loss(model: torch.nn.Module, data: TrainingData, batch_size: int, device: torch.device) -> float:

@@ -1,0 +1,33 @@
+"""The report's HTML pages: one row per model, alignment included."""
+
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+import pytest
+
+from em_foundation.report_pages import summary_page
+
+
+def _row(alignment: str, iou: float) -> dict:
+    row = {"backbone": "tinyvit", "regime": "head", "train_set": "paired", "alignment": alignment, "test_set": "fibsem"}
+    for metric in ("fg_iou", "fg_dice", "mean_iou"):
+        row.update({f"{metric}_mean": iou, f"{metric}_std": 0.01, f"{metric}_n": 2})
+    return row
+
+
+def test_summary_page_keeps_plain_and_aligned_models_apart() -> None:
+    # The aligned model comes first, as it did in summary.csv's sort order ("featstd" < "none").
+    summary = pd.DataFrame([_row("featstd", 0.9), _row("none", 0.5)])
+    html = summary_page(summary)
+    first = html.split("</table>")[0]  # the foreground-IoU table
+    header = re.findall(r"<th>(.*?)</th>", first)
+    rows = [re.findall(r"<td>(.*?)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", first, re.S) if "<td>" in row]
+    cells = {row[header.index("alignment")]: row[header.index("fibsem")] for row in rows}
+    assert cells == {"featstd": "0.900 ± 0.010 (2)", "none": "0.500 ± 0.010 (2)"}
+
+
+def test_summary_page_refuses_two_rows_for_one_cell() -> None:
+    with pytest.raises(ValueError, match="several rows per model and test set"):
+        summary_page(pd.DataFrame([_row("none", 0.9), _row("none", 0.5)]))
