@@ -1,7 +1,7 @@
 """Compute a backbone's features once and cache them, so no head training ever reruns it.
 
 The published pipeline ran the frozen backbone again for every batch of every epoch
-(defect 3); here each tile goes through the backbone exactly once per weights identity.
+(defect 3 in docs/published-setup.md); here each tile goes through the backbone exactly once per weights identity.
 
 Cache layout, one HDF5 file per (backbone, dataset)::
 

@@ -1,4 +1,4 @@
-"""Domain alignment (issue #9): per-domain feature standardisation, intensity normalisation
+"""Domain alignment (docs/published-setup.md, "Beyond the study"): per-domain feature standardisation, intensity normalisation
 and AdaBN. Small synthetic arrays only; the whole file runs in a few seconds on CPU."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Domain alignment for multi-dataset training (project issue #9).
+"""Domain alignment for multi-dataset training (see "Beyond the study" in docs/published-setup.md).
 
 * ``features``: per-domain standardisation of cached patch tokens.
 * ``intensity``: per-domain intensity normalisation of raw uint8 slices.

@@ -1,4 +1,4 @@
-"""Per-domain standardisation of cached patch tokens (project issue #9).
+"""Per-domain standardisation of cached patch tokens (see "Beyond the study" in docs/published-setup.md).
 
 Each dataset ("domain") gets its own per-channel mean and standard deviation over all of
 its patch tokens (every tile, every grid position), and its tokens are mapped to zero mean

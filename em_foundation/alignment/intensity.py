@@ -1,4 +1,4 @@
-"""Per-domain intensity normalisation of raw uint8 EM slices (project issue #9).
+"""Per-domain intensity normalisation of raw uint8 EM slices (see "Beyond the study" in docs/published-setup.md).
 
 Two monotone grey-level maps, one per dataset split, applied before the backbone:
 

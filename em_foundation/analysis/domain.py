@@ -3,7 +3,7 @@
 Input is ``{dataset_name: (n_i, d) array}``: pooled per-image embeddings (the study's view),
 or patch tokens sampled with :func:`sample_patch_tokens` (what the segmentation heads
 actually see). Output is a dict of pandas DataFrames, one row per number, and every row
-carries the sample counts it was computed from (defect 6 of the study): Fréchet distances
+carries the sample counts it was computed from (defect 6 in docs/published-setup.md): Fréchet distances
 with bootstrap intervals and a permutation null, the linear dataset probe, Mahalanobis OOD
 fractions, and the 2-D PCA coordinates for the scatter plot.
 

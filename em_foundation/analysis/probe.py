@@ -4,7 +4,7 @@ If a logistic regression on PCA-reduced features predicts the source dataset wel
 chance, the backbone's features carry a domain signature that a segmentation head trained
 on one domain will meet as a shift. The study reported accuracy and ROC-AUC; here they come
 with the per-class sample counts, the fold-to-fold spread and the chance level, because the
-minority dataset (VNC) has about 20 images (defect 6). Balanced accuracy is used so that the
+minority dataset (VNC) has about 20 images (defect 6 in docs/published-setup.md). Balanced accuracy is used so that the
 10:1 imbalance cannot pass for signal.
 """
 

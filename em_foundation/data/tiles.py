@@ -83,7 +83,7 @@ class TileSet:
 
 
 def normalise_intensity(raw: np.ndarray, intensity: str, reference: str | Path | None, percentiles: tuple[float, float]) -> np.ndarray:
-    """Per-domain intensity normalisation of one split's slices (alignment, issue 9).
+    """Per-domain intensity normalisation of one split's slices (domain alignment, docs/published-setup.md).
 
     percentile: the split's own 1st-99th percentiles stretched to 0-255; histmatch: the
     split's pooled histogram matched to the reference dataset's training slices. Both use

@@ -2,7 +2,7 @@
 
 Tile logits are turned into probabilities, stitched with overlap blending back onto the
 full slice, and only then thresholded and compared with the full-size mask, so every
-backbone is scored on the same pixel grid whatever its patch size (defect 4).
+backbone is scored on the same pixel grid whatever its patch size (defect 4 in docs/published-setup.md).
 """
 
 from __future__ import annotations

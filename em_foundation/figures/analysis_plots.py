@@ -3,7 +3,7 @@
 Each builder takes tidy tables (the CSVs of rule domain_analysis, or summary.csv) and returns
 a matplotlib Figure sized for a two-column paper (at most 7 in wide); the style comes from
 :func:`em_foundation.figures.style.use_style`, which the entry point applies first. Every
-panel states its sample counts (defect 6 of the study): n vectors and, for patch tokens,
+panel states its sample counts (defect 6 in docs/published-setup.md): n vectors and, for patch tokens,
 the number of source images that folds, bootstrap and permutations move as units.
 """
 
