@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from em_foundation.data.prepare import prepare_dataset
+from em_foundation.data.convert import prepare_dataset
 from em_foundation.scripting import logged
 
 with logged(snakemake.log[0]):

@@ -17,9 +17,9 @@ from PIL import Image
 
 import em_foundation.data.em_datasets  # noqa: F401  (registers the converters)
 from em_foundation.config import ConfigError
+from em_foundation.data.convert import prepare_dataset
 from em_foundation.data.download import download
 from em_foundation.data.integrity import IntegrityError
-from em_foundation.data.prepare import prepare_dataset
 from em_foundation.data.prepared import IGNORE_LABEL, read_attrs, read_split
 
 # Checksums of the local copies (../shared/data/README.md), not of the real downloads.

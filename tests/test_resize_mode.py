@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from em_foundation.backbones import build_backbone
-from em_foundation.data.prepare import prepare_dataset
+from em_foundation.data.convert import prepare_dataset
 from em_foundation.data.prepared import read_split
 from em_foundation.data.splits import validation_split
 from em_foundation.data.tiles import read_tiles, resized_shape, tile_dataset
