@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from em_foundation.data.tiling import TileGrid, blend_window, extract_tiles, stitch_tiles, tile_starts
+from em_foundation.data.tile_grid import TileGrid, blend_window, extract_tiles, stitch_tiles, tile_starts
 
 
 @pytest.mark.parametrize(

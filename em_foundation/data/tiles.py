@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from em_foundation.data.prepared import read_split
-from em_foundation.data.tiling import TileGrid, extract_tiles, stitch_tiles
+from em_foundation.data.tile_grid import TileGrid, extract_tiles, stitch_tiles
 from em_foundation.io import atomic_path, decode
 
 
