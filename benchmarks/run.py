@@ -52,7 +52,7 @@ from em_foundation.data.prepared import Split, write_prepared
 from em_foundation.data.synthetic import generate_images
 from em_foundation.data.tiles import read_tiles, tile_dataset
 from em_foundation.data.tile_grid import TileGrid
-from em_foundation.features import cache_features, to_unit_float
+from em_foundation.feature_cache import cache_features, to_unit_float
 from em_foundation.io import write_json
 from em_foundation.training.losses import soft_dice_loss
 from em_foundation.training.run import load_training_data

@@ -2,7 +2,7 @@
 
 from em_foundation.backbones import build_backbone
 from em_foundation.backbones.weights import hub_environment
-from em_foundation.features import cache_features
+from em_foundation.feature_cache import cache_features
 from em_foundation.runtime import configure
 from em_foundation.scripting import logged
 

@@ -11,7 +11,7 @@ from em_foundation.data.convert import prepare_dataset
 from em_foundation.data.prepared import read_split
 from em_foundation.data.splits import validation_split
 from em_foundation.data.tiles import tile_dataset
-from em_foundation.features import cache_features
+from em_foundation.feature_cache import cache_features
 from em_foundation.io import write_json
 
 FILTERBANK = {"family": "filterbank", "options": {"patch_size": 8}}

@@ -11,7 +11,7 @@ from em_foundation.data.prepared import read_split
 from em_foundation.data.splits import validation_split
 from em_foundation.data.tiles import read_tiles, resized_shape, tile_dataset
 from em_foundation.evaluation.evaluate import evaluate_model
-from em_foundation.features import cache_features, read_tokens
+from em_foundation.feature_cache import cache_features, read_tokens
 from em_foundation.grid import parse_view, view_of
 from em_foundation.io import write_json
 from em_foundation.training.run import load_segmenter, train_run

@@ -20,7 +20,7 @@ from em_foundation.alignment import adapt_batchnorm, domain_stats, iterate_batch
 from em_foundation.data.prepared import read_split
 from em_foundation.data.tiles import TileSet, read_tiles
 from em_foundation.evaluation.metrics import Counts, confusion, scores
-from em_foundation.features import read_tokens, to_unit_float
+from em_foundation.feature_cache import read_tokens, to_unit_float
 from em_foundation.grid import CACHED_REGIMES, parse_alignment
 from em_foundation.io import atomic_path, write_csv, write_json
 

@@ -16,7 +16,7 @@ from em_foundation.backbones.lora import trainable_state_dict
 from em_foundation.data.prepared import IGNORE_LABEL
 from em_foundation.data.tiles import read_tiles
 from em_foundation.families import STANDARDISED_FAMILIES
-from em_foundation.features import read_cache_attrs, read_tokens, to_unit_float
+from em_foundation.feature_cache import read_cache_attrs, read_tokens, to_unit_float
 from em_foundation.grid import CACHED_REGIMES, parse_alignment
 from em_foundation.io import atomic_path, read_json, write_csv, write_json
 from em_foundation.runtime import seed_everything
