@@ -7,9 +7,12 @@ those daemons.
 Where the cluster cannot start (not root, no apt-get, ...), the tests are skipped with the
 reason and the daemons' log tails; set EMFM_REQUIRE_SLURM=1 to make that a failure instead.
 
-Workflows run through ``snakemake --profile profiles/slurm`` with only the overrides a
-one-node test cluster needs (see ``cluster_overrides``): the profile's partitions, GPU
-requests, groups and retries are the ones users get. What ran where is read back from the
+Workflows run through ``snakemake --profile profiles/slurm`` (the site-profile template, with
+the ``cpu`` partition as the site's default) plus the workflow profile ``profiles/default``
+that Snakemake loads by itself, with only the overrides a one-node test cluster needs (see
+``cluster_overrides``), among them the partition file ``tests/slurm/partitions.yaml``: the
+plugin's own partition selection sends the GPU rules to the ``gpu`` partition. GPU requests,
+groups and retries come from the workflow profile, as users get them. What ran where is read back from the
 jobs themselves (``$SLURM_JOB_PARTITION``, ``scontrol -d show job``) and from the sbatch
 calls in Snakemake's log.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,6 +37,8 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SLURM_SCRIPTS = REPO_ROOT / "tests" / "slurm"
 SLURM_PROFILE = REPO_ROOT / "profiles" / "slurm"
+WORKFLOW_PROFILE = REPO_ROOT / "profiles" / "default"
+PARTITIONS = SLURM_SCRIPTS / "partitions.yaml"
 
 # Upper bounds; a healthy run takes far less (see the report printed by each test).
 CLUSTER_START_TIMEOUT_S = 600  # includes a first-time apt-get install
@@ -148,6 +154,8 @@ def cluster_overrides() -> list[str]:
         # no accounting database: job status from squeue, and no account to guess
         "--slurm-status-command", "squeue",
         "--slurm-no-account",
+        # the site's partitions, for the plugin's partition selection (GPU rules clear theirs)
+        "--slurm-partition-config", str(PARTITIONS),
         # poll every few seconds instead of 40 s (MinJobAge=3600 keeps squeue reliable)
         "--slurm-init-seconds-before-status-checks", "2",
         "--seconds-between-status-checks", "2",
@@ -297,64 +305,34 @@ def read_record(path: Path) -> tuple[dict[str, str], dict[str, str]]:
     return env, parse_scontrol(scontrol_part)
 
 
+def toy_workflow(directory: Path) -> Path:
+    """The toy Snakefile with record.sh and the real workflow profile beside it."""
+    directory.mkdir(exist_ok=True)
+    (directory / "Snakefile").write_text(TOY_SNAKEFILE)
+    (directory / "record.sh").write_text(TOY_RECORD_SH)
+    shutil.copytree(WORKFLOW_PROFILE, directory / "profiles" / "default")
+    return directory / "Snakefile"
+
+
 def test_profile_dry_run_parses(tmp_path: Path) -> None:
-    """``snakemake --profile profiles/slurm -n`` accepts the profile (no cluster needed)."""
-    (tmp_path / "Snakefile").write_text(TOY_SNAKEFILE)
-    (tmp_path / "record.sh").write_text(TOY_RECORD_SH)
+    """``snakemake --profile profiles/slurm -n`` accepts the profiles (no cluster needed)."""
+    toy_workflow(tmp_path)
     proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(tmp_path / "Snakefile"),
                            "-d", str(tmp_path), "--profile", str(SLURM_PROFILE), "-n"],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout + proc.stderr
-    assert "slurm_partition=gpu" in out and "gpu=1" in out, out
+    assert "slurm_partition=cpu" in out and "slurm_partition=," in out and "gpu=1" in out, out
     assert "Group job evaluation" in out or "group job evaluation" in out.lower(), out
 
 
-# Rules that need a GPU, and the profile group every short CPU rule must belong to.
+# Rules that need a GPU (profiles/default gives them gpu: 1; tests/test_profiles.py checks it).
 GPU_RULES = {"cache_features", "cache_features_aligned", "train_head", "train_lora", "train_fullft"}
-# Rules whose names look like GPU work but that run on CPUs (a random forest on cached features).
-CPU_LOOKALIKES = {"train_forest"}
-SUMMARY_RULES = {"aggregate", "domain_analysis", "parameters", "report_tables"}
-
-
-def test_profile_covers_the_workflows_rules() -> None:
-    """Every GPU rule of the real workflow gets the gpu partition and one GPU from the
-    profile, no other rule asks for a GPU, evaluate is batched, and every figure_*/summary
-    rule is in the `summaries` group (groups need exact rule names). No cluster needed."""
-    from snakemake.profiles import ProfileConfigFileParser
-
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO_ROOT / "Snakefile"), "--list-rules"],
-                          capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    rules = set(proc.stdout.split())
-    with open(SLURM_PROFILE / "config.yaml") as fh:
-        profile = ProfileConfigFileParser().parse(fh)
-    set_resources: dict[str, dict[str, str]] = {}
-    for entry in profile["set-resources"]:
-        rule, _, assignment = entry.partition(":")
-        key, _, value = assignment.partition("=")
-        set_resources.setdefault(rule, {})[key] = value
-    groups = dict(entry.split("=", 1) for entry in profile["groups"])
-
-    assert rules & GPU_RULES, f"none of {GPU_RULES} in the workflow's rules {sorted(rules)}"
-    undecided = {r for r in rules if r.startswith(("cache_", "train_"))} - GPU_RULES - CPU_LOOKALIKES
-    assert not undecided, f"new rules {sorted(undecided)}: GPU (profile set-resources) or CPU?"
-    for rule in rules & GPU_RULES:
-        assert set_resources.get(rule, {}).get("gpu") == "1", (rule, set_resources.get(rule))
-        assert set_resources[rule].get("slurm_partition") == "'gpu'", (rule, set_resources[rule])
-    assert not {r for r, res in set_resources.items() if "gpu" in res} - GPU_RULES
-    assert "slurm_partition=" + "'cpu'" in profile["default-resources"], profile["default-resources"]
-    assert groups.get("evaluate") == "evaluation", groups
-    wanted = {r for r in rules if r.startswith("figure_")} | (SUMMARY_RULES & rules)
-    missing = {r for r in wanted if groups.get(r) != "summaries"}
-    assert not missing, f"add to `groups:` in profiles/slurm/config.yaml: {sorted(missing)}"
 
 
 def test_toy_workflow_on_slurm(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     wf = tmp_path / "workflow"
-    wf.mkdir()
-    (wf / "Snakefile").write_text(TOY_SNAKEFILE)
-    (wf / "record.sh").write_text(TOY_RECORD_SH)
+    toy_workflow(wf)
     workdir = tmp_path / "work"
     workdir.mkdir()
 
