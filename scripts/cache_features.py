@@ -1,7 +1,7 @@
 """Snakemake entry point: run one backbone once over every tile of one dataset."""
 
 from em_foundation.backbones import build_backbone
-from em_foundation.backbones.weights import hub_environment
+from em_foundation.backbones.hub import hub_environment
 from em_foundation.feature_cache import cache_features
 from em_foundation.runtime import configure
 from em_foundation.scripting import logged

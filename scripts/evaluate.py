@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from em_foundation.backbones.weights import hub_environment
+from em_foundation.backbones.hub import hub_environment
 from em_foundation.evaluation.evaluate import evaluate_model, write_evaluation
 from em_foundation.runtime import configure
 from em_foundation.scripting import logged

@@ -6,7 +6,7 @@ given) and writes the marker JSON: model, resolved commit, files and their sha25
 """
 import json
 
-from em_foundation.backbones.weights import fetch_weights
+from em_foundation.backbones.hub import fetch_weights
 from em_foundation.io import write_json
 from em_foundation.scripting import logged
 

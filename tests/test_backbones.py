@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from em_foundation.backbones import build_backbone
 from em_foundation.backbones.base import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
-from em_foundation.backbones.weights import WeightsError, fetch_weights, file_sha256, hub_environment, hub_settings
+from em_foundation.backbones.hub import WeightsError, fetch_weights, file_sha256, hub_environment, hub_settings
 from em_foundation.grid import patch_size_of
 
 REPO = Path(__file__).resolve().parents[1]

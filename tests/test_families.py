@@ -50,9 +50,9 @@ def test_tables_and_grid_import_without_torch_and_weights_without_family_modules
         "import sys\n"
         "import em_foundation.families, em_foundation.regimes, em_foundation.grid\n"
         "assert 'torch' not in sys.modules, 'the tables must stay torch-free'\n"
-        "import em_foundation.backbones.weights\n"
+        "import em_foundation.backbones.hub\n"
         "loaded = [m for m in ('em_foundation.backbones.timm_vit', 'em_foundation.backbones.openclip') if m in sys.modules]\n"
-        "assert not loaded, f'weights imports family modules: {loaded}'\n"
+        "assert not loaded, f'hub imports family modules: {loaded}'\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
+from em_foundation.backbones.hub import hub_environment
 from em_foundation.backbones.parameters import COLUMNS, parameter_table
-from em_foundation.backbones.weights import hub_environment
 from em_foundation.config import load_config
 from em_foundation.heads.deconv import DeconvHead
 

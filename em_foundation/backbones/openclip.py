@@ -51,8 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from em_foundation.backbones.base import Backbone, BackboneOutput, normalisation_constants
-from em_foundation.backbones.timm_vit import check_patch_size, resolve_layers
-from em_foundation.backbones.weights import (
+from em_foundation.backbones.hub import (
     HubSource,
     WeightsError,
     file_sha256,
@@ -61,6 +60,7 @@ from em_foundation.backbones.weights import (
     require_file,
     resolve_pretrained,
 )
+from em_foundation.backbones.timm_vit import check_patch_size, resolve_layers
 from em_foundation.families import FAMILIES
 
 # model_kwargs that belong to the model config, not to its vision_cfg.

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import torch
 
 from em_foundation.backbones.base import Backbone, BackboneOutput, normalisation_constants
-from em_foundation.backbones.weights import (  # noqa: F401 (re-exported: the public contract)
+from em_foundation.backbones.hub import (  # noqa: F401 (re-exported: the public contract)
     HubSource,
     WeightsError,
     file_sha256,
