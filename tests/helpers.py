@@ -12,6 +12,7 @@ from em_foundation.data.prepared import read_split
 from em_foundation.data.splits import validation_split
 from em_foundation.data.tiles import tile_dataset
 from em_foundation.feature_cache import cache_features
+from em_foundation.grid import parse_view
 from em_foundation.io import write_json
 
 FILTERBANK = {"family": "filterbank", "options": {"patch_size": 8}}
@@ -31,7 +32,7 @@ def make_dataset(root: Path, name: str, domain: str, n_train: int = 4, n_test: i
             "options": {"domain": domain, "n_train": n_train, "n_test": n_test, "height": size, "width": size, "seed": seed}}
     paths = {"prepared": str(root / f"{name}.h5"), "tiles": str(root / f"{name}.tiles.h5"), "features": str(root / f"{name}.features.h5")}
     prepare_dataset(name, spec, None, Path(paths["prepared"]), root / f"{name}.integrity.json")
-    tile_dataset(paths["prepared"], paths["tiles"], tile=112, overlap=16)
+    tile_dataset(paths["prepared"], paths["tiles"], view=parse_view("tile112o16"))
     names = read_split(paths["prepared"], "train").names
     for seed_ in range(5):
         write_json(root / f"{name}.split{seed_}.json", validation_split(names, 0.25, seed_))

@@ -51,17 +51,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from em_foundation.backbones.base import Backbone, BackboneOutput, normalisation_constants
-from em_foundation.backbones.hub import (
-    HubSource,
-    WeightsError,
-    file_sha256,
-    load_state_dict_file,
-    load_weights_strict,
-    require_file,
-    resolve_pretrained,
-)
+from em_foundation.backbones.checkpoint import WeightsError, load_state_dict_file, load_weights_strict, require_file
+from em_foundation.backbones.hub import HubSource, resolve_pretrained
 from em_foundation.backbones.timm_vit import check_patch_size, resolve_layers
 from em_foundation.families import FAMILIES
+from em_foundation.io import file_sha256
 
 # model_kwargs that belong to the model config, not to its vision_cfg.
 TOP_LEVEL_KWARGS = ("embed_dim", "quick_gelu", "text_cfg")

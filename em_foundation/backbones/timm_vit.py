@@ -22,16 +22,10 @@ from typing import Any, Sequence
 import torch
 
 from em_foundation.backbones.base import Backbone, BackboneOutput, normalisation_constants
-from em_foundation.backbones.hub import (  # noqa: F401 (re-exported: the public contract)
-    HubSource,
-    WeightsError,
-    file_sha256,
-    load_state_dict_file,
-    load_weights_strict,
-    require_file,
-    resolve_pretrained,
-)
+from em_foundation.backbones.checkpoint import WeightsError, load_state_dict_file, load_weights_strict, require_file
+from em_foundation.backbones.hub import HubSource, resolve_pretrained
 from em_foundation.families import family_of
+from em_foundation.io import file_sha256
 
 # The published sizes, as config entries (``family`` + ``model`` [+ ``options``]). The
 # study used the three Large models; the others are the options users asked for.

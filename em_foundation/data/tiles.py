@@ -103,15 +103,11 @@ def normalise_intensity(raw: np.ndarray, intensity: str, reference: str | Path |
 def tile_dataset(
     prepared: str | Path,
     out: str | Path,
-    tile: int | None = None,
-    overlap: int | None = None,
-    view: dict[str, Any] | None = None,
+    view: dict[str, Any],
     reference: str | Path | None = None,
     percentiles: tuple[float, float] = (1.0, 99.0),
 ) -> dict[str, int]:
-    """Cut every split into the inputs of ``view`` (see grid.parse_view), or into square
-    ``tile`` tiles with ``overlap``; returns the number of tiles per split."""
-    view = view or {"mode": "tile", "tile_size": tile, "overlap": overlap}
+    """Cut every split into the inputs of ``view`` (see grid.parse_view); returns the number of tiles per split."""
     counts = {}
     with atomic_path(out, suffix=".h5") as tmp, h5py.File(tmp, "w") as handle:
         with h5py.File(prepared, "r") as source:
