@@ -81,6 +81,31 @@ def _validation_loss(model: torch.nn.Module, data: TrainingData, batch_size: int
     return total.item() / max(count, 1)
 
 
+def make_optimizer(parameters: list[torch.nn.Parameter], training: dict[str, Any]) -> torch.optim.Optimizer:
+    """AdamW with the config's learning rate and weight decay (``training`` block)."""
+    return torch.optim.AdamW(parameters, lr=training["lr"], weight_decay=training["weight_decay"])
+
+
+def train_step(
+    model: torch.nn.Module,
+    parameters: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    grad_clip: float,
+) -> torch.Tensor:
+    """One optimisation step: soft Dice at the labels' size, backward, gradient clipping, optimiser step.
+
+    Returns the loss, detached and left on the device (reading it would make a GPU wait).
+    """
+    loss = soft_dice_loss(model(inputs, tuple(labels.shape[-2:])), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+    optimizer.step()
+    return loss.detach()
+
+
 def fit(
     model: torch.nn.Module,
     train: TrainingData,
@@ -100,7 +125,7 @@ def fit(
     """
     model.to(device)
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=training["lr"], weight_decay=training["weight_decay"])
+    optimizer = make_optimizer(parameters, training)
     state: dict[str, Any] = {"epoch": 0, "best_val": math.inf, "best_epoch": 0, "bad_epochs": 0, "history": [], "best_state": None, "drawn": {}}
     resumed_from = 0
     if checkpoint.exists():
@@ -130,12 +155,8 @@ def fit(
                 state["drawn"][str(source)] = state["drawn"].get(str(source), 0) + 1
             inputs = train.to_tensor(train.inputs[batch]).to(device)
             labels = torch.from_numpy(train.labels[batch]).to(device)
-            loss = soft_dice_loss(model(inputs, tuple(labels.shape[-2:])), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(parameters, training["grad_clip"])
-            optimizer.step()
-            losses.append(loss.detach())  # read once per epoch, not per step (no GPU sync)
+            loss = train_step(model, parameters, optimizer, inputs, labels, training["grad_clip"])
+            losses.append(loss)  # read once per epoch, not per step (no GPU sync)
         train_loss = torch.stack(losses).double().mean().item() if losses else math.nan
         val_loss = _validation_loss(model, val, training["batch_size"], device)
         improved = val_loss < state["best_val"]
