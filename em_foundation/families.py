@@ -60,29 +60,25 @@ FAMILIES: dict[str, Family] = {
             standardise_tokens=True,
             note="ilastik's default Gaussian-derivative filter bank, pooled to a patch grid",
         ),
-        Family(
-            name="dinov2",
-            builder="timm_vit:build",
-            default_patch=14,
-            regimes=("head", "lora", "fullft", "forest"),
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
-            hub="timm_vit:hub_source",
-            # Each block's fused qkv and attention output projection (timm's VisionTransformer).
-            lora_targets=r".*blocks\.\d+\.attn\.(qkv|proj)",
-            default_model="vit_large_patch14_dinov2.lvd142m",
-        ),
-        Family(
-            name="dinov3",
-            builder="timm_vit:build",
-            default_patch=16,
-            regimes=("head", "lora", "fullft", "forest"),
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
-            hub="timm_vit:hub_source",
-            # Same module names in timm's Eva class as in its VisionTransformer.
-            lora_targets=r".*blocks\.\d+\.attn\.(qkv|proj)",
-            default_model="vit_large_patch16_dinov3.lvd1689m",
+        # DINOv2 and DINOv3 through timm: ImageNet constants, the same builder, hub source and
+        # LoRA targets (each block's fused qkv and attention output projection; the same module
+        # names in timm's VisionTransformer and Eva classes).
+        *(
+            Family(
+                name=name,
+                builder="timm_vit:build",
+                default_patch=patch,
+                regimes=("head", "lora", "fullft", "forest"),
+                mean=IMAGENET_MEAN,
+                std=IMAGENET_STD,
+                hub="timm_vit:hub_source",
+                lora_targets=r".*blocks\.\d+\.attn\.(qkv|proj)",
+                default_model=model,
+            )
+            for name, patch, model in (
+                ("dinov2", 14, "vit_large_patch14_dinov2.lvd142m"),
+                ("dinov3", 16, "vit_large_patch16_dinov3.lvd1689m"),
+            )
         ),
         Family(
             name="openclip",
