@@ -10,12 +10,12 @@ Tiles are read a chunk at a time, so a published-size cache never sits in memory
 import json
 import time
 
-import h5py
 import numpy as np
 import pandas as pd
 
 from em_foundation.analysis import analyse_domains, sample_patch_tokens
-from em_foundation.io import atomic_path
+from em_foundation.features import CheckedTokens
+from em_foundation.io import atomic_path, check_finite, open_h5
 from em_foundation.scripting import logged, unpack_prefixed
 
 CHUNK = 64  # tiles read at once
@@ -23,9 +23,9 @@ CHUNK = 64  # tiles read at once
 
 def pooled_view(path):
     """(n_images, C) over both splits, with 'split/image' ids."""
-    with h5py.File(path, "r") as handle:
+    with open_h5(path) as handle:
         splits = sorted(handle)
-        arrays = [handle[s]["pooled"][()] for s in splits]
+        arrays = [check_finite(handle[s]["pooled"][()], path, f"/{s}/pooled") for s in splits]
     ids = [f"{s}/{i}" for s, a in zip(splits, arrays) for i in range(len(a))]
     return np.concatenate(arrays).astype(np.float32), np.array(ids)
 
@@ -37,7 +37,9 @@ def token_view(features, tiles, per_tile, max_tokens, seed, stream):
     max_tokens // n_tiles (at least 1): every tile, so every image, still contributes.
     """
     chunks, ids = [], []
-    with h5py.File(features, "r") as handle, h5py.File(tiles, "r") as tile_file:
+    with open_h5(tiles) as tile_file:  # tile -> image, the tiles file's layout
+        image_indices = {split: tile_file[split]["image_index"][()] for split in tile_file}
+    with open_h5(features) as handle:
         splits = sorted(handle)
         total_tiles = sum(len(handle[s]["tokens"]) for s in splits)
         _, _, h, w = handle[splits[0]]["tokens"].shape
@@ -45,8 +47,8 @@ def token_view(features, tiles, per_tile, max_tokens, seed, stream):
         if max_tokens:
             take = max(1, min(take, max_tokens // total_tiles))
         for k, split in enumerate(splits):
-            tokens = handle[split]["tokens"]
-            image_index = tile_file[split]["image_index"][()]  # tile -> image, the tiles file's layout
+            tokens = CheckedTokens(handle, split, features)
+            image_index = image_indices[split]
             if len(image_index) != len(tokens):
                 raise ValueError(f"{features}: {len(tokens)} {split} tiles but {tiles} has {len(image_index)}")
             n_tiles = len(tokens)
@@ -74,7 +76,7 @@ def plain(value):
 
 
 def cache_attrs(path):
-    with h5py.File(path, "r") as handle:
+    with open_h5(path) as handle:
         return {k: (v.item() if isinstance(v, np.generic) else str(v)) for k, v in handle.attrs.items()}
 
 

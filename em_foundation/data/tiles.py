@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from em_foundation.data.prepared import read_split
 from em_foundation.data.tiling import TileGrid, extract_tiles, stitch_tiles
-from em_foundation.io import atomic_path
+from em_foundation.io import atomic_path, create_dataset, open_h5
 
 
 def resized_shape(height: int, width: int, longest_edge: int, patch_size: int) -> tuple[int, int]:
@@ -114,7 +114,7 @@ def tile_dataset(
     view = view or {"mode": "tile", "tile_size": tile, "overlap": overlap}
     counts = {}
     with atomic_path(out, suffix=".h5") as tmp, h5py.File(tmp, "w") as handle:
-        with h5py.File(prepared, "r") as source:
+        with open_h5(prepared) as source:
             split_names = list(source)
         for split_name in split_names:
             split = read_split(prepared, split_name)
@@ -139,17 +139,17 @@ def tile_dataset(
                 "tile_height": raw.shape[1], "tile_width": raw.shape[2],
             })
             chunks = (1, *raw.shape[1:])
-            group.create_dataset("raw", data=raw, chunks=chunks, compression="gzip", compression_opts=1)
-            group.create_dataset("labels", data=labels, chunks=chunks, compression="gzip", compression_opts=1)
-            group.create_dataset("image_index", data=np.repeat(np.arange(len(split), dtype=np.int32), n_per_image))
-            group.create_dataset("positions", data=positions)
+            create_dataset(group, "raw", data=raw, chunks=chunks, compression="gzip", compression_opts=1)
+            create_dataset(group, "labels", data=labels, chunks=chunks, compression="gzip", compression_opts=1)
+            create_dataset(group, "image_index", data=np.repeat(np.arange(len(split), dtype=np.int32), n_per_image))
+            create_dataset(group, "positions", data=positions)
             group.create_dataset("names", data=np.array(split.names, dtype=object), dtype=h5py.string_dtype())
             counts[split_name] = len(raw)
     return counts
 
 
 def read_tiles(path: str | Path, split: str, with_pixels: bool = True) -> TileSet:
-    with h5py.File(path, "r") as handle:
+    with open_h5(path) as handle:
         group = handle[split]
         attrs = dict(group.attrs)
         return TileSet(

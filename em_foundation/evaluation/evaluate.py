@@ -22,7 +22,7 @@ from em_foundation.evaluation.metrics import Counts, confusion, scores
 from em_foundation.features import read_tokens, to_unit_float
 from em_foundation.alignment import adapt_batchnorm, domain_stats, iterate_batches, segmenter_forward, standardise
 from em_foundation.grid import CACHED_REGIMES, parse_alignment
-from em_foundation.io import atomic_path, write_json
+from em_foundation.io import atomic_path, create_dataset, write_json
 
 
 def predict_image(
@@ -98,6 +98,6 @@ def write_evaluation(
         per_image.assign(**{k: v for k, v in record.items() if not isinstance(v, (dict, list))}).to_csv(tmp, index=False)
     with atomic_path(out_predictions, suffix=".h5") as tmp, h5py.File(tmp, "w") as handle:
         for name, prediction in zip(per_image["image"][:keep], predictions[:keep]):
-            handle.create_dataset(str(name), data=prediction, compression="gzip")
+            create_dataset(handle, str(name), data=prediction, compression="gzip")
     write_json(out_metrics, metrics)
     return metrics
