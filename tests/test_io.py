@@ -85,3 +85,54 @@ def test_non_finite_tokens_are_refused_on_load(files, tmp_path):
         handle["test/tokens"][0, 0, 0, 0] = np.nan
     with pytest.raises(DamagedFileError, match=r"1 non-finite values in /test/tokens.*Delete it and rerun"):
         read_tokens(cache, "test")
+
+
+KILLED_WRITER = """
+import os, signal, sys
+import h5py, numpy as np
+from em_foundation.io import atomic_path, create_dataset
+with atomic_path(sys.argv[1], suffix=".h5") as tmp, h5py.File(tmp, "w") as handle:
+    create_dataset(handle, "tokens", data=np.ones((64, 8, 4, 4), np.float16))
+    handle.flush()
+    os.kill(os.getpid(), signal.SIGKILL)  # as SLURM does at the time limit: no cleanup runs
+"""
+
+
+def test_a_killed_writer_leaves_nothing_behind_after_the_next_try(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "cache" / "fibsem.h5"
+    for _ in range(2):  # the SLURM profile retries: each killed try must not add a file
+        result = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(out)], capture_output=True)
+        assert result.returncode == -9, result.stderr
+    left = sorted(p.name for p in out.parent.iterdir())
+    assert len(left) == 1 and left[0].startswith(".fibsem.h5") and not out.exists(), left
+    # a leftover of the random names atomic_path used to give goes too
+    (out.parent / ".fibsem.h5.k3j_x9a2.h5").write_bytes(b"old")
+    with atomic_path(out, suffix=".h5") as tmp:
+        tmp.write_bytes(b"complete")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["fibsem.h5"]
+    assert out.read_bytes() == b"complete"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_final_files_get_the_permissions_the_umask_gives(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        with atomic_path(tmp_path / "table.csv", suffix=".csv") as tmp:
+            tmp.write_text("a,b\n")
+        with open(tmp_path / "plain.csv", "w") as handle:
+            handle.write("a,b\n")
+    finally:
+        os.umask(previous)
+    mode = (tmp_path / "table.csv").stat().st_mode & 0o777
+    assert mode == (tmp_path / "plain.csv").stat().st_mode & 0o777 == 0o666 & ~umask, oct(mode)
+
+
+def test_a_failed_writer_leaves_no_output_and_no_temporary(tmp_path):
+    with pytest.raises(ValueError):
+        with atomic_path(tmp_path / "x.json") as tmp:
+            tmp.write_text("{")
+            raise ValueError("check failed")
+    assert list(tmp_path.iterdir()) == []
