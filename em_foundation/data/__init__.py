@@ -16,3 +16,9 @@ def get_converter(name: str):
             break
         importlib.import_module(module)
     return CONVERTERS.get(name)
+
+
+def load_converters() -> None:
+    """Import every converter module, so that the registry and its option tables are complete."""
+    for module in _CONVERTER_MODULES:
+        importlib.import_module(module)

@@ -13,3 +13,13 @@ from em_foundation.registry import Registry
 Converter = Callable[[Optional[Path], dict[str, Any]], tuple[dict[str, Split], dict[str, Any]]]
 
 CONVERTERS: Registry[tuple[dict[str, Split], dict[str, Any]]] = Registry("dataset converter")
+
+# Each converter's ``options`` and their defaults, declared beside the converter, so that the
+# config check at start-up names a wrong key or value instead of the job failing hours later.
+# A default of None marks a required option without a default.
+CONVERTER_OPTIONS: dict[str, dict[str, Any]] = {}
+
+
+def declare_options(converter: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    CONVERTER_OPTIONS[converter] = dict(defaults)
+    return defaults

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from em_foundation.config import check_tile_fits
 from em_foundation.data.prepared import read_split
 from em_foundation.data.tiling import TileGrid, extract_tiles, stitch_tiles
 from em_foundation.io import atomic_path, create_dataset, open_h5
@@ -122,6 +123,7 @@ def tile_dataset(
             height, width = split.raw.shape[1:]
             if view["mode"] == "tile":
                 tile, overlap = view["tile_size"], view["overlap"]
+                check_tile_fits(tile, height, width, f"{prepared} ({split_name})", "tiling")
                 grid = TileGrid.for_shape(height, width, tile, overlap)
                 raw = np.concatenate([extract_tiles(image, grid) for image in split.raw])
                 labels = np.concatenate([extract_tiles(label, grid) for label in split.labels])
