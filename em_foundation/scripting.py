@@ -26,7 +26,8 @@ class ProgressLines(io.TextIOBase):
 
     def __init__(self, handle: TextIO, interval: float = PROGRESS_INTERVAL_S) -> None:
         self._handle, self._interval = handle, interval
-        self._pending: str | None = None
+        self._pending: str | None = None  # the latest redraw not yet written
+        self._bar_open = False
         self._last = -float("inf")
 
     def writable(self) -> bool:
@@ -35,25 +36,30 @@ class ProgressLines(io.TextIOBase):
     def write(self, text: str) -> int:
         head, *redraws = text.split("\r")
         if head:
-            self._flush_pending(ending=not head.startswith("\n"))
+            if self._bar_open:
+                # Ordinary text after redraws: the bar ended (tqdm closes it with "\n"), so
+                # its final state is written and the next bar shows its first state at once.
+                self._flush_pending()
+                self._bar_open, self._last = False, -float("inf")
+                head = head[1:] if head.startswith("\n") else head
             self._handle.write(head)
         for redraw in redraws:
             if redraw.strip():
-                self._redraw(redraw)
+                self._redraw(redraw.rstrip("\n"))
         return len(text)
 
     def _redraw(self, line: str) -> None:
-        bare, newline = line.rstrip("\n"), line.endswith("\n")
+        self._bar_open = True
         now = time.monotonic()
-        if newline or now - self._last >= self._interval:
-            self._handle.write(bare + "\n")
+        if now - self._last >= self._interval:
+            self._handle.write(line + "\n")
             self._pending, self._last = None, now
         else:
-            self._pending = bare
+            self._pending = line
 
-    def _flush_pending(self, ending: bool = True) -> None:
+    def _flush_pending(self) -> None:
         if self._pending is not None:
-            self._handle.write(self._pending + ("\n" if ending else ""))
+            self._handle.write(self._pending + "\n")
             self._pending = None
 
     def flush(self) -> None:

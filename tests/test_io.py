@@ -136,3 +136,16 @@ def test_a_failed_writer_leaves_no_output_and_no_temporary(tmp_path):
             tmp.write_text("{")
             raise ValueError("check failed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_tiles_larger_than_the_slices_are_refused_and_nothing_is_written(files, tmp_path):
+    from em_foundation.config import ConfigError
+    from em_foundation.data.tiles import tile_dataset
+
+    out = tmp_path / "tiles.h5"
+    with pytest.raises(ConfigError) as raised:
+        tile_dataset(files["prepared"], out, tile=256, overlap=16)
+    print(raised.value)
+    assert "tiling.tile_size 256 is larger than the 128×128 slices of" in str(raised.value)
+    assert "4.0× the pixels" in str(raised.value)
+    assert list(tmp_path.iterdir()) == []

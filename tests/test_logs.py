@@ -42,3 +42,15 @@ def test_a_failure_inside_the_log_still_ends_with_the_last_progress_and_the_trac
     text = log.read_text()
     assert "\r" not in text and "features:" in text
     assert text.rstrip().endswith("ValueError: broken tile")
+
+
+def test_each_of_several_bars_shows_its_first_and_last_state(tmp_path):
+    log = tmp_path / "job.log"
+    with logged(log):
+        for split in ("test", "train"):
+            for _ in tqdm(range(5), desc=f"features {split}", mininterval=0, miniters=1):
+                pass
+    lines = log.read_text().splitlines()
+    for split in ("test", "train"):
+        bars = [line for line in lines if line.startswith(f"features {split}:")]
+        assert bars[0].startswith(f"features {split}:   0%") and "5/5" in bars[-1], lines
