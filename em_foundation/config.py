@@ -181,10 +181,12 @@ def validate_config(
         raise ConfigError(
             f"{where}: {_key_path(error)}: {error.message} (fix the value of this key)"
         )
+    # Free-form blocks first: the checks after them read their values.
+    _check_converters(config, source)
+    _check_backbone_options(config, source)
     _check_references(config, source)
     _check_grid(config, source, warn)
     _check_weights(config, source)
-    _check_converters(config, source)
     return config
 
 
@@ -233,6 +235,29 @@ def _check_weights(config: dict[str, Any], source: str) -> None:
                 f"{source}: {key}: {path} is not a checkpoint file (neither a torch.save archive nor "
                 ".safetensors); point it at the model's weights or use 'pretrained' or 'random'"
             )
+
+
+def _check_backbone_options(config: dict[str, Any], source: str) -> None:
+    """``backbones.<name>.options`` against the keys its family reads."""
+    from em_foundation.grid import FAMILY_OPTIONS
+
+    for name, backbone in config["backbones"].items():
+        declared = FAMILY_OPTIONS[backbone["family"]]
+        for key, value in backbone["options"].items():
+            where = f"backbones.{name}.options.{key}"
+            if key not in declared:
+                raise ConfigError(
+                    f"{source}: {where}: unknown option of family {backbone['family']!r}; "
+                    f"its options: {', '.join(sorted(declared))}"
+                )
+            kind = declared[key]
+            if kind in (int, float) and isinstance(value, str):
+                value = _from_text(value, ["integer" if kind is int else "number"])
+            if value is _NOT_CONVERTED or not (isinstance(value, kind) and not isinstance(value, bool)):
+                raise ConfigError(
+                    f"{source}: {where} is {backbone['options'][key]!r}, which is not {_KIND_NAMES.get(kind, 'a list')}"
+                )
+            backbone["options"][key] = value
 
 
 def _check_converters(config: dict[str, Any], source: str) -> None:

@@ -25,6 +25,15 @@ FAMILY_REGIMES: dict[str, tuple[str, ...]] = {
 
 FAMILY_DEFAULT_PATCH = {"filterbank": 8, "dinov2": 14, "dinov3": 16, "openclip": 14}
 
+# Keys each family reads from ``backbones.<name>.options``, with the type of their values;
+# the config check at start-up names a key no family reads (a typo is otherwise ignored).
+FAMILY_OPTIONS: dict[str, dict[str, type]] = {
+    "filterbank": {"sigmas": list, "patch_size": int},
+    "dinov2": {"init_seed": int},
+    "dinov3": {"init_seed": int},
+    "openclip": {"pretrained_tag": str, "init_seed": int},
+}
+
 
 def patch_size_of(backbone: dict[str, Any]) -> int:
     """Patch size of a backbone config entry, read from its model name or overrides."""

@@ -155,3 +155,14 @@ def test_command_line_values_are_coerced_and_errors_blame_the_command_line():
     assert str(raised.value) == (
         "the command line (--config): training.batch_size is 'big', which is not of type integer (fix the value of this key)"
     )
+
+
+@pytest.mark.parametrize("backbone, key, value, message", [
+    ("tinyvit", "init_sed", 7, r"backbones\.tinyvit\.options\.init_sed: unknown option of family 'dinov2'; its options: init_seed"),
+    ("filterbank", "patch_size", "eight", r"backbones\.filterbank\.options\.patch_size is 'eight', which is not an integer"),
+])
+def test_backbone_options_are_checked_at_start_up_with_the_key_path(backbone, key, value, message):
+    config = demo_config()
+    config["backbones"][backbone]["options"] = {**config["backbones"][backbone].get("options", {}), key: value}
+    with pytest.raises(ConfigError, match=message):
+        validate_config(config)
