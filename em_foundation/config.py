@@ -368,8 +368,8 @@ def check_tile_fits(tile: int, height: int, width: int, what: str, source: str =
     if tile > height or tile > width:
         padded = tile * tile / (min(tile, height) * min(tile, width))
         raise ConfigError(
-            f"{source}: tiling.tile_size {tile} is larger than the {height}×{width} slices of {what}: every tile "
-            f"would be padding for {padded:.1f}× the pixels. Set tiling.tile_size to at most {min(height, width)} "
+            f"{source}: tiling.tile_size {tile} is larger than the {height}×{width} slices of {what}: the backbone "
+            f"would process {padded:.1f}× the pixels, the rest padding. Set tiling.tile_size to at most {min(height, width)} "
             "(a multiple of the patch sizes) or use tiling.mode: resize"
         )
 
