@@ -14,22 +14,53 @@ min_version("9.0")
 
 report: "report/workflow.rst"
 
-# With no --configfile, the published setup (config.yaml) or a named preset (the demo
-# profile passes --config preset=demo) is the config; a --configfile replaces it whole.
+# With no --configfile, the published setup (config.yaml) or a named preset
+# (--config preset=demo) is the config. A --configfile replaces it whole (the demo profile
+# passes profiles/demo/workflow_config.yaml that way), unless a preset is named explicitly;
+# --config key=value changes one key of whichever config is in force, so
+# `--profile profiles/demo --config seeds=[0]` is the demo with one seed.
 PRESETS = {"published": "config.yaml", "demo": "profiles/demo/workflow_config.yaml"}
+preset = config.get("preset")
+if preset is not None and preset not in PRESETS:
+    raise ValueError(f"--config preset={preset!r} is unknown; choose one of {', '.join(PRESETS)}")
 if not workflow.overwrite_configfiles:
-    preset = config.get("preset", "published")
-    if preset not in PRESETS:
-        raise ValueError(f"--config preset={preset!r} is unknown; choose one of {', '.join(PRESETS)}")
+    CONFIG_SOURCE = os.path.join(workflow.basedir, PRESETS[preset or "published"])
 
-    configfile: os.path.join(workflow.basedir, PRESETS[preset])
+    configfile: CONFIG_SOURCE
+
+elif preset is not None:
+    # An explicit preset wins over a profile's config file (profiles/demo passes one):
+    # start again from the preset, then apply the --config values on top.
+    import yaml
+    from snakemake.utils import update_config
+
+    CONFIG_SOURCE = os.path.join(workflow.basedir, PRESETS[preset])
+    with open(CONFIG_SOURCE) as handle:
+        config.clear()
+        config.update(yaml.safe_load(handle))
+    update_config(config, dict(workflow.config_settings.config))
+else:
+    CONFIG_SOURCE = ", ".join(map(str, workflow.configfiles))
 
 
 config.pop("preset", None)
 
+from snakemake.logging import logger
+
 from em_foundation.config import validate_config
 
-validate_config(config, source=", ".join(map(str, workflow.configfiles)) or "config")
+validate_config(
+    config,
+    source=CONFIG_SOURCE,
+    command_line={k: v for k, v in workflow.config_settings.config.items() if k != "preset"},
+    layering_hint=(
+        "A --configfile replaces the preset whole; to change only some values, layer your file on a preset: "
+        f"--configfile {os.path.join(workflow.basedir, PRESETS['published'])} yours.yaml "
+        f"(or {os.path.join(workflow.basedir, PRESETS['demo'])} for the demo); later files override "
+        "earlier ones. Single values can also be set with --config key=value."
+    ),
+    warn=logger.warning,
+)
 
 
 include: "rules/common.smk"

@@ -7,9 +7,12 @@ is the one the tests check.
 from __future__ import annotations
 
 import copy
+import math
+import re
+import sys
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jsonschema
 import yaml
@@ -69,28 +72,249 @@ def _key_path(error: jsonschema.ValidationError) -> str:
     return ".".join(str(part) for part in error.absolute_path) or "<top level>"
 
 
-def validate_config(config: dict[str, Any], source: str = "config") -> dict[str, Any]:
-    """Validate ``config`` in place (defaults filled) and check cross-references.
+_INTEGER = re.compile(r"[+-]?\d+")
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+_NOT_CONVERTED = object()
 
+
+def _from_text(text: str, types: list[str]) -> Any:
+    """The one reading of ``text`` that the schema's types allow, or _NOT_CONVERTED.
+
+    YAML 1.1 reads ``1e-3`` as a string, and ``--config`` values inside lists and mappings
+    arrive as strings (``seeds=[0]`` gives ``['0']``): both mean a number, unambiguously.
+    """
+    stripped = text.strip()
+    if "null" in types and stripped in ("null", "None", "~"):
+        return None
+    if "integer" in types and _INTEGER.fullmatch(stripped):
+        return int(stripped)
+    if "number" in types and _NUMBER.fullmatch(stripped):
+        value = float(stripped)
+        return int(value) if "integer" in types and value.is_integer() else value
+    if "boolean" in types and stripped.lower() in ("true", "false"):
+        return stripped.lower() == "true"
+    return _NOT_CONVERTED
+
+
+def _types(schema: dict[str, Any]) -> list[str]:
+    kind = schema.get("type", [])
+    return [kind] if isinstance(kind, str) else list(kind)
+
+
+def coerce_to_schema(value: Any, schema: Any) -> Any:
+    """``value`` with text converted to the schema's types where that reading is unambiguous;
+    anything else is left for validation to report with the key, the value and the type."""
+    if not isinstance(schema, dict):
+        return value
+    types = _types(schema)
+    if isinstance(value, str) and types and "string" not in types:
+        converted = _from_text(value, types)
+        if converted is not _NOT_CONVERTED:
+            return converted
+    if "array" in types and value is not None and not isinstance(value, (list, dict)):
+        # One value where a list is expected (seeds=0): a list of that one value.
+        return [coerce_to_schema(value, schema.get("items", {}))]
+    if isinstance(value, dict):
+        properties = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        return {
+            key: coerce_to_schema(item, properties.get(key, extra if isinstance(extra, dict) else {}))
+            for key, item in value.items()
+        }
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [coerce_to_schema(item, schema["items"]) for item in value]
+    return value
+
+
+def _given_on_command_line(path: list[Any], command_line: dict[str, Any] | None) -> bool:
+    node: Any = command_line
+    for part in path:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+        if not isinstance(node, dict):
+            return True
+    return bool(path)
+
+
+def _warn_to_stderr(message: str) -> None:
+    print(f"WARNING: {message}", file=sys.stderr)
+
+
+def validate_config(
+    config: dict[str, Any],
+    source: str = "config",
+    command_line: dict[str, Any] | None = None,
+    layering_hint: str | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Validate ``config`` in place (text coerced to the schema's types, defaults filled) and
+    check what the schema cannot: cross-references, weights, converter options, the grid.
+
+    ``command_line`` holds the values given with ``--config``: an error in one of them names
+    the command line instead of ``source``. ``layering_hint`` is added when required blocks
+    are missing (a --configfile replaces the preset whole). Warnings go to ``warn``.
     Raises ConfigError naming the offending key; returns the config for chaining.
     """
-    validator = _Validator(load_schema())
+    warn = warn or _warn_to_stderr
+    schema = load_schema()
+    config.update(coerce_to_schema(config, schema))
+    validator = _Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         error = errors[0]
+        where = source
+        if _given_on_command_line(list(error.absolute_path), command_line):
+            where = "the command line (--config)"
         if error.validator == "additionalProperties" and isinstance(error.instance, dict):
             allowed = sorted(error.schema.get("properties", {}))
             unknown = sorted(set(error.instance) - set(allowed))
-            where = _key_path(error)
+            if _given_on_command_line([*error.absolute_path, unknown[0]], command_line):
+                where = "the command line (--config)"
             raise ConfigError(
-                f"{source}: unknown key(s) {', '.join(map(repr, unknown))} under {where}; "
+                f"{where}: unknown key(s) {', '.join(map(repr, unknown))} under {_key_path(error)}; "
                 f"allowed keys there: {', '.join(allowed)}"
             )
+        if error.validator == "required" and not error.absolute_path:
+            missing = [key for key in error.validator_value if key not in config]
+            raise ConfigError(
+                f"{where}: the required block(s) {', '.join(missing)} are missing. "
+                + (layering_hint or "A config must define datasets, training_sets and backbones.")
+            )
+        if error.validator == "type":
+            expected = " or ".join(_types(error.schema))
+            raise ConfigError(
+                f"{where}: {_key_path(error)} is {error.instance!r}, which is not of type {expected} (fix the value of this key)"
+            )
         raise ConfigError(
-            f"{source}: {_key_path(error)}: {error.message} (fix the value of this key)"
+            f"{where}: {_key_path(error)}: {error.message} (fix the value of this key)"
         )
+    # Free-form blocks first: the checks after them read their values.
+    _check_converters(config, source)
+    _check_backbone_options(config, source)
     _check_references(config, source)
+    _check_grid(config, source, warn)
+    _check_weights(config, source)
     return config
+
+
+def _check_grid(config: dict[str, Any], source: str, warn: Callable[[str], None]) -> None:
+    """A regime a family cannot run is dropped with a warning; a config with no runs at all is refused."""
+    from em_foundation.grid import FAMILY_REGIMES, runs
+
+    for name, backbone in config["backbones"].items():
+        family = backbone["family"]
+        dropped = [regime for regime in config["regimes"] if regime not in FAMILY_REGIMES[family]]
+        if dropped:
+            warn(
+                f"{source}: regimes lists {', '.join(dropped)}, which backbone {name!r} (family {family}) cannot run: "
+                f"it runs {', '.join(r for r in config['regimes'] if r in FAMILY_REGIMES[family]) or 'nothing'} only"
+            )
+    if not runs(config):
+        families = sorted({backbone["family"] for backbone in config["backbones"].values()})
+        supported = "; ".join(f"{family}: {', '.join(FAMILY_REGIMES[family])}" for family in families)
+        raise ConfigError(
+            f"{source}: regimes {config['regimes']} give no runs for backbones "
+            f"{', '.join(config['backbones'])}. Regimes each family runs: {supported}"
+        )
+
+
+def _check_weights(config: dict[str, Any], source: str) -> None:
+    """``weights`` is a keyword or a file; a typo ('randon') is not taken for a missing file."""
+    import zipfile
+
+    for name, backbone in config["backbones"].items():
+        weights = backbone["weights"]
+        if backbone["family"] == "filterbank" or weights in ("pretrained", "random"):
+            continue
+        path = Path(weights)
+        key = f"backbones.{name}.weights"
+        if not path.is_file():
+            raise ConfigError(
+                f"{source}: {key} is {weights!r}: not 'pretrained', 'random', or an existing checkpoint file "
+                f"(no file {path.resolve()})"
+            )
+        # torch.save writes a zip archive; safetensors starts with its header length and a JSON header.
+        with open(path, "rb") as handle:
+            head = handle.read(9)
+        is_safetensors = path.suffix == ".safetensors" and len(head) == 9 and head[8:9] == b"{"
+        if not (zipfile.is_zipfile(path) or is_safetensors):
+            raise ConfigError(
+                f"{source}: {key}: {path} is not a checkpoint file (neither a torch.save archive nor "
+                ".safetensors); point it at the model's weights or use 'pretrained' or 'random'"
+            )
+
+
+def _check_backbone_options(config: dict[str, Any], source: str) -> None:
+    """``backbones.<name>.options`` against the keys its family reads."""
+    from em_foundation.grid import FAMILY_OPTIONS
+
+    for name, backbone in config["backbones"].items():
+        declared = FAMILY_OPTIONS[backbone["family"]]
+        for key, value in backbone["options"].items():
+            where = f"backbones.{name}.options.{key}"
+            if key not in declared:
+                raise ConfigError(
+                    f"{source}: {where}: unknown option of family {backbone['family']!r}; "
+                    f"its options: {', '.join(sorted(declared))}"
+                )
+            kind = declared[key]
+            if kind in (int, float) and isinstance(value, str):
+                value = _from_text(value, ["integer" if kind is int else "number"])
+            if value is _NOT_CONVERTED or not (isinstance(value, kind) and not isinstance(value, bool)):
+                raise ConfigError(
+                    f"{source}: {where} is {backbone['options'][key]!r}, which is not {_KIND_NAMES.get(kind, 'a list')}"
+                )
+            backbone["options"][key] = value
+
+
+def _check_converters(config: dict[str, Any], source: str) -> None:
+    """Converter names and their free-form ``options`` against the converter registry."""
+    from em_foundation.data.registry import CONVERTER_OPTIONS, CONVERTERS, load_converters
+
+    load_converters()
+    for name, dataset in config["datasets"].items():
+        converter = dataset["converter"]
+        if converter not in CONVERTERS:
+            raise ConfigError(
+                f"{source}: datasets.{name}.converter: unknown converter {converter!r}; "
+                f"registered: {', '.join(CONVERTERS.names())}"
+            )
+        declared = CONVERTER_OPTIONS.get(converter)
+        if declared is None:
+            continue
+        options = dataset["options"]
+        for key, value in options.items():
+            where = f"datasets.{name}.options.{key}"
+            if key not in declared:
+                raise ConfigError(
+                    f"{source}: {where}: unknown option of converter {converter!r}; "
+                    f"its options: {', '.join(sorted(declared))}"
+                )
+            default = declared[key]
+            if default is None or isinstance(default, list):
+                continue
+            kind = bool if isinstance(default, bool) else int if isinstance(default, int) else float if isinstance(default, float) else str
+            coerced = _from_text(value, ["integer" if kind is int else "number" if kind is float else "string"]) if isinstance(value, str) and kind is not str else value
+            if coerced is _NOT_CONVERTED or not _fits(coerced, kind):
+                raise ConfigError(
+                    f"{source}: {where} is {value!r}, which is not {_KIND_NAMES[kind]} (default {default!r})"
+                )
+            options[key] = coerced
+        missing = [key for key, default in declared.items() if default is None and key not in options]
+        if missing:
+            raise ConfigError(f"{source}: datasets.{name}.options needs {', '.join(missing)} for converter {converter!r}")
+
+
+_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
+
+
+def _fits(value: Any, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
 
 
 def _check_references(config: dict[str, Any], source: str) -> None:
@@ -102,6 +326,11 @@ def _check_references(config: dict[str, Any], source: str) -> None:
                     f"{source}: training_sets.{name} names dataset {member!r}, which is not "
                     f"under datasets (defined: {', '.join(sorted(datasets))})"
                 )
+    if config["evaluation"]["test_sets"] == []:
+        raise ConfigError(
+            f"{source}: evaluation.test_sets is an empty list, which would score nothing; "
+            "name at least one dataset, or write null to score every dataset"
+        )
     for member in config["evaluation"]["test_sets"] or []:
         if member not in datasets:
             raise ConfigError(
@@ -126,6 +355,10 @@ def _check_references(config: dict[str, Any], source: str) -> None:
         return
     if overlap >= tile:
         raise ConfigError(f"{source}: tiling.overlap ({overlap}) must be smaller than tiling.tile_size ({tile})")
+    for name, dataset in config["datasets"].items():
+        options = dataset.get("options") or {}
+        if dataset["converter"] == "synthetic" and "height" in options and "width" in options:
+            check_tile_fits(tile, int(options["height"]), int(options["width"]), f"dataset {name!r}", source)
     from em_foundation.grid import patch_size_of
 
     for name, backbone in config["backbones"].items():
@@ -135,6 +368,17 @@ def _check_references(config: dict[str, Any], source: str) -> None:
                 f"{source}: tiling.tile_size {tile} is not a multiple of the patch size {patch} "
                 f"of backbone {name!r}; use a common multiple (448 suits patch 14 and 16)"
             )
+
+
+def check_tile_fits(tile: int, height: int, width: int, what: str, source: str = "config") -> None:
+    """A tile larger than the slices is mostly padding: the backbone pays for pixels that do not exist."""
+    if tile > height or tile > width:
+        padded = tile * tile / (min(tile, height) * min(tile, width))
+        raise ConfigError(
+            f"{source}: tiling.tile_size {tile} is larger than the {height}×{width} slices of {what}: the backbone "
+            f"would process {padded:.1f}× the pixels, the rest padding. Set tiling.tile_size to at most {min(height, width)} "
+            "(a multiple of the patch sizes) or use tiling.mode: resize"
+        )
 
 
 def load_config(path: str | Path) -> dict[str, Any]:

@@ -13,7 +13,7 @@ returning a ``Backbone``, and, for hub weights, a ``hub_source(spec)`` function)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -39,6 +39,9 @@ class Family:
     lora_targets: str | None = None  # regex over module names that LoRA adapts; None: no LoRA
     default_model: str | None = None  # architecture when the config entry names none
     standardise_tokens: bool = False  # head sees tokens standardised with training-set statistics
+    # keys the builder reads from ``backbones.<name>.options`` and their types: the config
+    # check at start-up names any other key (a typo is otherwise silently ignored)
+    options: dict[str, type] = field(default_factory=dict)
     note: str = ""
 
 
@@ -58,6 +61,7 @@ FAMILIES: dict[str, Family] = {
             # eigenvalues); fed raw, the head's BatchNorm behaves very differently in training
             # and evaluation mode. ViT tokens are layer-normalised and reach the head untouched.
             standardise_tokens=True,
+            options={"sigmas": list, "patch_size": int},
             note="ilastik's default Gaussian-derivative filter bank, pooled to a patch grid",
         ),
         # DINOv2 and DINOv3 through timm: ImageNet constants, the same builder, hub source and
@@ -74,6 +78,7 @@ FAMILIES: dict[str, Family] = {
                 hub="timm_vit:hub_source",
                 lora_targets=r".*blocks\.\d+\.attn\.(qkv|proj)",
                 default_model=model,
+                options={"init_seed": int},
             )
             for name, patch, model in (
                 ("dinov2", 14, "vit_large_patch14_dinov2.lvd142m"),
@@ -93,6 +98,7 @@ FAMILIES: dict[str, Family] = {
             # Attention input and output projections after SplitAttention made them Linear.
             lora_targets=r".*resblocks\.\d+\.attn\.(qkv|proj)",
             default_model="ViT-L-14",
+            options={"pretrained_tag": str, "init_seed": int},
         ),
     )
 }
@@ -108,6 +114,7 @@ def family_of(name: str) -> Family:
 
 # Views of the table for callers that want a plain mapping.
 FAMILY_REGIMES: dict[str, tuple[str, ...]] = {name: family.regimes for name, family in FAMILIES.items()}
+FAMILY_OPTIONS: dict[str, dict[str, type]] = {name: family.options for name, family in FAMILIES.items()}
 FAMILY_DEFAULT_PATCH: dict[str, int] = {name: family.default_patch for name, family in FAMILIES.items()}
 HUB_FAMILIES: tuple[str, ...] = tuple(name for name, family in FAMILIES.items() if family.hub)
 STANDARDISED_FAMILIES: frozenset[str] = frozenset(name for name, family in FAMILIES.items() if family.standardise_tokens)

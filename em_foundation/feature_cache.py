@@ -8,12 +8,14 @@ Cache layout, one HDF5 file per (backbone, dataset)::
     /<split>/tokens   float16 (n_tiles, C, h, w), chunked one tile per chunk
     /<split>/pooled   float32 (n_images, C)  one embedding per slice (domain analysis)
     /<split>/tile_pooled float32 (n_tiles, C)
+    /<split>/tokens_digest uint64 (n_tiles,) BLAKE2 digest of each tile's stored tokens
     attrs             backbone name, family, patch size, weights identity, normalisation,
                       layers, pooling, tile size and overlap
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from contextlib import nullcontext
 from pathlib import Path
@@ -26,7 +28,7 @@ from tqdm import tqdm
 
 from em_foundation.backbones.base import Backbone
 from em_foundation.data.tiles import read_tiles
-from em_foundation.io import atomic_path
+from em_foundation.io import atomic_path, check_finite, create_dataset, damaged, open_h5
 
 
 def to_unit_float(tiles: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -58,41 +60,85 @@ def cache_features(
     counts = {}
     with atomic_path(out, suffix=".h5") as tmp, h5py.File(tmp, "w") as handle:
         handle.attrs.update({key: json.dumps(value) if not isinstance(value, (str, int, float)) else value for key, value in {**backbone.describe(), **attrs}.items()})
-        with h5py.File(tiles_path, "r") as tiles_file:
+        with open_h5(tiles_path) as tiles_file:
             split_names = list(tiles_file)
         for split_name in split_names:
             tiles = read_tiles(tiles_path, split_name)
             n_tiles = len(tiles.raw)
             grid_shape = tuple(side // backbone.patch_size for side in tiles.tile_shape)
             group = handle.create_group(split_name)
-            tokens = group.create_dataset(
+            tokens = create_dataset(
+                group,
                 "tokens",
                 shape=(n_tiles, backbone.embed_dim, *grid_shape),
                 dtype=np.float16,
                 chunks=(1, backbone.embed_dim, *grid_shape),
             )
             tile_pooled = np.zeros((n_tiles, backbone.embed_dim), dtype=np.float32)
+            digests = np.zeros(n_tiles, dtype=np.uint64)
             with torch.inference_mode(), _autocast(device):
                 for start in tqdm(range(0, n_tiles, batch_size), desc=f"features {split_name}", unit="batch"):
                     batch = to_unit_float(tiles.raw[start : start + batch_size], device)
                     output = backbone(batch)
                     # Cast on the device: half the bytes cross to the host.
-                    tokens[start : start + len(batch)] = output.grid.to(torch.float16).cpu().numpy()
+                    grid = output.grid.to(torch.float16).cpu().numpy()
+                    tokens[start : start + len(batch)] = grid
+                    digests[start : start + len(batch)] = tile_digests(grid)
                     tile_pooled[start : start + len(batch)] = output.pooled.float().cpu().numpy()
             n_images = len(tiles.names)
             pooled = np.stack([tile_pooled[tiles.image_index == i].mean(axis=0) for i in range(n_images)])
-            group.create_dataset("pooled", data=pooled)
-            group.create_dataset("tile_pooled", data=tile_pooled)
+            create_dataset(group, "pooled", data=pooled)
+            create_dataset(group, "tile_pooled", data=tile_pooled)
+            create_dataset(group, "tokens_digest", data=digests)
             counts[split_name] = n_tiles
     return counts
 
 
+def tile_digests(tokens: np.ndarray) -> np.ndarray:
+    """One 64-bit BLAKE2 digest per tile of a (n, C, h, w) token array.
+
+    HDF5's Fletcher-32 checksum cannot see a chunk zeroed whole (the checksum of zeros is
+    zero) and the tokens are stored uncompressed for speed, so each tile carries its own digest.
+    """
+    tokens = np.ascontiguousarray(tokens)
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "little") for row in tokens], dtype=np.uint64
+    )
+
+
+class CheckedTokens:
+    """A cache's ``/<split>/tokens`` read row-wise, each read checked against the stored
+    digests and for finiteness, so damage stops the run with the file named."""
+
+    def __init__(self, handle: Any, split: str, path: str | Path) -> None:
+        group = handle[split]
+        self._tokens, self._path, self._what = group["tokens"], path, f"/{split}/tokens"
+        # Caches written before digests existed are read with the checksum and finiteness checks only.
+        self._digests = group["tokens_digest"][()] if "tokens_digest" in group else None
+        self.shape, self.dtype = self._tokens.shape, self._tokens.dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice | np.ndarray) -> np.ndarray:
+        values = self._tokens[rows]
+        check_finite(values, self._path, self._what)
+        if self._digests is not None:
+            expected = self._digests[rows]
+            bad = np.flatnonzero(tile_digests(values) != expected)
+            if len(bad):
+                index = np.arange(len(self))[rows][bad]
+                raise damaged(self._path, f"{len(bad)} tiles of {self._what} differ from their stored digest, first tile {index[0]}")
+        return values
+
+
 def read_tokens(path: str | Path, split: str, indices: np.ndarray | None = None) -> np.ndarray:
-    with h5py.File(path, "r") as handle:
-        tokens = handle[split]["tokens"]
-        return tokens[()] if indices is None else tokens[np.sort(indices)]
+    """Cached tokens, checked: a damaged cache stops the run with the file named."""
+    with open_h5(path) as handle:
+        tokens = CheckedTokens(handle, split, path)
+        return tokens[slice(None)] if indices is None else tokens[np.sort(indices)]
 
 
 def read_cache_attrs(path: str | Path) -> dict[str, Any]:
-    with h5py.File(path, "r") as handle:
+    with open_h5(path) as handle:
         return dict(handle.attrs)

@@ -11,9 +11,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 # Views of the families and regimes tables, importable from here as before.
-from em_foundation.families import FAMILIES, FAMILY_DEFAULT_PATCH, FAMILY_REGIMES, HUB_FAMILIES, family_of  # noqa: F401
+from em_foundation.families import FAMILIES, FAMILY_DEFAULT_PATCH, FAMILY_OPTIONS, FAMILY_REGIMES, HUB_FAMILIES, family_of  # noqa: F401
 from em_foundation.regimes import BACKBONE_REGIMES, CACHED_REGIMES  # noqa: F401
-
 
 def patch_size_of(backbone: dict[str, Any]) -> int:
     """Patch size of a backbone config entry, read from its model name or overrides."""

@@ -1,14 +1,95 @@
-"""File writing that never leaves a partial output behind."""
+"""File writing that never leaves a partial output behind, and reading that names a damaged file."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import tempfile
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+# Every HDF5 dataset the workflow writes carries a Fletcher-32 checksum per chunk, so a
+# chunk damaged on disk fails to read instead of silently giving other numbers.
+H5_CHECKSUM = {"fletcher32": True}
+
+
+def create_dataset(group: Any, name: str, data: Any = None, **kwargs: Any) -> Any:
+    """``group.create_dataset`` with a checksum wherever HDF5 allows a filter.
+
+    Variable-length strings (names) and scalars cannot carry one; they are small, and their
+    damage shows as a read error anyway.
+    """
+    import numpy as np
+
+    dtype = kwargs.get("dtype", getattr(data, "dtype", None))
+    shape = kwargs.get("shape", getattr(data, "shape", None))
+    if dtype is not None and np.dtype(dtype).kind not in "OSUV" and shape:
+        kwargs = {**H5_CHECKSUM, **kwargs}
+    return group.create_dataset(name, data=data, **kwargs)
+
+
+class DamagedFileError(RuntimeError):
+    """A workflow file cannot be read as written; the message names it and says to rebuild it."""
+
+
+def damaged(path: str | os.PathLike, detail: object) -> DamagedFileError:
+    return DamagedFileError(
+        f"{path} is damaged or unreadable ({detail}). Delete it and rerun the workflow: "
+        "Snakemake rebuilds it from its inputs."
+    )
+
+
+@contextmanager
+def open_h5(path: str | os.PathLike) -> Iterator[Any]:
+    """Open an HDF5 file for reading; any HDF5 read error (truncated file, failed checksum,
+    broken chunk) becomes a DamagedFileError naming the file.
+
+    Everything that reads a workflow HDF5 file goes through here, so a damaged cache never
+    reaches a user as h5py's bare "truncated file" or as silently different numbers.
+    """
+    import h5py
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as error:
+        raise damaged(path, error) from None
+    try:
+        with handle:
+            yield handle
+    except DamagedFileError:
+        raise
+    except OSError as error:
+        # Raised by h5py while reading this file's objects (errors of other files opened in
+        # the same block are named by their own open_h5).
+        raise damaged(path, error) from None
+
+
+def check_finite(values: Any, path: str | os.PathLike, what: str) -> Any:
+    """Tokens hold no NaN or infinity unless the file was damaged (or written by a broken backbone)."""
+    import numpy as np
+
+    bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
+    if bad:
+        raise damaged(path, f"{bad} non-finite values in {what}")
+    return values
+
+
+def _temporary(path: Path, suffix: str) -> Path:
+    # One fixed name per output: a retry after a killed job overwrites the leftover of the
+    # try before instead of leaking another hidden file of gigabytes.
+    return path.with_name(f".{path.name}.tmp{suffix}")
+
+
+def _remove_stale(path: Path, suffix: str) -> None:
+    """Drop hidden leftovers of the random names this function used to create (mkstemp)."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[A-Za-z0-9_]{{8}}{re.escape(suffix)}")
+    for leftover in path.parent.glob(f".{path.name}.*"):
+        if pattern.fullmatch(leftover.name):
+            leftover.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -16,21 +97,21 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
 
     A crash, a failed check or a killed job leaves no file at ``path``, so Snakemake
-    (and a user) never mistakes a half-written HDF5 file for a finished one.
+    (and a user) never mistakes a half-written HDF5 file for a finished one. The writer
+    creates the temporary file itself, so the final file gets the permissions the umask
+    gives every other file (readable by the group when the umask allows it).
     """
     path = Path(path)
+    suffix = suffix if suffix is not None else ".tmp"
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=suffix if suffix is not None else ".tmp", dir=path.parent
-    )
-    os.close(fd)
-    tmp_path = Path(tmp)
+    _remove_stale(path, suffix)
+    tmp_path = _temporary(path, suffix)
+    tmp_path.unlink(missing_ok=True)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        tmp_path.unlink(missing_ok=True)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

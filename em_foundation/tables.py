@@ -67,10 +67,12 @@ def summary_markdown(summary: pd.DataFrame, metric: str = "fg_iou") -> str:
     def cell(row: pd.Series) -> str:
         std = row[f"{metric}_std"]
         spread = "n/a" if pd.isna(std) else f"{std:.3f}"
-        return f"{row[f'{metric}_mean']:.3f} ± {spread} ({int(row[f'{metric}_n'])})"
+        mean = row[f"{metric}_mean"]
+        return f"{'n/a' if pd.isna(mean) else f'{mean:.3f}'} ± {spread} ({int(row[f'{metric}_n'])})"
 
     table = summary.assign(value=summary.apply(cell, axis=1)).pivot_table(
         index=["backbone", "regime", "train_set", "alignment"], columns="test_set", values="value", aggfunc="first"
     )
     header = f"Foreground IoU on each test set: mean ± sample std (n seeds)\n\n" if metric == "fg_iou" else f"{metric}: mean ± sample std (n seeds)\n\n"
-    return header + table.reset_index().to_markdown(index=False) + "\n"
+    # A model not scored on a test set (evaluation.test_sets) has no cell: empty, not "nan".
+    return header + table.reset_index().fillna("").to_markdown(index=False) + "\n"

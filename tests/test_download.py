@@ -177,3 +177,18 @@ def test_real_vnc_archive_checksum_from_readme(shared_data, tmp_path):
     dest = tmp_path / "downloads" / "vnc.zip"
     download(source.as_uri(), "6763f2a91af1fc21f334dbe0ed88fe50bed5aec546426f2f8a3762667a9ad309", dest)
     assert dest.stat().st_size == source.stat().st_size
+
+
+def test_unverified_download_warning_reaches_the_console_not_only_the_log(archive, tmp_path):
+    from tests.workflow import demo_config, snakemake, write_config
+
+    source, sha = archive
+    config = demo_config()
+    config["datasets"]["lucchi"] = {"converter": "lucchi_pp", "url": source.as_uri(), "sha256": None}
+    configfile = write_config(tmp_path / "config.yaml", config)
+    result = snakemake(tmp_path / "work", "resources/downloads/lucchi.zip", configfile=configfile)
+    console = result.stdout + result.stderr
+    print(console[-1500:])
+    assert f"WARNING: UNVERIFIED download: no sha256 configured for {source.as_uri()}. Its sha256 is {sha}" in console
+    assert "datasets.lucchi.url / datasets.lucchi.sha256" in console
+    assert "UNVERIFIED" in (tmp_path / "work/results/logs/download_dataset/lucchi.log").read_text()

@@ -36,3 +36,14 @@ def test_union_rows_pool_pixels_and_summary_uses_sample_std(tmp_path):
     ious = runs[(runs.train_set == "paired") & (runs.test_set == "a")]["fg_iou"]
     assert cell["fg_iou_std"] == pytest.approx(np.std(ious, ddof=1)) and cell["fg_iou_n"] == 2
     assert "± " in summary_markdown(summary)
+
+
+def test_summary_markdown_leaves_a_cell_empty_where_a_model_was_not_scored(tmp_path):
+    files = [write_metrics(tmp_path, "paired", ["a", "c"], 0, "a", 50, 10, 10, 930),
+             write_metrics(tmp_path, "a", ["a"], 0, "c", 1, 1, 1, 997)]  # model "a" is never scored on "a"
+    markdown = summary_markdown(summarise(collect_runs(files)))
+    print(markdown)
+    assert "nan" not in markdown.lower()
+    row = next(line for line in markdown.splitlines() if line.startswith("| b ") and "| a " in line[:40] and "none" in line)
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[4] == "" and cells[5].startswith("0.333 ± n/a (1)"), cells

@@ -221,3 +221,31 @@ def test_vit_tokens_reach_the_head_as_published():
     assert model.standardiser is None
     with pytest.raises(ValueError, match="a mean and a scale for each of the 6 channels"):
         build_segmenter("head", {}, HEAD, {}, in_channels=6, patch_size=14, input_standardisation={"mean": [0.0] * 5, "scale": [1.0] * 5})
+
+
+def test_huge_learning_rate_stops_at_the_first_non_finite_loss_and_writes_no_model(data, tmp_path):
+    training = {**TRAINING, "lr": 1e6, "max_epochs": 6, "patience": 10}
+    with pytest.raises(RuntimeError) as raised:
+        run_head(data, tmp_path, seed=0, training=training)
+    message = str(raised.value)
+    print(message)
+    assert "run filterbank/head/fibsem/none/seed0" in message and "epoch 1:" in message
+    assert "training.lr (now 1000000.0)" in message and "training.grad_clip (now 1.0)" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "a diverged run left files behind"
+
+
+def test_non_finite_validation_loss_after_good_epochs_stops_and_drops_the_checkpoint(data, tmp_path, monkeypatch):
+    import em_foundation.training.trainer as trainer_module
+
+    calls = {"n": 0}
+    real = trainer_module._validation_loss
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        return float("inf") if calls["n"] == 3 else real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "_validation_loss", poisoned)
+    with pytest.raises(RuntimeError, match=r"diverged at epoch 3: the validation loss is inf"):
+        run_head(data, tmp_path, seed=0, training={**TRAINING, "max_epochs": 6, "patience": 10})
+    assert not (tmp_path / "model.pt").exists() and not (tmp_path / "checkpoint.pt").exists()
+    assert not (tmp_path / "run.json").exists()

@@ -25,10 +25,10 @@ def write_config(path: Path, config: dict) -> Path:
 
 def snakemake(workdir: Path, *args: str, configfile: Path | None = None, check: bool = True, timeout: int = 1800) -> subprocess.CompletedProcess:
     """Run snakemake with the demo profile (or a config file that replaces its config)."""
-    command = SNAKEMAKE + ["-d", str(workdir), "--profile", str(REPO / "profiles/demo")]
-    if configfile is not None:
+    command = SNAKEMAKE + ["-d", str(workdir), "--profile", str(REPO / "profiles/demo")] + list(args)
+    if configfile is not None:  # last: --configfile takes every following word as a file
         command += ["--configfile", str(configfile)]
-    result = subprocess.run(command + list(args), capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
     return result

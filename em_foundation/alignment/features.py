@@ -172,10 +172,11 @@ def domain_stats_from_cache(
     path: str | Path, split: str, dataset: str = "", eps: float = DEFAULT_EPS, chunk_tiles: int = DEFAULT_CHUNK_TILES
 ) -> DomainStats:
     """``domain_stats`` of a feature cache's ``/<split>/tokens`` without loading it whole."""
-    import h5py
+    from em_foundation.feature_cache import CheckedTokens
+    from em_foundation.io import open_h5
 
-    with h5py.File(path, "r") as handle:
-        return domain_stats(handle[split]["tokens"], eps, dataset, split=split, chunk_tiles=chunk_tiles)
+    with open_h5(path) as handle:
+        return domain_stats(CheckedTokens(handle, split, path), eps, dataset, split=split, chunk_tiles=chunk_tiles)
 
 
 def stats_by_source(

@@ -12,11 +12,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import h5py
 import numpy as np
 import pandas as pd
 
 from em_foundation.analysis.domain import analyse_domains, sample_patch_tokens
+from em_foundation.feature_cache import CheckedTokens
+from em_foundation.io import check_finite, open_h5
 
 CHUNK = 64  # tiles read at once
 FRECHET_SUMMARY = ["view", "dataset_a", "dataset_b", "variant", "value", "ci_low", "ci_high",
@@ -28,9 +29,9 @@ UMAP_COLUMNS = ["backbone", "view", "dataset", "index", "umap1", "umap2"]
 
 def pooled_view(path: str) -> tuple[np.ndarray, np.ndarray]:
     """(n_images, C) over both splits, with 'split/image' ids."""
-    with h5py.File(path, "r") as handle:
+    with open_h5(path) as handle:
         splits = sorted(handle)
-        arrays = [handle[s]["pooled"][()] for s in splits]
+        arrays = [check_finite(handle[s]["pooled"][()], path, f"/{s}/pooled") for s in splits]
     ids = [f"{s}/{i}" for s, a in zip(splits, arrays) for i in range(len(a))]
     return np.concatenate(arrays).astype(np.float32), np.array(ids)
 
@@ -42,7 +43,9 @@ def token_view(features: str, tiles: str, per_tile: int, max_tokens: int | None,
     max_tokens // n_tiles (at least 1): every tile, so every image, still contributes.
     """
     chunks, ids = [], []
-    with h5py.File(features, "r") as handle, h5py.File(tiles, "r") as tile_file:
+    with open_h5(tiles) as tile_file:  # tile -> image, the tiles file's layout
+        image_indices = {split: tile_file[split]["image_index"][()] for split in tile_file}
+    with open_h5(features) as handle:
         splits = sorted(handle)
         total_tiles = sum(len(handle[s]["tokens"]) for s in splits)
         _, _, h, w = handle[splits[0]]["tokens"].shape
@@ -50,8 +53,8 @@ def token_view(features: str, tiles: str, per_tile: int, max_tokens: int | None,
         if max_tokens:
             take = max(1, min(take, max_tokens // total_tiles))
         for k, split in enumerate(splits):
-            tokens = handle[split]["tokens"]
-            image_index = tile_file[split]["image_index"][()]  # tile -> image, the tiles file's layout
+            tokens = CheckedTokens(handle, split, features)
+            image_index = image_indices[split]
             if len(image_index) != len(tokens):
                 raise ValueError(f"{features}: {len(tokens)} {split} tiles but {tiles} has {len(image_index)}")
             n_tiles = len(tokens)
@@ -79,7 +82,7 @@ def standardised_per_dataset(embeddings: dict[str, np.ndarray]) -> dict[str, np.
 
 
 def cache_attrs(path: str) -> dict[str, Any]:
-    with h5py.File(path, "r") as handle:
+    with open_h5(path) as handle:
         return {k: (v.item() if isinstance(v, np.generic) else str(v)) for k, v in handle.attrs.items()}
 
 

@@ -35,7 +35,12 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unreadable, truncated, or a pickle that is not a state dict
-        raise WeightsError(f"weights file {path} could not be read as a checkpoint: {error}") from error
+        # PyTorch's own text advises weights_only=False (unsafe, and no cure for a damaged file): keep its first sentence.
+        reason = str(error).strip().splitlines()[0].split(". ")[0] if str(error).strip() else type(error).__name__
+        raise WeightsError(
+            f"weights file {path} is not a checkpoint file ({reason}); replace it with the model's weights "
+            "(torch.save or .safetensors), or set backbones.<name>.weights to 'pretrained' or 'random'"
+        ) from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]

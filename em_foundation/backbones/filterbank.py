@@ -35,7 +35,7 @@ DEFAULT_SIGMAS = (0.7, 1.6, 3.5, 5.0)
 FILTERS_PER_SCALE = ("gaussian", "log", "ggm", "hess1", "hess2", "st1", "st2")
 STRUCTURE_OUTER = 2.0  # outer (integration) scale of the structure tensor, in units of sigma
 FILTER_SET_VERSION = "v1"  # bump whenever the filters' arithmetic changes
-_OPTIONS = {"sigmas", "patch_size"}
+_OPTIONS = set(FAMILIES["filterbank"].options)
 
 
 def channel_names(sigmas: Sequence[float]) -> list[str]:

@@ -42,7 +42,7 @@ from em_foundation.data.integrity import (
     stack_slices,
 )
 from em_foundation.data.prepared import IGNORE_LABEL, Split
-from em_foundation.data.registry import CONVERTERS
+from em_foundation.data.registry import CONVERTERS, declare_options
 
 # Files that archivers add and that are no part of a dataset.
 _METADATA = re.compile(r"(^|/)(__MACOSX/|\._|\.DS_Store$|Thumbs\.db$)")
@@ -215,6 +215,11 @@ def read_pairs(
     )
 
 
+LUCCHI_OPTIONS = declare_options("lucchi_pp", {"max_stray_fraction": 0.0})
+KASTHURI_OPTIONS = declare_options("kasthuri_pp", {"max_stray_fraction": 0.001, "voxel_size_nm": [3.0, 3.0, 30.0]})
+VNC_OPTIONS = declare_options("vnc", {"n_test": 3, "split_seed": 0, "max_stray_fraction": 0.001})
+
+
 def _options(spec: Mapping[str, Any], defaults: Mapping[str, Any], converter: str) -> dict[str, Any]:
     options = dict(spec.get("options") or {})
     unknown = sorted(set(options) - set(defaults))
@@ -261,7 +266,7 @@ def convert_lucchi_pp(archive: Optional[Path], spec: Mapping[str, Any]) -> tuple
     are read as gray and must be exactly {0, 255} by default (the data are clean, so any
     other value means a wrong file).
     """
-    options = _options(spec, {"max_stray_fraction": 0.0}, "lucchi_pp")
+    options = _options(spec, LUCCHI_OPTIONS, "lucchi_pp")
     splits, root, digest = _casser_layout(archive, "lucchi_pp", r"mask(\d+)\.png", r"(\d+)\.png",
                                   _label_reader(options["max_stray_fraction"]))
     return splits, {
@@ -288,7 +293,7 @@ def convert_kasthuri_pp(archive: Optional[Path], spec: Mapping[str, Any]) -> tup
     Labels are RGB: (255,255,255) mitochondria, (0,0,0) background, (2,2,2) an unlabelled
     area, stored as IGNORE_LABEL so that training and metrics skip it.
     """
-    options = _options(spec, {"max_stray_fraction": 0.001, "voxel_size_nm": [3.0, 3.0, 30.0]}, "kasthuri_pp")
+    options = _options(spec, KASTHURI_OPTIONS, "kasthuri_pp")
     splits, root, digest = _casser_layout(archive, "kasthuri_pp", r"\D*(\d+)\.png", r"\D*(\d+)\.png",
                                   _label_reader(options["max_stray_fraction"], ignore_value=2))
     return splits, {
@@ -325,7 +330,7 @@ def convert_vnc(archive: Optional[Path], spec: Mapping[str, Any]) -> tuple[dict[
     values (foreground >= 128). There is no official test split, so one is drawn once from
     ``split_seed`` and recorded in the attributes and the integrity report.
     """
-    options = _options(spec, {"n_test": 3, "split_seed": 0, "max_stray_fraction": 0.001}, "vnc")
+    options = _options(spec, VNC_OPTIONS, "vnc")
     dataset = "vnc"
     with open_zip(archive, dataset) as zf:
         members = _members(zf)

@@ -22,7 +22,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from em_foundation.io import atomic_path, decode
+from em_foundation.io import atomic_path, create_dataset, decode, open_h5
 
 IGNORE_LABEL = 255
 SPLITS = ("train", "test")
@@ -58,14 +58,14 @@ def write_prepared(path: str | Path, splits: dict[str, Split], attrs: dict[str, 
             for split_name, split in splits.items():
                 group = handle.create_group(split_name)
                 chunks = (1, *split.raw.shape[1:])
-                group.create_dataset("raw", data=split.raw.astype(np.uint8), chunks=chunks, compression="gzip", compression_opts=1)
-                group.create_dataset("labels", data=split.labels.astype(np.uint8), chunks=chunks, compression="gzip", compression_opts=1)
+                create_dataset(group, "raw", data=split.raw.astype(np.uint8), chunks=chunks, compression="gzip", compression_opts=1)
+                create_dataset(group, "labels", data=split.labels.astype(np.uint8), chunks=chunks, compression="gzip", compression_opts=1)
                 group.create_dataset("names", data=np.array(split.names, dtype=object), dtype=h5py.string_dtype())
                 group.create_dataset("sources", data=np.array(split.sources, dtype=object), dtype=h5py.string_dtype())
 
 
 def read_split(path: str | Path, split: str) -> Split:
-    with h5py.File(path, "r") as handle:
+    with open_h5(path) as handle:
         if split not in handle:
             raise KeyError(f"{path}: no split {split!r}; has {', '.join(handle)}")
         group = handle[split]
@@ -78,5 +78,5 @@ def read_split(path: str | Path, split: str) -> Split:
 
 
 def read_attrs(path: str | Path) -> dict[str, Any]:
-    with h5py.File(path, "r") as handle:
+    with open_h5(path) as handle:
         return {key: (value.item() if hasattr(value, "item") else value) for key, value in handle.attrs.items()}

@@ -17,6 +17,16 @@ CONVERTERS: Registry[tuple[dict[str, Split], dict[str, Any]]] = Registry("datase
 # Modules that register converters; imported on first use.
 _CONVERTER_MODULES = ("em_foundation.data.synthetic", "em_foundation.data.em_datasets")
 
+# Each converter's ``options`` and their defaults, declared beside the converter, so that the
+# config check at start-up names a wrong key or value instead of the job failing hours later.
+# A default of None marks a required option without a default.
+CONVERTER_OPTIONS: dict[str, dict[str, Any]] = {}
+
+
+def declare_options(converter: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    CONVERTER_OPTIONS[converter] = dict(defaults)
+    return defaults
+
 
 def get_converter(name: str):
     for module in _CONVERTER_MODULES:
@@ -24,3 +34,9 @@ def get_converter(name: str):
             break
         importlib.import_module(module)
     return CONVERTERS.get(name)
+
+
+def load_converters() -> None:
+    """Import every converter module, so that the registry and its option tables are complete."""
+    for module in _CONVERTER_MODULES:
+        importlib.import_module(module)

@@ -27,7 +27,7 @@ import numpy as np
 from scipy import ndimage
 
 from em_foundation.data.prepared import Split
-from em_foundation.data.registry import CONVERTERS
+from em_foundation.data.registry import CONVERTERS, declare_options
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,7 @@ DOMAINS: dict[str, DomainStyle] = {
 }
 
 DEFAULT_OPTIONS: dict[str, Any] = {"n_train": 12, "n_test": 4, "height": 256, "width": 256, "seed": 0}
+declare_options("synthetic", {"domain": None, **DEFAULT_OPTIONS})
 _STREAMS = {"train": 0, "test": 1}
 
 

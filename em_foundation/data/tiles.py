@@ -25,9 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from em_foundation.config import check_tile_fits
 from em_foundation.data.prepared import read_split
 from em_foundation.data.tile_grid import TileGrid, extract_tiles, stitch_tiles
-from em_foundation.io import atomic_path, decode
+from em_foundation.io import atomic_path, create_dataset, decode, open_h5
 
 
 def resized_shape(height: int, width: int, longest_edge: int, patch_size: int) -> tuple[int, int]:
@@ -110,7 +111,7 @@ def tile_dataset(
     """Cut every split into the inputs of ``view`` (see grid.parse_view); returns the number of tiles per split."""
     counts = {}
     with atomic_path(out, suffix=".h5") as tmp, h5py.File(tmp, "w") as handle:
-        with h5py.File(prepared, "r") as source:
+        with open_h5(prepared) as source:
             split_names = list(source)
         for split_name in split_names:
             split = read_split(prepared, split_name)
@@ -118,6 +119,7 @@ def tile_dataset(
             height, width = split.raw.shape[1:]
             if view["mode"] == "tile":
                 tile, overlap = view["tile_size"], view["overlap"]
+                check_tile_fits(tile, height, width, f"{prepared} ({split_name})", "tiling")
                 grid = TileGrid.for_shape(height, width, tile, overlap)
                 raw = np.concatenate([extract_tiles(image, grid) for image in split.raw])
                 labels = np.concatenate([extract_tiles(label, grid) for label in split.labels])
@@ -135,17 +137,17 @@ def tile_dataset(
                 "tile_height": raw.shape[1], "tile_width": raw.shape[2],
             })
             chunks = (1, *raw.shape[1:])
-            group.create_dataset("raw", data=raw, chunks=chunks, compression="gzip", compression_opts=1)
-            group.create_dataset("labels", data=labels, chunks=chunks, compression="gzip", compression_opts=1)
-            group.create_dataset("image_index", data=np.repeat(np.arange(len(split), dtype=np.int32), n_per_image))
-            group.create_dataset("positions", data=positions)
+            create_dataset(group, "raw", data=raw, chunks=chunks, compression="gzip", compression_opts=1)
+            create_dataset(group, "labels", data=labels, chunks=chunks, compression="gzip", compression_opts=1)
+            create_dataset(group, "image_index", data=np.repeat(np.arange(len(split), dtype=np.int32), n_per_image))
+            create_dataset(group, "positions", data=positions)
             group.create_dataset("names", data=np.array(split.names, dtype=object), dtype=h5py.string_dtype())
             counts[split_name] = len(raw)
     return counts
 
 
 def read_tiles(path: str | Path, split: str, with_pixels: bool = True) -> TileSet:
-    with h5py.File(path, "r") as handle:
+    with open_h5(path) as handle:
         group = handle[split]
         attrs = dict(group.attrs)
         return TileSet(

@@ -22,7 +22,7 @@ from em_foundation.data.tiles import TileSet, read_tiles
 from em_foundation.evaluation.metrics import Counts, confusion, scores
 from em_foundation.feature_cache import read_tokens, to_unit_float
 from em_foundation.grid import CACHED_REGIMES, parse_alignment
-from em_foundation.io import atomic_path, write_csv, write_json
+from em_foundation.io import atomic_path, create_dataset, write_csv, write_json
 
 
 def predict_image(
@@ -97,6 +97,6 @@ def write_evaluation(
     write_csv(per_image.assign(**{k: v for k, v in record.items() if not isinstance(v, (dict, list))}), out_images)
     with atomic_path(out_predictions, suffix=".h5") as tmp, h5py.File(tmp, "w") as handle:
         for name, prediction in zip(per_image["image"][:keep], predictions[:keep]):
-            handle.create_dataset(str(name), data=prediction, compression="gzip")
+            create_dataset(handle, str(name), data=prediction, compression="gzip")
     write_json(out_metrics, metrics)
     return metrics

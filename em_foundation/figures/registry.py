@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-import h5py
 import matplotlib.pyplot as plt
 import pandas as pd
 
 from em_foundation.data.prepared import read_split
 from em_foundation.figures import analysis_plots, plots
+from em_foundation.io import open_h5
 
 Inputs = dict[str, Sequence[str]]
 
@@ -64,7 +64,7 @@ def qualitative_examples(prepared: list[str], predictions: list[str], panels: li
             source = next(p for p in prepared if p.endswith(f"/{test_set}.h5"))
             truth = read_split(source, "test")
             examples[test_set] = {"dataset": test_set, "names": truth.names, "raw": truth.raw, "labels": truth.labels, "predictions": {}}
-        with h5py.File(path, "r") as handle:
+        with open_h5(path) as handle:
             if not len(handle):
                 continue
             name = sorted(handle, key=examples[test_set]["names"].index)[0]

@@ -17,11 +17,11 @@ from em_foundation.data.prepared import IGNORE_LABEL
 from em_foundation.data.tiles import read_tiles
 from em_foundation.families import STANDARDISED_FAMILIES
 from em_foundation.feature_cache import read_cache_attrs, read_tokens, to_unit_float
-from em_foundation.grid import CACHED_REGIMES, parse_alignment
+from em_foundation.grid import CACHED_REGIMES, Run, parse_alignment
 from em_foundation.io import atomic_path, read_json, write_csv, write_json
 from em_foundation.runtime import seed_everything
 from em_foundation.training.segmenter import build_segmenter
-from em_foundation.training.trainer import TrainingData, fit
+from em_foundation.training.trainer import NonFiniteLoss, TrainingData, TrainingDiverged, fit
 
 
 def _tokens_to_tensor(tokens: np.ndarray) -> torch.Tensor:
@@ -142,7 +142,17 @@ def train_run(
             input_standardisation = {"mean": stats.mean.tolist(), "scale": stats.scale.tolist()}
     model = build_segmenter(regime, backbone, head, lora, in_channels, patch_size, input_standardisation)
     checkpoint = out_model.with_name("checkpoint.pt")
-    result = fit(model, train, val, training, generator, device, checkpoint, fingerprint_of(snapshot), balanced, stop_after_epochs)
+    try:
+        result = fit(model, train, val, training, generator, device, checkpoint, fingerprint_of(snapshot), balanced, stop_after_epochs)
+    except NonFiniteLoss as error:
+        # Nothing of a diverged run is worth resuming from; a rerun with a new lr starts afresh.
+        checkpoint.unlink(missing_ok=True)
+        run = Run(backbone_name, regime, train_set, seed, alignment).path
+        raise TrainingDiverged(
+            f"run {run}: training diverged at epoch {error.epoch}: the {error.which} loss is {error.value}. "
+            f"No model was written. Lower training.lr (now {training['lr']}) or training.grad_clip "
+            f"(now {training['grad_clip']}) and rerun."
+        ) from None
     with atomic_path(out_model, suffix=".pt") as tmp:
         torch.save({
             "regime": regime, "in_channels": in_channels, "patch_size": patch_size, "input_standardisation": input_standardisation,

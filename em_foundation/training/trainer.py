@@ -40,6 +40,18 @@ class TrainingData:
         return len(self.labels)
 
 
+class NonFiniteLoss(FloatingPointError):
+    """Training diverged: a loss became NaN or infinite, so no model of this run can be trusted."""
+
+    def __init__(self, epoch: int, which: str, value: float) -> None:
+        super().__init__(f"the {which} loss of epoch {epoch} is {value}")
+        self.epoch, self.which, self.value = epoch, which, value
+
+
+class TrainingDiverged(RuntimeError):
+    """A run's training diverged; the message names the run, the epoch and the settings to change."""
+
+
 @dataclass
 class FitResult:
     best_state: dict[str, torch.Tensor]
@@ -120,7 +132,9 @@ def fit(
 ) -> FitResult:
     """Train until the validation loss has not improved for ``patience`` epochs.
 
-    ``stop_after_epochs`` ends the process's work early (for tests that simulate a killed
+    A non-finite training or validation loss raises NonFiniteLoss at once: early stopping
+    would otherwise "succeed" with no best state and the failure would surface only at
+    evaluation. ``stop_after_epochs`` ends the process's work early (for tests that simulate a killed
     job); the checkpoint then lets a rerun continue.
     """
     model.to(device)
@@ -158,7 +172,11 @@ def fit(
             loss = train_step(model, parameters, optimizer, inputs, labels, training["grad_clip"])
             losses.append(loss)  # read once per epoch, not per step (no GPU sync)
         train_loss = torch.stack(losses).double().mean().item() if losses else math.nan
+        if not math.isfinite(train_loss):
+            raise NonFiniteLoss(epoch + 1, "training", train_loss)
         val_loss = _validation_loss(model, val, training["batch_size"], device)
+        if not math.isfinite(val_loss):
+            raise NonFiniteLoss(epoch + 1, "validation", val_loss)
         improved = val_loss < state["best_val"]
         if improved:
             state.update(best_val=val_loss, best_epoch=epoch + 1, bad_epochs=0, best_state=_trainable_state(model))
