@@ -16,7 +16,11 @@ report: "report/workflow.rst"
 
 # With no --configfile, the published setup (config.yaml) or a named preset (the demo
 # profile passes --config preset=demo) is the config; a --configfile replaces it whole.
-PRESETS = {"published": "config.yaml", "demo": "profiles/demo/workflow_config.yaml"}
+PRESETS = {
+    "published": "config.yaml",
+    "demo": "profiles/demo/workflow_config.yaml",
+    "extended": "profiles/extended/workflow_config.yaml",
+}
 if not workflow.overwrite_configfiles:
     preset = config.get("preset", "published")
     if preset not in PRESETS:

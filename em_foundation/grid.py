@@ -68,6 +68,16 @@ def parse_alignment(name: str) -> dict[str, Any]:
     }
 
 
+def resized_edge(longest_edge: int, patch: int) -> int:
+    """The longest edge a backbone really gets: the configured one floored to its patch.
+
+    The published 1022 gives 1022 for patch 14 and 1008 for patch 16: the slice is
+    resized so that its longest edge is that many pixels, then each side is floored to
+    the patch (data/tiles.resized_shape).
+    """
+    return max(patch, longest_edge // patch * patch)
+
+
 def view_of(config: dict[str, Any], backbone: str, intensity: str = "raw") -> str:
     """How a backbone sees a dataset: the tile geometry (and intensity normalisation) of its inputs.
 
@@ -78,7 +88,8 @@ def view_of(config: dict[str, Any], backbone: str, intensity: str = "raw") -> st
     if tiling["mode"] == "tile":
         geometry = f"tile{tiling['tile_size']}o{tiling['overlap']}"
     else:
-        geometry = f"resize{tiling['longest_edge']}p{patch_size_of(config['backbones'][backbone])}"
+        patch = patch_size_of(config["backbones"][backbone])
+        geometry = f"resize{resized_edge(tiling['longest_edge'], patch)}p{patch}"
     return geometry if intensity == "raw" else f"{geometry}-{intensity}"
 
 
