@@ -1,7 +1,16 @@
 """Aggregate every evaluation into the tables other tools rely on.
 
-``runs.csv``: one row per (backbone, regime, training set, seed, test set).
-``summary.csv`` / ``summary.md``: mean, sample standard deviation (ddof 1) and n per cell.
+``runs.csv``: one row per (backbone, regime, training set, seed, test set), with a 95 %
+bootstrap interval over test images (``fg_iou_ci_low``/``fg_iou_ci_high``, ``n_images``).
+``summary.csv`` / ``summary.md``: mean, sample standard deviation (ddof 1) and n per cell
+(the spread over seeds), beside the 95 % bootstrap interval over test images of that mean.
+
+Two sources of uncertainty, reported side by side because neither contains the other: the
+seed spread says how much training noise moves a score on these test images; the image
+interval says how much the score depends on which test slices happened to be drawn (VNC
+has 3 of them). The image bootstrap resamples whole slices with replacement, within each
+test set of a union, and recomputes the pooled IoU ΣTP / Σ(TP+FP+FN) from the resampled
+slices' counts; for a cell, every seed sees the same resample, and the seed mean is taken.
 """
 
 from __future__ import annotations
@@ -9,10 +18,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import pandas as pd
 
 from em_foundation.evaluation.metrics import Counts, scores
 from em_foundation.io import read_json
+
+CI_LEVEL = 95.0
 
 RUN_KEYS = ["backbone", "regime", "train_set", "alignment", "seed", "test_set"]
 CELL_KEYS = ["backbone", "regime", "train_set", "alignment", "test_set"]
@@ -40,7 +52,74 @@ def union_rows(rows: list[dict]) -> list[dict]:
     return unions
 
 
-def collect_runs(metric_files: Iterable[str | Path]) -> pd.DataFrame:
+def pooled_iou_interval(
+    counts: np.ndarray, strata: np.ndarray, n_boot: int, seed: int, ci: float = CI_LEVEL
+) -> tuple[float, float]:
+    """Bootstrap interval over test images of the (seed-averaged) pooled foreground IoU.
+
+    ``counts`` is (n_runs, n_images, 3): TP, FP, FN of each image for each run, every run
+    on the same images in the same order; ``strata`` (n_images,) names each image's test
+    set, and images are resampled with replacement within their stratum, so a union keeps
+    its composition. Each replicate recomputes ΣTP / Σ(TP+FP+FN) per run from the resampled
+    images and averages over runs. Seeded, so the same tables give the same interval.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.ndim != 3 or counts.shape[-1] != 3 or counts.shape[1] != len(strata):
+        raise ValueError(f"counts must be (n_runs, n_images, 3) for {len(strata)} images, got {counts.shape}")
+    if n_boot <= 0 or counts.shape[1] == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    weights = np.zeros((n_boot, counts.shape[1]))
+    strata = np.asarray(strata)
+    for stratum in dict.fromkeys(strata.tolist()):
+        members = np.flatnonzero(strata == stratum)
+        drawn = members[rng.integers(0, len(members), size=(n_boot, len(members)))]
+        for row, picks in enumerate(drawn):
+            weights[row] += np.bincount(picks, minlength=counts.shape[1])
+    totals = np.einsum("bi,rik->brk", weights, counts)  # (n_boot, n_runs, 3)
+    denominator = totals.sum(axis=-1)
+    iou = np.divide(totals[..., 0], denominator, out=np.ones_like(denominator), where=denominator > 0)
+    replicates = iou.mean(axis=1)
+    alpha = (100.0 - ci) / 2
+    low, high = np.percentile(replicates, [alpha, 100.0 - alpha])
+    return float(low), float(high)
+
+
+def _image_counts(by_run: dict[tuple, pd.DataFrame], run: tuple, test_sets: list[str]) -> tuple[np.ndarray, np.ndarray, list]:
+    """(strata, counts (n_images, 3), image keys) of one run on the named test sets, sorted by image."""
+    frames = [by_run[(*run, test_set)] for test_set in test_sets if (*run, test_set) in by_run]
+    if len(frames) != len(test_sets):
+        return np.array([]), np.zeros((0, 3)), []
+    images = pd.concat(frames, ignore_index=True).sort_values(["test_set", "image"], key=lambda c: c.astype(str))
+    keys = list(zip(images["test_set"].astype(str), images["image"].astype(str)))
+    return images["test_set"].astype(str).to_numpy(), images[["tp", "fp", "fn"]].to_numpy(np.float64), keys
+
+
+def _group_images(per_image: pd.DataFrame) -> dict[tuple, pd.DataFrame]:
+    per_image = per_image.copy()
+    if "alignment" not in per_image.columns:
+        per_image["alignment"] = "none"
+    per_image["seed"] = per_image["seed"].astype(int)
+    return {tuple(key): frame for key, frame in per_image.groupby(RUN_KEYS, sort=False)}
+
+
+def add_image_intervals(runs: pd.DataFrame, per_image: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
+    """``fg_iou_ci_low`` / ``fg_iou_ci_high`` per run row from its slices' pixel counts."""
+    by_run = _group_images(per_image)
+    lows, highs = [], []
+    for row in runs.itertuples(index=False):
+        run = tuple(getattr(row, key) for key in RUN_KEYS[:-1])
+        strata, counts, _ = _image_counts(by_run, run, row.test_set.split("+"))
+        low, high = pooled_iou_interval(counts[None], strata, n_boot, seed) if len(strata) else (np.nan, np.nan)
+        lows.append(low)
+        highs.append(high)
+    return runs.assign(fg_iou_ci_low=lows, fg_iou_ci_high=highs)
+
+
+def collect_runs(
+    metric_files: Iterable[str | Path], per_image: pd.DataFrame | None = None, n_boot: int = 1000, boot_seed: int = 0
+) -> pd.DataFrame:
+    """One row per run and test set; with ``per_image`` (the slices' counts) an image interval per row."""
     rows = [read_json(path) for path in metric_files]
     for row in rows:
         row.setdefault("alignment", "none")
@@ -49,28 +128,66 @@ def collect_runs(metric_files: Iterable[str | Path]) -> pd.DataFrame:
         raise ValueError("no evaluation results to aggregate")
     runs["in_domain"] = [set(test.split("+")) <= set(datasets) for test, datasets in zip(runs["test_set"], runs["train_datasets"])]
     runs["train_datasets"] = runs["train_datasets"].map("+".join)
-    first = RUN_KEYS + METRICS + ["n_pixels", "n_images", "in_domain"]
+    if per_image is not None:
+        runs = add_image_intervals(runs, per_image, n_boot, boot_seed)
+    else:
+        runs = runs.assign(fg_iou_ci_low=np.nan, fg_iou_ci_high=np.nan)
+    first = RUN_KEYS + METRICS + ["fg_iou_ci_low", "fg_iou_ci_high", "n_pixels", "n_images", "in_domain"]
     return runs[first + [c for c in runs.columns if c not in first]].sort_values(RUN_KEYS, ignore_index=True)
 
 
-def summarise(runs: pd.DataFrame) -> pd.DataFrame:
+def summarise(
+    runs: pd.DataFrame, per_image: pd.DataFrame | None = None, n_boot: int = 1000, boot_seed: int = 0
+) -> pd.DataFrame:
+    """Mean, sample std (ddof 1) and n over seeds per cell; with ``per_image``, the image interval of the mean."""
     grouped = runs.groupby(CELL_KEYS, sort=True)
     summary = grouped[METRICS].agg(["mean", "std", "count"])
     summary.columns = [f"{metric}_{stat if stat != 'count' else 'n'}" for metric, stat in summary.columns]
     summary["seeds"] = grouped["seed"].agg(lambda s: " ".join(map(str, sorted(s))))
     summary["in_domain"] = grouped["in_domain"].first()
-    return summary.reset_index()
+    summary["n_images"] = grouped["n_images"].first()
+    summary = summary.reset_index()
+    lows, highs = [], []
+    by_run = _group_images(per_image) if per_image is not None else {}
+    for cell in summary.itertuples(index=False):
+        key = {k: getattr(cell, k) for k in CELL_KEYS}
+        members = runs[(runs[CELL_KEYS] == pd.Series(key)).all(axis=1)]
+        stacked, strata, images = [], None, None
+        for seed in sorted(members["seed"]):
+            run = (key["backbone"], key["regime"], key["train_set"], key["alignment"], int(seed))
+            strata_, counts, keys = _image_counts(by_run, run, str(key["test_set"]).split("+"))
+            if images is not None and keys != images:
+                raise ValueError(f"seeds of cell {key} were scored on different test images; cannot pair them")
+            strata, images = strata_, keys
+            stacked.append(counts)
+        if by_run and images:
+            low, high = pooled_iou_interval(np.stack(stacked), strata, n_boot, boot_seed)
+        else:
+            low, high = np.nan, np.nan
+        lows.append(low)
+        highs.append(high)
+    summary["fg_iou_ci_low"], summary["fg_iou_ci_high"] = lows, highs
+    first = CELL_KEYS + ["fg_iou_mean", "fg_iou_std", "fg_iou_n", "fg_iou_ci_low", "fg_iou_ci_high", "n_images"]
+    return summary[first + [c for c in summary.columns if c not in first]]
+
+
+def _interval_text(low: float, high: float) -> str:
+    return "" if pd.isna(low) or pd.isna(high) else f" [{low:.3f}, {high:.3f}]"
 
 
 def summary_markdown(summary: pd.DataFrame, metric: str = "fg_iou") -> str:
-    """Mean ± sample std (n) per cell, one row per model and one column per test set."""
+    """Mean ± sample std (n seeds) [image interval] per cell, one row per model and one column per test set."""
     def cell(row: pd.Series) -> str:
         std = row[f"{metric}_std"]
         spread = "n/a" if pd.isna(std) else f"{std:.3f}"
-        return f"{row[f'{metric}_mean']:.3f} ± {spread} ({int(row[f'{metric}_n'])})"
+        interval = _interval_text(row.get(f"{metric}_ci_low", np.nan), row.get(f"{metric}_ci_high", np.nan))
+        return f"{row[f'{metric}_mean']:.3f} ± {spread} ({int(row[f'{metric}_n'])}){interval}"
 
     table = summary.assign(value=summary.apply(cell, axis=1)).pivot_table(
         index=["backbone", "regime", "train_set", "alignment"], columns="test_set", values="value", aggfunc="first"
     )
-    header = f"Foreground IoU on each test set: mean ± sample std (n seeds)\n\n" if metric == "fg_iou" else f"{metric}: mean ± sample std (n seeds)\n\n"
-    return header + table.reset_index().to_markdown(index=False) + "\n"
+    name = "Foreground IoU on each test set" if metric == "fg_iou" else metric
+    header = f"{name}: mean ± sample std over seeds (n seeds)"
+    if f"{metric}_ci_low" in summary.columns and summary[f"{metric}_ci_low"].notna().any():
+        header += " [95 % bootstrap interval over test images of that mean]"
+    return header + "\n\n" + table.reset_index().to_markdown(index=False) + "\n"

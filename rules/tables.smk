@@ -13,7 +13,9 @@ rule aggregate:
         per_image="results/tables/per_image.csv",
         training_logs="results/tables/training_logs.csv",
     params:
-        code=code_digest("tables.py", *CORE),
+        n_boot=config["evaluation"]["n_boot"],
+        boot_seed=config["evaluation"]["boot_seed"],
+        code=code_digest("tables.py", "grid.py", "evaluation/metrics.py", *CORE),
     log:
         "results/logs/aggregate/aggregate.log",
     benchmark:

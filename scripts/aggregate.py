@@ -9,9 +9,10 @@ from em_foundation.scripting import logged
 from em_foundation.tables import collect_runs, summarise, summary_markdown
 
 with logged(snakemake.log[0]):
-    runs = collect_runs(snakemake.input.metrics)
-    summary = summarise(runs)
     per_image = pd.concat([pd.read_csv(path) for path in snakemake.input.images], ignore_index=True)
+    n_boot, boot_seed = snakemake.params.n_boot, snakemake.params.boot_seed
+    runs = collect_runs(snakemake.input.metrics, per_image, n_boot, boot_seed)
+    summary = summarise(runs, per_image, n_boot, boot_seed)
     logs = []
     for path in snakemake.input.logs:
         record = read_json(Path(path).with_name("run.json"))

@@ -37,3 +37,60 @@ def test_union_rows_pool_pixels_and_summary_uses_sample_std(tmp_path):
     ious = runs[(runs.train_set == "paired") & (runs.test_set == "a")]["fg_iou"]
     assert cell["fg_iou_std"] == pytest.approx(np.std(ious, ddof=1)) and cell["fg_iou_n"] == 2
     assert "± " in summary_markdown(summary)
+
+
+def _per_image_rows(train_set, seed, test_set, counts):
+    return [{"backbone": "b", "regime": "head", "train_set": train_set, "alignment": "none", "seed": seed, "test_set": test_set,
+             "image": str(k), "tp": tp, "fp": fp, "fn": fn, "tn": 1000 - tp - fp - fn} for k, (tp, fp, fn) in enumerate(counts)]
+
+
+def _write_run(tmp_path, train_set, datasets, seed, test_set, counts):
+    total = np.sum(counts, axis=0)
+    path = write_metrics(tmp_path, train_set, datasets, seed, test_set, int(total[0]), int(total[1]), int(total[2]),
+                         1000 * len(counts) - int(total.sum()))
+    path.write_text(json.dumps({**json.loads(path.read_text()), "n_images": len(counts)}))
+    return path, _per_image_rows(train_set, seed, test_set, counts)
+
+
+def test_image_bootstrap_interval_per_run_and_per_cell(tmp_path):
+    rng = np.random.default_rng(3)
+    files, rows = [], []
+    for seed in (0, 1):
+        for test_set, n in (("a", 12), ("c", 3)):
+            counts = [(int(tp), int(rng.integers(5, 40)), int(rng.integers(5, 40))) for tp in rng.integers(20, 200, n)]
+            path, images = _write_run(tmp_path, "paired", ["a", "c"], seed, test_set, counts)
+            files.append(path)
+            rows += images
+    per_image = pd.DataFrame(rows)
+    runs = collect_runs(files, per_image, n_boot=500, boot_seed=0)
+    assert {"fg_iou_ci_low", "fg_iou_ci_high", "n_images"} <= set(runs.columns)
+    assert (runs["fg_iou_ci_low"] < runs["fg_iou"]).all() and (runs["fg_iou"] < runs["fg_iou_ci_high"]).all()
+    width = (runs["fg_iou_ci_high"] - runs["fg_iou_ci_low"]).set_axis(runs["test_set"])
+    assert set(runs["test_set"]) == {"a", "c", "a+c"} and runs.loc[runs.test_set == "a+c", "fg_iou_ci_low"].notna().all()
+    # Deterministic with the seed, different with another seed.
+    again = collect_runs(files, per_image, n_boot=500, boot_seed=0)
+    assert again["fg_iou_ci_low"].tolist() == runs["fg_iou_ci_low"].tolist()
+    other = collect_runs(files, per_image, n_boot=500, boot_seed=1)
+    assert other["fg_iou_ci_low"].tolist() != runs["fg_iou_ci_low"].tolist()
+    summary = summarise(runs, per_image, n_boot=500, boot_seed=0)
+    cell = summary[summary.test_set == "a"].iloc[0]
+    assert cell["fg_iou_ci_low"] < cell["fg_iou_mean"] < cell["fg_iou_ci_high"] and cell["n_images"] == 12
+    assert width.loc["a"].max() < 1 and "[" in summary_markdown(summary) and "bootstrap interval over test images" in summary_markdown(summary)
+
+
+def test_image_interval_shrinks_with_more_images_and_keeps_strata():
+    from em_foundation.tables import pooled_iou_interval
+
+    rng = np.random.default_rng(0)
+    def interval(n):
+        counts = np.stack([rng.integers(10, 200, n), rng.integers(0, 60, n), rng.integers(0, 60, n)], axis=1)[None]
+        low, high = pooled_iou_interval(counts, np.array(["a"] * n), 400, 0)
+        return high - low
+    assert interval(200) < interval(5)
+    # Two strata: one perfect image in "a", one empty-of-foreground-hits image in "c"; resampling
+    # within strata always keeps one of each, so the pooled IoU cannot move.
+    counts = np.array([[[10, 0, 0], [0, 10, 0]]])
+    assert pooled_iou_interval(counts, np.array(["a", "c"]), 200, 0) == (0.5, 0.5)
+    # Without strata it would move.
+    low, high = pooled_iou_interval(counts, np.array(["a", "a"]), 200, 0)
+    assert low < 0.5 < high or (low, high) != (0.5, 0.5)
