@@ -146,7 +146,7 @@ with logged(snakemake.log[0]):
         "analysis": opts,
         "views": list(views),
         "counts": tables["counts"].to_dict(orient="records"),
-        "frechet": frechet[["view", "dataset_a", "dataset_b", "variant", "value", "ci_low", "ci_high",
+        "frechet": frechet[["view", "dataset_a", "dataset_b", "variant", "value", "value_debiased", "ci_low", "ci_high", "ci_method",
                             "null_q95", "p_value", "n_a", "n_b", "n_groups_a", "n_groups_b", "dim"]].to_dict(orient="records"),
         "probe": probe[["view", "task", "balanced_accuracy_mean", "balanced_accuracy_std", "roc_auc_mean",
                         "roc_auc_std", "chance_balanced_accuracy", "n_per_class", "n_groups_per_class"]].to_dict(orient="records"),
