@@ -41,7 +41,11 @@ def patch_size_of(backbone: dict[str, Any]) -> int:
 
 
 INTENSITY_ALIGNMENTS = ("percentile", "histmatch")
-ALIGNMENT_COMPONENTS = ("featstd", "percentile", "histmatch", "adabn", "balanced")
+TRANSDUCTIVE = "trans"
+ALIGNMENT_COMPONENTS = ("featstd", "percentile", "histmatch", "adabn", "balanced", TRANSDUCTIVE)
+# Components that take statistics from the images being scored (or, by default, from the
+# target dataset's unlabelled training split instead).
+STATISTICS_COMPONENTS = ("featstd", "adabn", *INTENSITY_ALIGNMENTS)
 
 
 def parse_alignment(name: str) -> dict[str, Any]:
@@ -49,8 +53,14 @@ def parse_alignment(name: str) -> dict[str, Any]:
 
     featstd: per-domain standardisation of cached patch tokens (cached regimes only);
     percentile / histmatch: per-domain intensity normalisation of the raw slices;
-    adabn: the head's batch-norm statistics re-estimated on the unlabelled test images;
+    adabn: the head's batch-norm statistics re-estimated on a target domain's unlabelled images;
     balanced: every batch draws equally from each source dataset.
+
+    Inductive by default: featstd, adabn and the intensity normalisations take a dataset's
+    statistics from its unlabelled *training* split, never from the test images being
+    scored. The component ``trans`` (e.g. 'featstd-trans') makes them transductive: the
+    statistics of the test images themselves (their labels are never used); runs.csv and
+    summary.csv mark such runs in their ``transductive`` column.
     """
     parts = [] if name == "none" else name.split("-")
     unknown = [part for part in parts if part not in ALIGNMENT_COMPONENTS]
@@ -60,12 +70,24 @@ def parse_alignment(name: str) -> dict[str, Any]:
             f"alignment {name!r} is not 'none' or a '-'-joined set of {', '.join(ALIGNMENT_COMPONENTS)} "
             "with at most one intensity normalisation"
         )
+    transductive = TRANSDUCTIVE in parts
+    if transductive and not set(parts) & set(STATISTICS_COMPONENTS):
+        raise ValueError(
+            f"alignment {name!r}: '{TRANSDUCTIVE}' (statistics from the test images) needs a component that takes "
+            f"statistics: {', '.join(STATISTICS_COMPONENTS)}"
+        )
+    kind = intensity[0] if intensity else "raw"
     return {
-        "intensity": intensity[0] if intensity else "raw",
+        # The tile view's intensity suffix: transductive normalisation is a different input.
+        "intensity": f"{kind}-{TRANSDUCTIVE}" if transductive and kind != "raw" else kind,
         "feature_std": "featstd" in parts,
         "adabn": "adabn" in parts,
         "balanced": "balanced" in parts,
+        "transductive": transductive,
     }
+
+
+INTENSITY_VIEWS = ("raw", *INTENSITY_ALIGNMENTS, *(f"{kind}-{TRANSDUCTIVE}" for kind in INTENSITY_ALIGNMENTS))
 
 
 def resized_edge(longest_edge: int, patch: int) -> int:
@@ -96,7 +118,7 @@ def view_of(config: dict[str, Any], backbone: str, intensity: str = "raw") -> st
 def parse_view(view: str) -> dict[str, Any]:
     geometry, _, intensity = view.partition("-")
     intensity = intensity or "raw"
-    if intensity not in ("raw", *INTENSITY_ALIGNMENTS):
+    if intensity not in INTENSITY_VIEWS:
         raise ValueError(f"unknown intensity normalisation {intensity!r} in tile view {view!r}")
     tile = re.fullmatch(r"tile(\d+)o(\d+)", geometry)
     if tile:

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from em_foundation.evaluation.metrics import Counts, scores
+from em_foundation.grid import parse_alignment
 from em_foundation.io import read_json
 
 CI_LEVEL = 95.0
@@ -128,11 +129,13 @@ def collect_runs(
         raise ValueError("no evaluation results to aggregate")
     runs["in_domain"] = [set(test.split("+")) <= set(datasets) for test, datasets in zip(runs["test_set"], runs["train_datasets"])]
     runs["train_datasets"] = runs["train_datasets"].map("+".join)
+    # Statistics of the scored test images entered the prediction (alignment component 'trans').
+    runs["transductive"] = runs["alignment"].map(lambda name: parse_alignment(name)["transductive"])
     if per_image is not None:
         runs = add_image_intervals(runs, per_image, n_boot, boot_seed)
     else:
         runs = runs.assign(fg_iou_ci_low=np.nan, fg_iou_ci_high=np.nan)
-    first = RUN_KEYS + METRICS + ["fg_iou_ci_low", "fg_iou_ci_high", "n_pixels", "n_images", "in_domain"]
+    first = RUN_KEYS + METRICS + ["fg_iou_ci_low", "fg_iou_ci_high", "n_pixels", "n_images", "in_domain", "transductive"]
     return runs[first + [c for c in runs.columns if c not in first]].sort_values(RUN_KEYS, ignore_index=True)
 
 
@@ -145,6 +148,7 @@ def summarise(
     summary.columns = [f"{metric}_{stat if stat != 'count' else 'n'}" for metric, stat in summary.columns]
     summary["seeds"] = grouped["seed"].agg(lambda s: " ".join(map(str, sorted(s))))
     summary["in_domain"] = grouped["in_domain"].first()
+    summary["transductive"] = grouped["transductive"].first()
     summary["n_images"] = grouped["n_images"].first()
     summary = summary.reset_index()
     lows, highs = [], []

@@ -17,8 +17,8 @@ wildcard_constraints:
     test_set="[A-Za-z0-9]+",
     regime="[a-z]+",
     seed=r"\d+",
-    view=r"(tile\d+o\d+|resize\d+p\d+)(-percentile|-histmatch)?",
-    intensity="percentile|histmatch",
+    view=r"(tile\d+o\d+|resize\d+p\d+)(-percentile|-histmatch)?(-trans)?",
+    intensity="(percentile|histmatch)(-trans)?",
     alignment=r"none|[a-z]+(-[a-z]+)*",
 
 
@@ -65,7 +65,7 @@ def features_path(backbone, dataset, intensity="raw"):
 def tile_sources(w):
     """The prepared slices, plus the reference dataset's for histogram matching."""
     inputs = {"prepared": f"results/prepared/{w.dataset}.h5"}
-    if w.view.endswith("-histmatch"):
+    if grid.parse_view(w.view)["intensity"].startswith("histmatch"):
         reference = config["alignment"]["reference"] or next(iter(config["datasets"]))
         inputs["reference"] = f"results/prepared/{reference}.h5"
     return inputs

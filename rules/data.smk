@@ -62,7 +62,7 @@ rule tile_dataset:
     output:
         "results/tiles/{view}/{dataset}.h5",
     params:
-        percentiles=lambda w: config["alignment"]["percentiles"] if w.view.endswith("-percentile") else [],
+        percentiles=lambda w: config["alignment"]["percentiles"] if "-percentile" in w.view else [],
         code=code_digest("data/tiles.py", "data/tiling.py", "data/prepared.py", "alignment/intensity.py", *CORE),
     log:
         "results/logs/tile_dataset/{view}_{dataset}.log",

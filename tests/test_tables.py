@@ -94,3 +94,17 @@ def test_image_interval_shrinks_with_more_images_and_keeps_strata():
     # Without strata it would move.
     low, high = pooled_iou_interval(counts, np.array(["a", "a"]), 200, 0)
     assert low < 0.5 < high or (low, high) != (0.5, 0.5)
+
+
+def test_transductive_column_marks_test_image_statistics(tmp_path):
+    files = []
+    for alignment in ("none", "featstd", "featstd-trans", "percentile-adabn-trans"):
+        path = write_metrics(tmp_path, "a", ["a"], 0, "a", 5, 1, 1, 93)
+        target = tmp_path / f"{alignment}.json"
+        target.write_text(json.dumps({**json.loads(path.read_text()), "alignment": alignment}))
+        files.append(target)
+    runs = collect_runs(files)
+    assert runs.set_index("alignment")["transductive"].to_dict() == {
+        "featstd": False, "featstd-trans": True, "none": False, "percentile-adabn-trans": True}
+    summary = summarise(runs)
+    assert summary.set_index("alignment")["transductive"].to_dict()["featstd-trans"] == True  # noqa: E712

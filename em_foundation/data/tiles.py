@@ -82,22 +82,28 @@ class TileSet:
         return stitch_tiles(tile_values, self.grid, self.overlap)
 
 
-def normalise_intensity(raw: np.ndarray, intensity: str, reference: str | Path | None, percentiles: tuple[float, float]) -> np.ndarray:
-    """Per-domain intensity normalisation of one split's slices (alignment, issue 9).
+def intensity_table(
+    source: np.ndarray, intensity: str, reference: str | Path | None, percentiles: tuple[float, float]
+) -> np.ndarray | None:
+    """The 256-entry grey-level map of a per-domain intensity normalisation, fitted on ``source``.
 
-    percentile: the split's own 1st-99th percentiles stretched to 0-255; histmatch: the
-    split's pooled histogram matched to the reference dataset's training slices. Both use
-    images only, never labels.
+    percentile: ``source``'s pooled percentiles stretched to 0-255; histmatch: ``source``'s
+    pooled histogram matched to the reference dataset's training slices. Images only, never
+    labels. None for raw.
     """
-    from em_foundation.alignment import histogram_match, percentile_normalise, reference_quantiles
+    from em_foundation.alignment import histogram_matching_table, intensity_bounds, percentile_normalise, reference_quantiles
 
-    if intensity == "raw":
-        return raw
-    if intensity == "percentile":
-        return percentile_normalise(raw, low=percentiles[0], high=percentiles[1])
+    kind = intensity.removesuffix("-trans")
+    if kind == "raw":
+        return None
+    if kind == "percentile":
+        levels = np.arange(256, dtype=np.uint8)
+        return percentile_normalise(levels, bounds=intensity_bounds(source, percentiles[0], percentiles[1]))
+    if kind != "histmatch":
+        raise ValueError(f"unknown intensity normalisation {intensity!r}")
     if reference is None:
         raise ValueError("histogram matching needs a reference dataset (alignment.reference)")
-    return histogram_match(raw, quantiles=reference_quantiles(read_split(reference, "train").raw))
+    return histogram_matching_table(source, quantiles=reference_quantiles(read_split(reference, "train").raw))
 
 
 def tile_dataset(
@@ -112,13 +118,21 @@ def tile_dataset(
     """Cut every split into the inputs of ``view`` (see grid.parse_view), or into square
     ``tile`` tiles with ``overlap``; returns the number of tiles per split."""
     view = view or {"mode": "tile", "tile_size": tile, "overlap": overlap}
+    intensity = view.get("intensity", "raw")
+    # Inductive (default): one map per dataset, fitted on its unlabelled training split and
+    # applied to every split, so no statistic of the test images shapes their own input.
+    # Transductive ('-trans'): each split normalised by its own statistics.
+    transductive = intensity.endswith("-trans")
+    shared = None if transductive else intensity_table(read_split(prepared, "train").raw, intensity, reference, percentiles)
     counts = {}
     with atomic_path(out, suffix=".h5") as tmp, h5py.File(tmp, "w") as handle:
         with h5py.File(prepared, "r") as source:
             split_names = list(source)
         for split_name in split_names:
             split = read_split(prepared, split_name)
-            split.raw = normalise_intensity(split.raw, view.get("intensity", "raw"), reference, percentiles)
+            table = intensity_table(split.raw, intensity, reference, percentiles) if transductive else shared
+            if table is not None:
+                split.raw = table[split.raw]
             height, width = split.raw.shape[1:]
             if view["mode"] == "tile":
                 tile, overlap = view["tile_size"], view["overlap"]
@@ -135,7 +149,8 @@ def tile_dataset(
             n_per_image = len(raw) // len(split)
             group = handle.create_group(split_name)
             group.attrs.update({
-                "mode": view["mode"], "intensity": view.get("intensity", "raw"), "height": height, "width": width, "tile": tile, "overlap": overlap,
+                "mode": view["mode"], "intensity": intensity, "height": height,
+                "intensity_statistics": "none" if intensity == "raw" else ("own split" if transductive else "train split"), "width": width, "tile": tile, "overlap": overlap,
                 "tile_height": raw.shape[1], "tile_width": raw.shape[2],
             })
             chunks = (1, *raw.shape[1:])
