@@ -68,7 +68,11 @@ def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+VAL_LOSSES = ("pooled", "per_source")
+
+
 def _validation_loss(model: torch.nn.Module, data: TrainingData, batch_size: int, device: torch.device) -> float:
+    """Mean batch loss over every validation tile, weighted by batch size."""
     model.eval()
     # Summed on the device and read once: a read per batch would make a GPU wait each time.
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0
@@ -80,6 +84,31 @@ def _validation_loss(model: torch.nn.Module, data: TrainingData, batch_size: int
             total += soft_dice_loss(logits, labels).double() * len(labels)
             count += len(labels)
     return total.item() / max(count, 1)
+
+
+def validation_losses(
+    model: torch.nn.Module, data: TrainingData, batch_size: int, device: torch.device, mode: str = "pooled"
+) -> tuple[float, dict[str, float]]:
+    """The loss early stopping reads, and each source dataset's own validation loss.
+
+    ``pooled`` (published): every validation tile weighs the same, so in a 10:1 union the
+    larger dataset alone decides when to stop. ``per_source``: each source's loss (its tiles
+    only, batched on their own) weighs the same, whatever its size.
+    """
+    if mode not in VAL_LOSSES:
+        raise ValueError(f"training.val_loss {mode!r} is not one of {', '.join(VAL_LOSSES)}")
+    names = sorted(set(map(str, data.sources)))
+    if len(names) < 2:
+        loss = _validation_loss(model, data, batch_size, device)
+        return loss, {}
+    per_source = {}
+    for name in names:
+        mask = data.sources == name
+        subset = TrainingData(data.inputs[mask], data.labels[mask], data.sources[mask], data.to_tensor)
+        per_source[name] = _validation_loss(model, subset, batch_size, device)
+    if mode == "per_source":
+        return float(np.mean(list(per_source.values()))), per_source
+    return _validation_loss(model, data, batch_size, device), per_source
 
 
 def fit(
@@ -138,7 +167,7 @@ def fit(
             optimizer.step()
             losses.append(loss.detach())  # read once per epoch, not per step (no GPU sync)
         train_loss = torch.stack(losses).double().mean().item() if losses else math.nan
-        val_loss = _validation_loss(model, val, training["batch_size"], device)
+        val_loss, per_source = validation_losses(model, val, training["batch_size"], device, training.get("val_loss", "pooled"))
         improved = val_loss < state["best_val"]
         if improved:
             state.update(best_val=val_loss, best_epoch=epoch + 1, bad_epochs=0, best_state=_trainable_state(model))
@@ -146,7 +175,8 @@ def fit(
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
         state["history"].append(
-            {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "lr": optimizer.param_groups[0]["lr"], "improved": improved, "seconds": time.perf_counter() - started}
+            {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "lr": optimizer.param_groups[0]["lr"], "improved": improved,
+             "seconds": time.perf_counter() - started, **{f"val_loss_{name}": loss for name, loss in per_source.items()}}
         )
         progress.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
         _save_checkpoint(
