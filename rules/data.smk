@@ -43,6 +43,8 @@ rule split_validation:
         "results/splits/{dataset}/seed{seed}.json",
     params:
         val_fraction=config["training"]["val_fraction"],
+        val_split=config["training"]["val_split"],
+        val_gap=config["training"]["val_gap"],
         code=code_digest("data/splits.py", *CORE),
     log:
         "results/logs/split_validation/{dataset}_seed{seed}.log",

@@ -46,16 +46,20 @@ def load_training_data(
         tile_set = read_tiles(tiles[dataset], "train", with_pixels=regime not in CACHED_REGIMES)
         split = read_json(splits[dataset])
         val_names = set(split["val"])
+        # A contiguous validation block may drop its neighbours ("dropped"): neither train nor val.
+        train_names = set(split.get("train", [n for n in tile_set.names if n not in val_names]))
         is_val = np.array([tile_set.names[i] in val_names for i in tile_set.image_index])
+        is_train = np.array([tile_set.names[i] in train_names for i in tile_set.image_index])
         if regime in CACHED_REGIMES:
             inputs = read_tokens(features[dataset], "train")
             if feature_std:
                 inputs = standardise(inputs, domain_stats(inputs, dataset=dataset), dtype=np.float16)
         else:
             inputs = tile_set.raw
-        for part, mask in (("train", ~is_val), ("val", is_val)):
+        for part, mask in (("train", is_train), ("val", is_val)):
             parts[part].append((inputs[mask], tile_set.labels[mask], np.full(mask.sum(), dataset)))
-        record[dataset] = {"val_slices": split["val"], "train_tiles": int((~is_val).sum()), "val_tiles": int(is_val.sum())}
+        record[dataset] = {"val_slices": split["val"], "dropped_slices": split.get("dropped", []),
+                           "train_tiles": int(is_train.sum()), "val_tiles": int(is_val.sum())}
     to_tensor = _tokens_to_tensor if regime in CACHED_REGIMES else to_unit_float
 
     def merge(chunks):
