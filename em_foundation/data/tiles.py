@@ -16,6 +16,8 @@ predictions are resized back to the native grid before scoring.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,9 +116,15 @@ def tile_dataset(
     view: dict[str, Any] | None = None,
     reference: str | Path | None = None,
     percentiles: tuple[float, float] = (1.0, 99.0),
+    view_name: str | None = None,
 ) -> dict[str, int]:
     """Cut every split into the inputs of ``view`` (see grid.parse_view), or into square
-    ``tile`` tiles with ``overlap``; returns the number of tiles per split."""
+    ``tile`` tiles with ``overlap``; returns the number of tiles per split.
+
+    The file records its view (``view_name``, e.g. ``tile448o64``) and a digest of its
+    content (``tiles_digest``), which every feature cache computed from it copies, so that
+    a cache can never be used with tiles other than its own (``check_cache_matches_tiles``).
+    """
     view = view or {"mode": "tile", "tile_size": tile, "overlap": overlap}
     intensity = view.get("intensity", "raw")
     # Inductive (default): one map per dataset, fitted on its unlabelled training split and
@@ -125,6 +133,7 @@ def tile_dataset(
     transductive = intensity.endswith("-trans")
     shared = None if transductive else intensity_table(read_split(prepared, "train").raw, intensity, reference, percentiles)
     counts = {}
+    digest = hashlib.sha256()
     with atomic_path(out, suffix=".h5") as tmp, h5py.File(tmp, "w") as handle:
         with h5py.File(prepared, "r") as source:
             split_names = list(source)
@@ -159,8 +168,25 @@ def tile_dataset(
             group.create_dataset("image_index", data=np.repeat(np.arange(len(split), dtype=np.int32), n_per_image))
             group.create_dataset("positions", data=positions)
             group.create_dataset("names", data=np.array(split.names, dtype=object), dtype=h5py.string_dtype())
+            for part in (split_name, raw, labels, positions, "\n".join(split.names), json.dumps(dict(group.attrs), sort_keys=True, default=str)):
+                digest.update(part.encode() if isinstance(part, str) else np.ascontiguousarray(part).tobytes())
             counts[split_name] = len(raw)
+        handle.attrs["view"] = view_name or ""
+        handle.attrs["tiles_digest"] = digest.hexdigest()[:16]
     return counts
+
+
+def tiles_provenance(path: str | Path) -> dict[str, str]:
+    """The view and content digest a tiles file records (a file from before they existed: its bytes' hash)."""
+    with h5py.File(path, "r") as handle:
+        attrs = dict(handle.attrs)
+    if "tiles_digest" in attrs:
+        return {"tile_view": str(attrs.get("view", "")), "tiles_digest": str(attrs["tiles_digest"])}
+    file_hash = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 24), b""):
+            file_hash.update(block)
+    return {"tile_view": "", "tiles_digest": f"file:{file_hash.hexdigest()[:16]}"}
 
 
 def read_tiles(path: str | Path, split: str, with_pixels: bool = True) -> TileSet:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from em_foundation.data.prepared import read_split
 from em_foundation.data.tiles import TileSet, read_tiles
 from em_foundation.evaluation.metrics import Counts, confusion, scores
-from em_foundation.features import read_tokens, to_unit_float
+from em_foundation.features import check_cache_matches_tiles, read_tokens, to_unit_float
 from em_foundation.alignment import adapt_batchnorm, domain_stats_from_cache, iterate_batches, segmenter_forward, standardise
 from em_foundation.grid import CACHED_REGIMES, parse_alignment
 from em_foundation.io import atomic_path, write_json
@@ -60,6 +60,8 @@ def evaluate_model(
     truth = read_split(prepared, "test")
     cached = regime in CACHED_REGIMES
     tile_set = read_tiles(tiles, "test", with_pixels=not cached)
+    if cached:
+        check_cache_matches_tiles(features, tiles)
     tokens = read_tokens(features, "test") if cached else None
     if options["feature_std"]:
         tokens = standardise(tokens, domain_stats_from_cache(features, statistics_split), dtype=np.float16)

@@ -14,9 +14,9 @@ import torch
 from em_foundation.alignment import domain_stats, standardise
 from em_foundation.backbones.lora import trainable_state_dict
 from em_foundation.data.prepared import IGNORE_LABEL
-from em_foundation.data.tiles import read_tiles
+from em_foundation.data.tiles import read_tiles, tiles_provenance
 from em_foundation.grid import CACHED_REGIMES, parse_alignment
-from em_foundation.features import read_cache_attrs, read_tokens, to_unit_float
+from em_foundation.features import check_cache_matches_tiles, read_cache_attrs, read_tokens, to_unit_float
 from em_foundation.io import atomic_path, read_json, write_json
 from em_foundation.runtime import seed_everything
 from em_foundation.training.segmenter import STANDARDISED_FAMILIES, build_segmenter
@@ -51,6 +51,7 @@ def load_training_data(
         is_val = np.array([tile_set.names[i] in val_names for i in tile_set.image_index])
         is_train = np.array([tile_set.names[i] in train_names for i in tile_set.image_index])
         if regime in CACHED_REGIMES:
+            check_cache_matches_tiles(features[dataset], tiles[dataset])
             inputs = read_tokens(features[dataset], "train")
             if feature_std:
                 inputs = standardise(inputs, domain_stats(inputs, dataset=dataset), dtype=np.float16)
@@ -87,7 +88,22 @@ def _concatenate_padded(arrays, fill) -> np.ndarray:
 
 
 def fingerprint_of(payload: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def resume_fingerprint(
+    snapshot: dict[str, Any], tiles: dict[str, str], splits: dict[str, str], weights_identity: Any, code: str | None
+) -> str:
+    """What a checkpoint must share with this run to be resumed: its config, the tiles it
+    trains on (view and content digest), the validation split's contents, the backbone's
+    weights identity and the rule's code digest. Any difference starts the run afresh."""
+    return fingerprint_of({
+        **snapshot,
+        "tiles": {d: tiles_provenance(path) for d, path in sorted(tiles.items())},
+        "splits": {d: read_json(path) for d, path in sorted(splits.items())},
+        "weights_identity": weights_identity,
+        "code": code,
+    })
 
 
 def train_run(
@@ -112,8 +128,12 @@ def train_run(
     alignment: str = "none",
     threads: int = 1,
     stop_after_epochs: int | None = None,
+    code: str | None = None,
 ) -> dict[str, Any]:
-    """Train one (backbone, regime, training set, seed) cell and write model, log and record."""
+    """Train one (backbone, regime, training set, seed) cell and write model, log and record.
+
+    ``code`` is the rule's code digest: a checkpoint written by other code is not resumed.
+    """
     started = time.perf_counter()
     aligned = parse_alignment(alignment)
     balanced = bool(training.get("balanced_sampling", False) or aligned["balanced"]) and len(datasets) > 1
@@ -145,7 +165,9 @@ def train_run(
             input_standardisation = {"mean": stats.mean.tolist(), "scale": stats.scale.tolist()}
     model = build_segmenter(regime, backbone, head, lora, in_channels, patch_size, input_standardisation)
     checkpoint = out_model.with_name("checkpoint.pt")
-    result = fit(model, train, val, training, generator, device, checkpoint, fingerprint_of(snapshot), balanced, stop_after_epochs)
+    weights_identity = snapshot.get("weights_identity") or getattr(getattr(model, "backbone", None), "identity", None)
+    fingerprint = resume_fingerprint(snapshot, tiles, splits, weights_identity, code)
+    result = fit(model, train, val, training, generator, device, checkpoint, fingerprint, balanced, stop_after_epochs)
     with atomic_path(out_model, suffix=".pt") as tmp:
         torch.save({
             "regime": regime, "in_channels": in_channels, "patch_size": patch_size, "input_standardisation": input_standardisation,
