@@ -82,7 +82,12 @@ def validate_config(config: dict[str, Any], source: str = "config") -> dict[str,
             f"{source}: {_key_path(error)}: {error.message} (fix the value of this key)"
         )
     _check_references(config, source)
-    return config
+    from em_foundation.grid import expand_folds
+
+    try:
+        return expand_folds(config)
+    except ValueError as error:
+        raise ConfigError(f"{source}: {error}") from None
 
 
 def _check_references(config: dict[str, Any], source: str) -> None:

@@ -185,3 +185,65 @@ def intensities(config: dict[str, Any]) -> list[str]:
 
 def test_sets(config: dict[str, Any]) -> list[str]:
     return list(config["evaluation"]["test_sets"] or config["datasets"])
+
+
+# k-fold test splits as a run dimension: a dataset whose options say ``split: kfold`` (and
+# no ``fold``) becomes one dataset per fold, ``<name>fold<k>`` with ``options.fold: k``, and
+# every training set that contains it one training set per fold. Every later stage then
+# treats a fold as a dataset of its own; the tables name the fold in a ``fold`` column,
+# fold the names back, and drop the scores of a fold's model on another fold's test
+# sections (which it trained on).
+FOLD = "fold"
+
+
+def expand_folds(config: dict[str, Any]) -> dict[str, Any]:
+    """Replace k-fold datasets (and the training sets holding them) by one per fold, in place."""
+    datasets, n_folds = {}, {}
+    for name, spec in config["datasets"].items():
+        options = spec.get("options") or {}
+        if options.get("split") == "kfold" and "fold" not in options:
+            n_folds[name] = int(options.get("n_folds", 5))
+            for k in range(n_folds[name]):
+                datasets[f"{name}{FOLD}{k}"] = {**spec, "options": {**options, "fold": k}}
+        else:
+            datasets[name] = spec
+    if not n_folds:
+        return config
+    training_sets = {}
+    for name, members in config["training_sets"].items():
+        split = {n_folds[m] for m in members if m in n_folds}
+        if not split:
+            training_sets[name] = members
+            continue
+        if len(split) > 1:
+            raise ValueError(f"training_sets.{name} unites k-fold datasets with different n_folds: {sorted(split)}")
+        for k in range(split.pop()):
+            training_sets[f"{name}{FOLD}{k}"] = [f"{m}{FOLD}{k}" if m in n_folds else m for m in members]
+
+    def per_fold(names):
+        return None if names is None else [f"{n}{FOLD}{k}" for n in names if n in n_folds for k in range(n_folds[n])] + [
+            n for n in names if n not in n_folds]
+
+    config["datasets"], config["training_sets"] = datasets, training_sets
+    config["evaluation"]["test_sets"] = per_fold(config["evaluation"].get("test_sets"))
+    alignment = config.get("alignment") or {}
+    if alignment.get("train_sets") is not None:
+        alignment["train_sets"] = [t for t in training_sets if t in alignment["train_sets"]
+                                   or re.sub(rf"{FOLD}\d+$", "", t) in alignment["train_sets"]]
+    if alignment.get("reference") in n_folds:
+        alignment["reference"] = f"{alignment['reference']}{FOLD}0"
+    return config
+
+
+def fold_names(config: dict[str, Any]) -> dict[str, list]:
+    """{dataset or training set of one fold: [its name without the fold, the fold]}."""
+    folds: dict[str, list] = {}
+    for name, spec in config["datasets"].items():
+        options = spec.get("options") or {}
+        if options.get("split") == "kfold" and name.endswith(f"{FOLD}{options.get('fold')}"):
+            folds[name] = [name.removesuffix(f"{FOLD}{options['fold']}"), int(options["fold"])]
+    for name, members in config["training_sets"].items():
+        ks = {folds[m][1] for m in members if m in folds}
+        if len(ks) == 1 and name.endswith(f"{FOLD}{next(iter(ks))}"):
+            folds[name] = [name.removesuffix(f"{FOLD}{next(iter(ks))}"), ks.pop()]
+    return folds

@@ -15,6 +15,7 @@ rule aggregate:
     params:
         n_boot=config["evaluation"]["n_boot"],
         boot_seed=config["evaluation"]["boot_seed"],
+        folds=grid.fold_names(config),
         code=code_digest("tables.py", "grid.py", "evaluation/metrics.py", *CORE),
     log:
         "results/logs/aggregate/aggregate.log",

@@ -108,3 +108,47 @@ def test_transductive_column_marks_test_image_statistics(tmp_path):
         "featstd": False, "featstd-trans": True, "none": False, "percentile-adabn-trans": True}
     summary = summarise(runs)
     assert summary.set_index("alignment")["transductive"].to_dict()["featstd-trans"] == True  # noqa: E712
+
+
+def test_k_folds_are_a_run_dimension_without_cross_fold_scores(tmp_path):
+    """Two folds of 'v': each fold's model is scored on its own fold only; a model that
+    never saw 'v' keeps its score on both folds; the cell pools seeds × folds."""
+    folds = {"vfold0": ["v", 0], "vfold1": ["v", 1], "pfold0": ["p", 0], "pfold1": ["p", 1]}
+    rng = np.random.default_rng(0)
+    files, rows = [], []
+    for seed in (0, 1):
+        for train_set, members in (("vfold0", ["vfold0"]), ("vfold1", ["vfold1"]), ("a", ["a"])):
+            for test_set in ("vfold0", "vfold1"):
+                counts = [(int(tp), 10, 10) for tp in rng.integers(20, 100, 3)]
+                path, images = _write_run(tmp_path, train_set, members, seed, test_set, counts)
+                target = tmp_path / f"{train_set}-{test_set}-{seed}.json"
+                target.write_text(path.read_text())
+                files.append(target)
+                rows += [{**row, "image": f"{test_set}-{row['image']}"} for row in images]
+    per_image = pd.DataFrame(rows)
+    runs = collect_runs(files, per_image, n_boot=200, folds=folds)
+    assert set(runs["train_set"]) == {"v", "a"} and set(runs["test_set"]) == {"v"}
+    assert len(runs[runs.train_set == "v"]) == 2 * 2, "one row per fold and seed: no cross-fold scores"
+    assert sorted(runs[runs.train_set == "a"]["fold"]) == [0, 0, 1, 1]
+    assert runs["fg_iou_ci_low"].notna().all()
+    summary = summarise(runs, per_image, n_boot=200, folds=folds)
+    cell = summary[summary.train_set == "v"].iloc[0]
+    assert cell["fg_iou_n"] == 4 and cell["folds"] == "0 1" and cell["n_images"] == 6
+    assert cell["fg_iou_ci_low"] < cell["fg_iou_mean"] < cell["fg_iou_ci_high"]
+
+
+def test_kfold_config_expands_datasets_and_training_sets():
+    import yaml
+
+    from em_foundation.config import validate_config
+    from em_foundation.grid import fold_names, runs as grid_runs, test_sets
+    from tests.workflow import REPO
+
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["datasets"]["vnc"]["options"] = {"split": "kfold", "n_folds": 4, "gap": 1}
+    config = validate_config(config)
+    assert test_sets(config) == ["lucchi", "vncfold0", "vncfold1", "vncfold2", "vncfold3"]
+    assert config["training_sets"]["pairedfold2"] == ["lucchi", "vncfold2"] and "vnc" not in config["training_sets"]
+    assert fold_names(config)["pairedfold2"] == ["paired", 2] and fold_names(config)["vncfold3"] == ["vnc", 3]
+    assert {run.train_set for run in grid_runs(config)} == {"lucchi", *(f"{t}fold{k}" for t in ("vnc", "paired") for k in range(4))}
+    assert validate_config(config)["datasets"] == config["datasets"], "expanding twice changes nothing"
