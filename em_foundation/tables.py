@@ -215,7 +215,7 @@ def summarise(
     summary["seeds"] = grouped["seed"].agg(lambda s: " ".join(map(str, sorted(s))))
     summary["in_domain"] = grouped["in_domain"].first()
     summary["transductive"] = grouped["transductive"].first()
-    summary["n_images"] = grouped.apply(lambda cell: int(cell.drop_duplicates("fold")["n_images"].sum()), include_groups=False)
+    summary["n_images"] = runs.drop_duplicates(CELL_KEYS + ["fold"]).groupby(CELL_KEYS, sort=True)["n_images"].sum()
     if folds:
         summary["folds"] = grouped["fold"].agg(lambda f: " ".join(map(str, sorted(set(f)))))
     summary = summary.reset_index()
