@@ -96,7 +96,7 @@ def cross_domain_matrix(summary: pd.DataFrame, metric: str = "fg_iou") -> plt.Fi
                 text = f"{value:.2f}" + (f"\n±{spread[i, j]:.2f}" if np.isfinite(spread[i, j]) else "")
                 if np.isfinite(low[i, j]):
                     text += f"\n[{low[i, j]:.2f}, {high[i, j]:.2f}]"
-                ax.text(j, i, text, ha="center", va="center", color="white" if value < 0.6 else "black", fontsize=5.5)
+                ax.text(j, i, text, ha="center", va="center", color="white" if value < 0.6 else "black", fontsize=4.5)
         ax.set_xticks(range(len(test_sets)), test_sets)
         ax.set_yticks(range(len(train_sets)), train_sets if ax in axes[:, 0] else [])
         ax.set_xlabel("test set")
