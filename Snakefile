@@ -19,7 +19,11 @@ report: "report/workflow.rst"
 # passes profiles/demo/workflow_config.yaml that way), unless a preset is named explicitly;
 # --config key=value changes one key of whichever config is in force, so
 # `--profile profiles/demo --config seeds=[0]` is the demo with one seed.
-PRESETS = {"published": "config.yaml", "demo": "profiles/demo/workflow_config.yaml"}
+PRESETS = {
+    "published": "config.yaml",
+    "demo": "profiles/demo/workflow_config.yaml",
+    "extended": "profiles/extended/workflow_config.yaml",
+}
 preset = config.get("preset")
 if preset is not None and preset not in PRESETS:
     raise ValueError(f"--config preset={preset!r} is unknown; choose one of {', '.join(PRESETS)}")

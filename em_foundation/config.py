@@ -193,6 +193,12 @@ def validate_config(
     _check_converters(config, source)
     _check_backbone_options(config, source)
     _check_references(config, source)
+    from em_foundation.grid import expand_folds
+
+    try:
+        expand_folds(config)  # in place: a k-fold dataset becomes one dataset per fold
+    except ValueError as error:
+        raise ConfigError(f"{source}: {error}") from None
     _check_grid(config, source, warn)
     _check_weights(config, source)
     return config
@@ -270,7 +276,7 @@ def _check_backbone_options(config: dict[str, Any], source: str) -> None:
 
 def _check_converters(config: dict[str, Any], source: str) -> None:
     """Converter names and their free-form ``options`` against the converter registry."""
-    from em_foundation.data.registry import CONVERTER_OPTIONS, CONVERTERS, load_converters
+    from em_foundation.data.registry import CONVERTER_OPTIONS, CONVERTER_REQUIRED, CONVERTERS, load_converters
 
     load_converters()
     for name, dataset in config["datasets"].items():
@@ -301,7 +307,7 @@ def _check_converters(config: dict[str, Any], source: str) -> None:
                     f"{source}: {where} is {value!r}, which is not {_KIND_NAMES[kind]} (default {default!r})"
                 )
             options[key] = coerced
-        missing = [key for key, default in declared.items() if default is None and key not in options]
+        missing = sorted(CONVERTER_REQUIRED.get(converter, frozenset()) - set(options))
         if missing:
             raise ConfigError(f"{source}: datasets.{name}.options needs {', '.join(missing)} for converter {converter!r}")
 

@@ -10,7 +10,8 @@ Cache layout, one HDF5 file per (backbone, dataset)::
     /<split>/tile_pooled float32 (n_tiles, C)
     /<split>/tokens_digest uint64 (n_tiles,) BLAKE2 digest of each tile's stored tokens
     attrs             backbone name, family, patch size, weights identity, normalisation,
-                      layers, pooling, tile size and overlap
+                      layers, pooling, tile size and overlap; tile_view and tiles_digest of
+                      the tiles file it was computed from (checked by every reader)
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from em_foundation.backbones.base import Backbone
-from em_foundation.data.tiles import read_tiles
+from em_foundation.data.tiles import read_tiles, tiles_provenance
 from em_foundation.io import atomic_path, check_finite, create_dataset, damaged, open_h5
 
 
@@ -58,8 +59,10 @@ def cache_features(
     """Run the backbone once over every tile of every split and write the cache atomically."""
     backbone = backbone.to(device).eval()
     counts = {}
+    provenance = tiles_provenance(tiles_path)
     with atomic_path(out, suffix=".h5") as tmp, h5py.File(tmp, "w") as handle:
-        handle.attrs.update({key: json.dumps(value) if not isinstance(value, (str, int, float)) else value for key, value in {**backbone.describe(), **attrs}.items()})
+        handle.attrs.update({key: json.dumps(value) if not isinstance(value, (str, int, float)) else value
+                             for key, value in {**backbone.describe(), **attrs, **provenance}.items()})
         with open_h5(tiles_path) as tiles_file:
             split_names = list(tiles_file)
         for split_name in split_names:
@@ -130,6 +133,34 @@ class CheckedTokens:
                 index = np.arange(len(self))[rows][bad]
                 raise damaged(self._path, f"{len(bad)} tiles of {self._what} differ from their stored digest, first tile {index[0]}")
         return values
+
+
+class StaleCacheError(ValueError):
+    """A feature cache was computed from other tiles than the ones it is used with."""
+
+
+def check_cache_matches_tiles(features: str | Path, tiles: str | Path) -> None:
+    """Refuse a feature cache whose recorded tiles (view and content digest) are not ``tiles``.
+
+    Tokens are matched to labels by position, so a cache from another tiling (another view,
+    another intensity normalisation, a re-tiled dataset) would silently pair every token
+    with the wrong pixels.
+    """
+    attrs = read_cache_attrs(features)
+    current = tiles_provenance(tiles)
+    recorded = {key: str(attrs.get(key, "")) for key in ("tile_view", "tiles_digest")}
+    if not recorded["tiles_digest"]:
+        raise StaleCacheError(
+            f"feature cache {features} does not record which tiles it was computed from (written by an older "
+            f"version); it cannot be checked against {tiles}: delete {features} and rerun"
+        )
+    if recorded["tiles_digest"] != current["tiles_digest"] or (recorded["tile_view"] and current["tile_view"]
+                                                             and recorded["tile_view"] != current["tile_view"]):
+        raise StaleCacheError(
+            f"feature cache {features} was computed from tiles {recorded['tile_view'] or '?'} (digest "
+            f"{recorded['tiles_digest']}), but {tiles} holds tiles {current['tile_view'] or '?'} (digest "
+            f"{current['tiles_digest']}): delete {features} and rerun to recompute it from these tiles"
+        )
 
 
 def read_tokens(path: str | Path, split: str, indices: np.ndarray | None = None) -> np.ndarray:

@@ -29,7 +29,11 @@ def patch_size_of(backbone: dict[str, Any]) -> int:
 
 
 INTENSITY_ALIGNMENTS = ("percentile", "histmatch")
-ALIGNMENT_COMPONENTS = ("featstd", "percentile", "histmatch", "adabn", "balanced")
+TRANSDUCTIVE = "trans"
+ALIGNMENT_COMPONENTS = ("featstd", "percentile", "histmatch", "adabn", "balanced", TRANSDUCTIVE)
+# Components that take statistics from the images being scored (or, by default, from the
+# target dataset's unlabelled training split instead).
+STATISTICS_COMPONENTS = ("featstd", "adabn", *INTENSITY_ALIGNMENTS)
 
 
 def parse_alignment(name: str) -> dict[str, Any]:
@@ -37,8 +41,14 @@ def parse_alignment(name: str) -> dict[str, Any]:
 
     featstd: per-domain standardisation of cached patch tokens (cached regimes only);
     percentile / histmatch: per-domain intensity normalisation of the raw slices;
-    adabn: the head's batch-norm statistics re-estimated on the unlabelled test images;
+    adabn: the head's batch-norm statistics re-estimated on a target domain's unlabelled images;
     balanced: every batch draws equally from each source dataset.
+
+    Inductive by default: featstd, adabn and the intensity normalisations take a dataset's
+    statistics from its unlabelled *training* split, never from the test images being
+    scored. The component ``trans`` (e.g. 'featstd-trans') makes them transductive: the
+    statistics of the test images themselves (their labels are never used); runs.csv and
+    summary.csv mark such runs in their ``transductive`` column.
     """
     parts = [] if name == "none" else name.split("-")
     unknown = [part for part in parts if part not in ALIGNMENT_COMPONENTS]
@@ -48,12 +58,34 @@ def parse_alignment(name: str) -> dict[str, Any]:
             f"alignment {name!r} is not 'none' or a '-'-joined set of {', '.join(ALIGNMENT_COMPONENTS)} "
             "with at most one intensity normalisation"
         )
+    transductive = TRANSDUCTIVE in parts
+    if transductive and not set(parts) & set(STATISTICS_COMPONENTS):
+        raise ValueError(
+            f"alignment {name!r}: '{TRANSDUCTIVE}' (statistics from the test images) needs a component that takes "
+            f"statistics: {', '.join(STATISTICS_COMPONENTS)}"
+        )
+    kind = intensity[0] if intensity else "raw"
     return {
-        "intensity": intensity[0] if intensity else "raw",
+        # The tile view's intensity suffix: transductive normalisation is a different input.
+        "intensity": f"{kind}-{TRANSDUCTIVE}" if transductive and kind != "raw" else kind,
         "feature_std": "featstd" in parts,
         "adabn": "adabn" in parts,
         "balanced": "balanced" in parts,
+        "transductive": transductive,
     }
+
+
+INTENSITY_VIEWS = ("raw", *INTENSITY_ALIGNMENTS, *(f"{kind}-{TRANSDUCTIVE}" for kind in INTENSITY_ALIGNMENTS))
+
+
+def resized_edge(longest_edge: int, patch: int) -> int:
+    """The longest edge a backbone really gets: the configured one floored to its patch.
+
+    The published 1022 gives 1022 for patch 14 and 1008 for patch 16: the slice is
+    resized so that its longest edge is that many pixels, then each side is floored to
+    the patch (data/tiles.resized_shape).
+    """
+    return max(patch, longest_edge // patch * patch)
 
 
 def view_of(config: dict[str, Any], backbone: str, intensity: str = "raw") -> str:
@@ -66,14 +98,15 @@ def view_of(config: dict[str, Any], backbone: str, intensity: str = "raw") -> st
     if tiling["mode"] == "tile":
         geometry = f"tile{tiling['tile_size']}o{tiling['overlap']}"
     else:
-        geometry = f"resize{tiling['longest_edge']}p{patch_size_of(config['backbones'][backbone])}"
+        patch = patch_size_of(config["backbones"][backbone])
+        geometry = f"resize{resized_edge(tiling['longest_edge'], patch)}p{patch}"
     return geometry if intensity == "raw" else f"{geometry}-{intensity}"
 
 
 def parse_view(view: str) -> dict[str, Any]:
     geometry, _, intensity = view.partition("-")
     intensity = intensity or "raw"
-    if intensity not in ("raw", *INTENSITY_ALIGNMENTS):
+    if intensity not in INTENSITY_VIEWS:
         raise ValueError(f"unknown intensity normalisation {intensity!r} in tile view {view!r}")
     tile = re.fullmatch(r"tile(\d+)o(\d+)", geometry)
     if tile:
@@ -139,3 +172,65 @@ def runs(config: dict[str, Any]) -> list[Run]:
 
 def test_sets(config: dict[str, Any]) -> list[str]:
     return list(config["evaluation"]["test_sets"] or config["datasets"])
+
+
+# k-fold test splits as a run dimension: a dataset whose options say ``split: kfold`` (and
+# no ``fold``) becomes one dataset per fold, ``<name>fold<k>`` with ``options.fold: k``, and
+# every training set that contains it one training set per fold. Every later stage then
+# treats a fold as a dataset of its own; the tables name the fold in a ``fold`` column,
+# fold the names back, and drop the scores of a fold's model on another fold's test
+# sections (which it trained on).
+FOLD = "fold"
+
+
+def expand_folds(config: dict[str, Any]) -> dict[str, Any]:
+    """Replace k-fold datasets (and the training sets holding them) by one per fold, in place."""
+    datasets, n_folds = {}, {}
+    for name, spec in config["datasets"].items():
+        options = spec.get("options") or {}
+        if options.get("split") == "kfold" and "fold" not in options:
+            n_folds[name] = int(options.get("n_folds", 5))
+            for k in range(n_folds[name]):
+                datasets[f"{name}{FOLD}{k}"] = {**spec, "options": {**options, "fold": k}}
+        else:
+            datasets[name] = spec
+    if not n_folds:
+        return config
+    training_sets = {}
+    for name, members in config["training_sets"].items():
+        split = {n_folds[m] for m in members if m in n_folds}
+        if not split:
+            training_sets[name] = members
+            continue
+        if len(split) > 1:
+            raise ValueError(f"training_sets.{name} unites k-fold datasets with different n_folds: {sorted(split)}")
+        for k in range(split.pop()):
+            training_sets[f"{name}{FOLD}{k}"] = [f"{m}{FOLD}{k}" if m in n_folds else m for m in members]
+
+    def per_fold(names):
+        return None if names is None else [f"{n}{FOLD}{k}" for n in names if n in n_folds for k in range(n_folds[n])] + [
+            n for n in names if n not in n_folds]
+
+    config["datasets"], config["training_sets"] = datasets, training_sets
+    config["evaluation"]["test_sets"] = per_fold(config["evaluation"].get("test_sets"))
+    alignment = config.get("alignment") or {}
+    if alignment.get("train_sets") is not None:
+        alignment["train_sets"] = [t for t in training_sets if t in alignment["train_sets"]
+                                   or re.sub(rf"{FOLD}\d+$", "", t) in alignment["train_sets"]]
+    if alignment.get("reference") in n_folds:
+        alignment["reference"] = f"{alignment['reference']}{FOLD}0"
+    return config
+
+
+def fold_names(config: dict[str, Any]) -> dict[str, list]:
+    """{dataset or training set of one fold: [its name without the fold, the fold]}."""
+    folds: dict[str, list] = {}
+    for name, spec in config["datasets"].items():
+        options = spec.get("options") or {}
+        if options.get("split") == "kfold" and name.endswith(f"{FOLD}{options.get('fold')}"):
+            folds[name] = [name.removesuffix(f"{FOLD}{options['fold']}"), int(options["fold"])]
+    for name, members in config["training_sets"].items():
+        ks = {folds[m][1] for m in members if m in folds}
+        if len(ks) == 1 and name.endswith(f"{FOLD}{next(iter(ks))}"):
+            folds[name] = [name.removesuffix(f"{FOLD}{next(iter(ks))}"), ks.pop()]
+    return folds

@@ -80,7 +80,7 @@ def dataset_page(report: dict[str, Any]) -> str:
 
 
 def analysis_page(backbone: str, frames: dict[str, pd.DataFrame]) -> str:
-    frechet = frames["frechet"][["view", "dataset_a", "dataset_b", "variant", "value", "ci_low", "ci_high", "null_mean",
+    frechet = frames["frechet"][["view", "dataset_a", "dataset_b", "variant", "value", "value_debiased", "ci_low", "ci_high", "null_mean",
                                  "null_q95", "p_value", "n_a", "n_b", "n_groups_a", "n_groups_b", "dim", "n_boot", "n_perm"]]
     probe = frames["probe"][["view", "task", "balanced_accuracy_mean", "balanced_accuracy_std", "roc_auc_mean", "roc_auc_std",
                              "chance_balanced_accuracy", "n_per_class", "n_groups_per_class", "n_splits", "pca_components"]]
@@ -88,7 +88,7 @@ def analysis_page(backbone: str, frames: dict[str, pd.DataFrame]) -> str:
                          "percentile", "n_reference", "n_groups_reference", "n_groups_query"]]
     return page(f"Domain analysis: {backbone}", [
         table(frames["counts"], "Sample counts (n: vectors; n_groups: source images)"),
-        table(frechet, "Fréchet distance per pair and estimator: bootstrap 95 % interval, permutation null (mean, 95th percentile, p)"),
+        table(frechet, "Fréchet distance per pair and estimator: plain value; bootstrap bias-corrected value (2·FD − mean of bootstrap FDs) with its basic bootstrap 95 % interval; permutation null of the plain value (mean, 95th percentile, p)"),
         table(probe, "Linear dataset probe (cross-validated, grouped by image for tokens): mean ± sd over folds"),
         table(ood, "Mahalanobis OOD (Ledoit-Wolf): fraction of the query beyond the reference's out-of-fold threshold"),
     ])

@@ -22,8 +22,8 @@ wildcard_constraints:
     test_set="[A-Za-z0-9]+",
     regime="[a-z]+",
     seed=r"\d+",
-    view=r"(tile\d+o\d+|resize\d+p\d+)(-percentile|-histmatch)?",
-    intensity="percentile|histmatch",
+    view=r"(tile\d+o\d+|resize\d+p\d+)(-percentile|-histmatch)?(-trans)?",
+    intensity="(percentile|histmatch)(-trans)?",
     alignment=r"none|[a-z]+(-[a-z]+)*",
 
 
@@ -139,7 +139,7 @@ def dataset_archive(w):
 def tile_sources(w):
     """The prepared slices, plus the reference dataset's for histogram matching."""
     inputs = {"prepared": prepared_path(w.dataset)}
-    if w.view.endswith("-histmatch"):
+    if grid.parse_view(w.view)["intensity"].startswith("histmatch"):
         reference = config["alignment"]["reference"] or next(iter(config["datasets"]))
         inputs["reference"] = prepared_path(reference)
     return inputs

@@ -43,6 +43,8 @@ rule split_validation:
         results("splits/{dataset}/seed{seed}.json"),
     params:
         val_fraction=config["training"]["val_fraction"],
+        val_split=config["training"]["val_split"],
+        val_gap=config["training"]["val_gap"],
         code=code_digest("split_validation.py"),
     log:
         logs("split_validation/{dataset}_seed{seed}.log"),
@@ -62,7 +64,7 @@ rule tile_dataset:
     output:
         results("tiles/{view}/{dataset}.h5"),
     params:
-        percentiles=lambda w: config["alignment"]["percentiles"] if w.view.endswith("-percentile") else [],
+        percentiles=lambda w: config["alignment"]["percentiles"] if "-percentile" in w.view else [],
         code=code_digest("tile_dataset.py"),
     log:
         logs("tile_dataset/{view}_{dataset}.log"),

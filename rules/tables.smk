@@ -13,6 +13,9 @@ rule aggregate:
         per_image=results("tables/per_image.csv"),
         training_logs=results("tables/training_logs.csv"),
     params:
+        n_boot=config["evaluation"]["n_boot"],
+        boot_seed=config["evaluation"]["boot_seed"],
+        folds=grid.fold_names(config),
         code=code_digest("aggregate.py"),
     log:
         logs("aggregate/aggregate.log"),

@@ -6,12 +6,14 @@ import pandas as pd
 
 from em_foundation.io import read_json, write_csv, write_text
 from em_foundation.scripting import logged
-from em_foundation.tables import collect_runs, summarise, summary_markdown
+from em_foundation.tables import apply_folds, collect_runs, summarise, summary_markdown
 
 with logged(snakemake.log[0]):
-    runs = collect_runs(snakemake.input.metrics)
-    summary = summarise(runs)
     per_image = pd.concat([pd.read_csv(path) for path in snakemake.input.images], ignore_index=True)
+    n_boot, boot_seed, folds = snakemake.params.n_boot, snakemake.params.boot_seed, dict(snakemake.params.folds)
+    runs = collect_runs(snakemake.input.metrics, per_image, n_boot, boot_seed, folds)
+    summary = summarise(runs, per_image, n_boot, boot_seed, folds)
+    per_image = apply_folds(per_image, folds) if folds else per_image
     logs = []
     for path in snakemake.input.logs:
         record = read_json(Path(path).with_name("run.json"))

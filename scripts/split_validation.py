@@ -7,6 +7,7 @@ from em_foundation.scripting import logged
 
 with logged(snakemake.log[0]):
     names = read_split(snakemake.input[0], "train").names
-    split = validation_split(names, snakemake.params.val_fraction, int(snakemake.wildcards.seed))
+    p = snakemake.params
+    split = validation_split(names, p.val_fraction, int(snakemake.wildcards.seed), p.val_split, p.val_gap)
     write_json(snakemake.output[0], {"dataset": snakemake.wildcards.dataset, **split})
     print(f"seed {split['seed']}: validation slices {split['val']}")

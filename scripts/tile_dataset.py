@@ -9,5 +9,6 @@ with logged(snakemake.log[0]):
     counts = tile_dataset(
         snakemake.input.prepared, snakemake.output[0], view=view,
         reference=snakemake.input.get("reference"), percentiles=tuple(snakemake.params.percentiles),
+        view_name=snakemake.wildcards.view,
     )
     print(f"tiles per split: {counts}")

@@ -19,5 +19,6 @@ with logged(snakemake.log[0]):
             features=unpack_prefixed(snakemake.input, "features_") or None,
             splits=unpack_prefixed(snakemake.input, "split_"), device=device,
             out_model=Path(snakemake.output.model), out_log=Path(snakemake.output.log), out_run=Path(snakemake.output.run),
+            code=p.code,
         )
     print(f"best epoch {record['best_epoch']} ({record['stop_reason']}), validation loss {record['best_val_loss']:.4f}")

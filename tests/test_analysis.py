@@ -170,6 +170,27 @@ def test_frechet_bootstrap_interval_and_counts():
     assert pca["dim"] == 3
 
 
+def test_frechet_small_n_interval_brackets_the_bias_corrected_estimate():
+    """n = 10 in d = 8, true FD = 1: the percentile interval lies above the plain estimate;
+    the bias-corrected estimate is nearer the truth and its basic interval contains it and the truth."""
+    rng = np.random.default_rng(0)
+    d = 8
+    for _ in range(2):  # the same generator's second draw is the n = 10 case below
+        x, y = rng.normal(size=(6 if _ == 0 else 10, d)), rng.normal(size=(6 if _ == 0 else 10, d))
+    y = y + np.r_[1.0, np.zeros(d - 1)]
+    truth = 1.0
+    percentile = frechet_bootstrap(x, y, n_boot=200, seed=0, interval="percentile")
+    assert percentile["ci_low"] > percentile["value"], "the case this guards against: interval excludes its estimate"
+    res = frechet_bootstrap(x, y, n_boot=200, seed=0)
+    assert res["interval"] == "basic" and res["value"] == percentile["value"]
+    assert res["ci_low"] <= res["value_debiased"] <= res["ci_high"]
+    assert res["ci_low"] <= truth <= res["ci_high"]
+    assert abs(res["value_debiased"] - truth) < abs(res["value"] - truth)
+    assert (res["pct_low"], res["pct_high"]) == (percentile["ci_low"], percentile["ci_high"])
+    with pytest.raises(ValueError, match="interval"):
+        frechet_bootstrap(x, y, n_boot=5, interval="bca")
+
+
 def test_frechet_cluster_bootstrap_counts_groups():
     rng = np.random.default_rng(9)
     x, y = rng.normal(size=(40, 4)), rng.normal(size=(30, 4)) + 1
@@ -386,8 +407,9 @@ def test_analyse_domains_tables_carry_counts():
     assert len(fr) == 3 * 3 and set(fr["variant"]) == {"full", "ledoit_wolf", "pca6"}
     assert {"value", "ci_low", "ci_high", "n_a", "n_b", "dim", "p_value"} <= set(fr.columns)
     assert fr[["value", "ci_low", "ci_high"]].notna().all().all()
-    inside = (fr.ci_low <= fr.value) & (fr.value <= fr.ci_high)
-    assert (fr["ci_contains_value"] == inside).all()
+    inside = (fr.ci_low <= fr.value_debiased) & (fr.value_debiased <= fr.ci_high)
+    assert (fr["ci_contains_value"] == inside).all() and inside.all()
+    assert set(fr["ci_method"]) == {"basic"}
     row = fr[(fr.dataset_a == "lucchi") & (fr.dataset_b == "vnc") & (fr.variant == "pca6")].iloc[0]
     assert (row.n_a, row.n_b, row.dim, row.feature_dim) == (60, 12, 6, 24)
     assert len(pr) == 3 + 1 and "all" in set(pr["task"])

@@ -148,6 +148,34 @@ def test_paired_comparison_one_panel_per_source_with_deltas():
         ap.paired_comparison(summary, {"fibsem": ["fibsem"], "sstem": ["sstem"]})
 
 
+def test_iou_figures_show_seed_spread_and_image_interval_side_by_side():
+    from matplotlib.collections import LineCollection
+
+    from em_foundation.figures import plots
+
+    summary = _summary().assign(alignment="none")
+    summary["fg_iou_ci_low"] = summary["fg_iou_mean"] - 0.123
+    summary["fg_iou_ci_high"] = summary["fg_iou_mean"] + 0.0456
+
+    def error_segments(ax, grey):
+        spans = []
+        for collection in ax.collections:
+            if isinstance(collection, LineCollection) and (np.allclose(collection.get_color()[0][:3], 0.45) == grey):
+                spans += [round(float(seg[0][1] - seg[1][1]), 4) for seg in collection.get_segments()]
+        return spans
+
+    for figure in (plots.iou_bars(summary), ap.paired_comparison(summary, TRAINING_SETS)):
+        ax = _data_axes(figure)[0]
+        assert set(error_segments(ax, grey=True)) == {round(-0.123 - 0.0456, 4)}, "image interval drawn as given"
+        assert error_segments(ax, grey=False) and set(error_segments(ax, grey=False)) != {round(-0.1686, 4)}
+        legend = [t.get_text() for legend in [*figure.legends, *[a.get_legend() for a in figure.axes if a.get_legend()]] for t in legend.get_texts()]
+        assert "± sd over seeds" in legend and "95 % interval over test images" in legend
+    matrix = plots.cross_domain_matrix(summary)
+    texts = [t.get_text() for ax in matrix.axes for t in ax.texts]
+    row = summary.iloc[0]
+    assert f"[{row.fg_iou_ci_low:.2f}, {row.fg_iou_ci_high:.2f}]" in "".join(texts) and "±" in "".join(texts)
+
+
 def test_figure_registry_draws_analysis_figures_from_csvs_as_png_and_pdf(tables, tmp_path):
     use_style("paper")
     paths = {}

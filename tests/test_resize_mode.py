@@ -27,7 +27,7 @@ def test_published_resize_shapes():
 def test_view_names_follow_the_config():
     config = {"tiling": {"mode": "resize", "tile_size": 448, "overlap": 64, "longest_edge": 1022},
               "backbones": {"a": {"family": "dinov2", "model": "vit_large_patch14_dinov2"}, "b": {"family": "dinov3", "model": "vit_large_patch16_dinov3"}}}
-    assert view_of(config, "a") == "resize1022p14" and view_of(config, "b") == "resize1022p16"
+    assert view_of(config, "a") == "resize1022p14" and view_of(config, "b") == "resize1008p16"
     assert parse_view("resize1022p16") == {"mode": "resize", "longest_edge": 1022, "patch_size": 16, "intensity": "raw"}
     assert parse_view("tile448o64-histmatch")["intensity"] == "histmatch"
     config["tiling"]["mode"] = "tile"

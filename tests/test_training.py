@@ -120,6 +120,44 @@ def test_paired_training_records_draws_per_source(data, tmp_path):
     assert drawn["fibsem"] == drawn["sstem"] > 0
 
 
+def test_per_source_validation_loss_weighs_each_source_equally():
+    from em_foundation.training.losses import soft_dice_loss
+    from em_foundation.training.trainer import TrainingData, validation_losses
+
+    class Echo(torch.nn.Module):  # the inputs are the logits
+        def forward(self, inputs, out_size):
+            return inputs
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, size=(12, 8, 8)).astype(np.uint8)
+    logits = rng.normal(size=(12, 2, 8, 8)).astype(np.float32)
+    logits[10:] += np.stack([labels[10:] == 0, labels[10:] == 1], axis=1) * 4.0  # the small source is predicted well
+    sources = np.array(["big"] * 10 + ["small"] * 2)
+    data = TrainingData(logits, labels, sources, to_tensor=torch.from_numpy)
+    pooled, per_source = validation_losses(Echo(), data, 4, torch.device("cpu"), "pooled")
+    balanced, same = validation_losses(Echo(), data, 4, torch.device("cpu"), "per_source")
+    assert same == per_source and set(per_source) == {"big", "small"}
+    expected_small = soft_dice_loss(torch.from_numpy(logits[10:]), torch.from_numpy(labels[10:])).item()
+    assert per_source["small"] == pytest.approx(expected_small)
+    assert balanced == pytest.approx((per_source["big"] + per_source["small"]) / 2)
+    assert balanced < pooled - 0.05, "the small, well-predicted source counts as much as the big one"
+    single = TrainingData(logits[:10], labels[:10], sources[:10], to_tensor=torch.from_numpy)
+    assert validation_losses(Echo(), single, 4, torch.device("cpu"), "per_source")[0] == pytest.approx(per_source["big"])
+    with pytest.raises(ValueError, match="training.val_loss"):
+        validation_losses(Echo(), data, 4, torch.device("cpu"), "mean")
+
+
+def test_paired_training_with_per_source_validation_loss(data, tmp_path):
+    import pandas as pd
+
+    run_head(data, tmp_path / "pooled", seed=0, datasets=("fibsem", "sstem"))
+    run_head(data, tmp_path / "per", seed=0, datasets=("fibsem", "sstem"), training={**TRAINING, "val_loss": "per_source"})
+    pooled, per = (pd.read_csv(tmp_path / f"{name}/train_log.csv") for name in ("pooled", "per"))
+    assert {"val_loss_fibsem", "val_loss_sstem"} <= set(per.columns)
+    assert np.allclose(per["val_loss"], (per["val_loss_fibsem"] + per["val_loss_sstem"]) / 2)
+    assert {"val_loss_fibsem", "val_loss_sstem"} <= set(pooled.columns)  # logged either way, to compare
+
+
 def test_lora_trains_only_adapters_and_head_and_adapters_sit_on_attention():
     model = build_segmenter("lora", TINY_VIT, HEAD, LORA)
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]

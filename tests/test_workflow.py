@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -32,6 +33,17 @@ def test_published_dry_run_lists_the_real_downloads(tmp_path):
     assert jobs["download_dataset"] == 2 and jobs["fetch_weights"] == 3
     assert jobs["train_head"] == jobs["train_lora"] == 3 * 3 * 5
     assert jobs["evaluate"] == jobs["train_head"] + jobs["train_lora"], "one evaluation job per trained model"
+    # The published input: whole slices resized to 1022 (patch 14) / 1008 (patch 16), no tiles.
+    views = set(re.findall(r"results/tiles/([^/\s]+)/", result.stdout + result.stderr))
+    assert views == {"resize1022p14", "resize1008p16"}, views
+    assert jobs["tile_dataset"] == 2 * 2
+
+
+def test_extended_preset_dry_run_tiles_at_native_resolution(tmp_path):
+    result = snakemake(tmp_path, "-n", "--config", "preset=extended")
+    jobs = scheduled_jobs(result)
+    assert set(re.findall(r"results/tiles/(tile448o64)[/-]", result.stdout + result.stderr)) == {"tile448o64"}
+    assert jobs["train_fullft"] and jobs["train_forest"] and jobs["train_head"] > 3 * 3 * 5
 
 
 def test_bad_config_stops_with_the_key_named(tmp_path):

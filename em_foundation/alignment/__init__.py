@@ -4,8 +4,11 @@
 * ``intensity``: per-domain intensity normalisation of raw uint8 slices.
 * ``adabn``: re-estimating batch-norm statistics on a target domain (AdaBN).
 
-Every statistic a method takes from a *test* dataset uses its images only, never its
-labels; that is still transductive and is recorded as such wherever it is used.
+The workflow uses them inductively by default: a target dataset's statistics come from
+its unlabelled *training* split, never from the test images being scored. Statistics of
+the test images themselves (images only, never labels) are transductive and used only by
+the alignment variants that say so (component ``trans``, see grid.parse_alignment);
+runs.csv and summary.csv mark them in their ``transductive`` column.
 """
 
 from em_foundation.alignment.adabn import adapt_batchnorm, batchnorm_layers, iterate_batches, segmenter_forward

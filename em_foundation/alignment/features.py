@@ -10,11 +10,11 @@ Where the statistics come from
 ------------------------------
 * Training: each training dataset's own tiles (``standardise_by_source`` on the union,
   every tile by its own source's statistics). No labels are used.
-* Test: the test dataset's **own unlabelled images** (its test-split tokens). That is
-  transductive: the model is adapted to the test images, without their labels, before it
-  is scored on them. A non-transductive variant takes the statistics of the target
-  dataset's *train* split (still unlabelled); ``domain_stats`` does not care which split
-  it is given, the caller decides and should record which one it used.
+* Test (evaluation.evaluate_model): by default the test dataset's unlabelled *train*
+  split, so no statistic of the images being scored enters their prediction (inductive).
+  The variant ``featstd-trans`` uses the test split's own tokens instead: transductive, the
+  model is adapted to the test images, without their labels, before it is scored on them.
+  ``domain_stats`` does not care which split it is given; the caller decides and records it.
 
 Statistics are computed in float64 and streamed over chunks of tiles (Chan et al.'s
 pairwise merge of counts, means and sums of squared deviations), so ~1000 tiles of

@@ -93,8 +93,10 @@ def _frechet_table(arrays, groups, seed, n_boot, n_perm, pca_dim, method) -> pd.
             )
             rows.append({
                 "dataset_a": a, "dataset_b": b, "variant": variant,
-                "value": boot["value"], "ci_low": boot["ci_low"], "ci_high": boot["ci_high"],
-                "ci_contains_value": bool(boot["ci_low"] <= boot["value"] <= boot["ci_high"]),
+                "value": boot["value"], "value_debiased": boot["value_debiased"],
+                "ci_low": boot["ci_low"], "ci_high": boot["ci_high"], "ci_method": boot["interval"],
+                "ci_contains_value": bool(boot["ci_low"] <= boot["value_debiased"] <= boot["ci_high"]),
+                "pct_low": boot["pct_low"], "pct_high": boot["pct_high"],
                 "boot_mean": boot["boot_mean"], "boot_std": boot["boot_std"], "n_boot": n_boot,
                 "null_mean": perm["null_mean"], "null_q95": perm["null_q95"],
                 "p_value": perm["p_value"], "n_perm": n_perm,
@@ -197,8 +199,10 @@ def analyse_domains(
 
     Returns a dict of DataFrames:
       ``counts``  dataset, n, n_groups, dim
-      ``frechet`` one row per unordered pair and variant (full, ledoit_wolf, pca<k>): value,
-                  bootstrap percentile interval (n_boot), permutation null mean/95th
+      ``frechet`` one row per unordered pair and variant (full, ledoit_wolf, pca<k>): value
+                  (plain), value_debiased (bootstrap bias-corrected) with its basic bootstrap
+                  interval ci_low/ci_high (ci_method; the percentile bounds as pct_low/pct_high)
+                  (n_boot), permutation null mean/95th
                   percentile and p-value (n_perm; 0 skips), n_a, n_b, groups, dim
       ``probe``   one row per pair (and "all" for 3+ datasets): balanced accuracy and
                   ROC-AUC, mean and std over folds, chance level, counts per class
@@ -207,10 +211,11 @@ def analyse_domains(
       ``pca``     one row per sample: pc1, pc2, explained-variance ratios (+ UMAP if asked)
     and ``notes``, a list of strings on anything skipped.
 
-    ``ci_contains_value`` is False when the bootstrap replicates all sit above the point
-    estimate, which happens with few samples in many dimensions (FD's small-sample bias
-    grows on resamples with duplicates, and Ledoit-Wolf shrinks less on them): the interval
-    then says little, and the permutation null is the comparison to read.
+    With few samples in many dimensions the bootstrap replicates can all sit above the plain
+    estimate (FD's small-sample bias grows on resamples with duplicates, and Ledoit-Wolf
+    shrinks less on them): ``pct_low`` > ``value``. The reported interval is therefore the
+    basic one around the bias-corrected estimate (``ci_contains_value`` checks it contains
+    ``value_debiased``); the permutation null stays the comparison to read for "is there a gap".
 
     Cost: the full and Ledoit-Wolf Fréchet variants take d x d eigendecompositions per
     replicate, times (1 + n_boot + n_perm) per pair. ``method="eigh"`` is the default here

@@ -20,7 +20,7 @@ from em_foundation.feature_cache import CheckedTokens
 from em_foundation.io import check_finite, open_h5
 
 CHUNK = 64  # tiles read at once
-FRECHET_SUMMARY = ["view", "dataset_a", "dataset_b", "variant", "value", "ci_low", "ci_high",
+FRECHET_SUMMARY = ["view", "dataset_a", "dataset_b", "variant", "value", "value_debiased", "ci_low", "ci_high", "ci_method",
                    "null_q95", "p_value", "n_a", "n_b", "n_groups_a", "n_groups_b", "dim"]
 PROBE_SUMMARY = ["view", "task", "balanced_accuracy_mean", "balanced_accuracy_std", "roc_auc_mean",
                  "roc_auc_std", "chance_balanced_accuracy", "n_per_class", "n_groups_per_class"]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from contextlib import contextmanager
+from typing import Iterator, NamedTuple
 
 import torch
 from torch import nn
@@ -24,6 +25,25 @@ def normalisation_constants(
     if choice not in NAMED_NORMALISATION:
         raise ValueError(f"normalisation {choice!r} is not one of family, {', '.join(NAMED_NORMALISATION)}")
     return NAMED_NORMALISATION[choice]
+
+
+@contextmanager
+def seeded_init(seed: int | None) -> Iterator[None]:
+    """Random initialisation from its own seed, leaving the global random state untouched.
+
+    Without the fork, ``torch.manual_seed(init_seed)`` would reset the global generator
+    that the run seeded, so the LoRA adapters and the head built after the backbone would
+    start from the same weights for every run seed. With it, the backbone's weights depend
+    only on ``init_seed`` (they are the "weights", shared by every run) and the trainable
+    parts only on the run's seed. ``None``: nothing random to seed (pretrained or file weights).
+    """
+    if seed is None:
+        yield
+        return
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 class BackboneOutput(NamedTuple):

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from em_foundation.backbones.base import Backbone, BackboneOutput, normalisation_constants
+from em_foundation.backbones.base import Backbone, BackboneOutput, normalisation_constants, seeded_init
 from em_foundation.backbones.checkpoint import WeightsError, load_state_dict_file, load_weights_strict, require_file
 from em_foundation.backbones.hub import HubSource, resolve_pretrained
 from em_foundation.backbones.timm_vit import check_patch_size, resolve_layers
@@ -247,8 +247,8 @@ class OpenClipViT(Backbone):
         kwargs = dict(spec.get("model_kwargs") or {})
         if weights == "random":
             init_seed = int((spec.get("options") or {}).get("init_seed", 0))
-            torch.manual_seed(init_seed)
-            visual = build_visual(spec)
+            with seeded_init(init_seed):
+                visual = build_visual(spec)
             self.identity = f"random-init:{name}:tag={tag}:seed={init_seed}:{sorted(kwargs.items())}"
         elif weights == "pretrained":
             visual = self._pretrained_visual(spec, name, tag, kwargs)

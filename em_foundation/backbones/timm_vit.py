@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
-from em_foundation.backbones.base import Backbone, BackboneOutput, normalisation_constants
+from em_foundation.backbones.base import Backbone, BackboneOutput, normalisation_constants, seeded_init
 from em_foundation.backbones.checkpoint import WeightsError, load_state_dict_file, load_weights_strict, require_file
 from em_foundation.backbones.hub import HubSource, resolve_pretrained
 from em_foundation.families import family_of
@@ -119,9 +119,9 @@ class TimmViT(Backbone):
         weights = spec.get("weights") or "pretrained"
         kwargs = dict(spec.get("model_kwargs") or {})
         overlay = None
+        init_seed = None
         if weights == "random":
             init_seed = int((spec.get("options") or {}).get("init_seed", 0))
-            torch.manual_seed(init_seed)
             self.identity = f"random-init:{name}:seed={init_seed}:{sorted(kwargs.items())}"
         elif weights == "pretrained":
             resolved = resolve_pretrained(spec, hub_source(spec))
@@ -132,14 +132,15 @@ class TimmViT(Backbone):
             path = require_file(Path(weights))
             self.identity = f"file:{path.name}:sha256={file_sha256(path)}"
         try:
-            self.model = timm.create_model(
-                name,
-                pretrained=weights == "pretrained",
-                pretrained_cfg_overlay=overlay,
-                num_classes=0,
-                dynamic_img_size=True,
-                **kwargs,
-            )
+            with seeded_init(init_seed):
+                self.model = timm.create_model(
+                    name,
+                    pretrained=weights == "pretrained",
+                    pretrained_cfg_overlay=overlay,
+                    num_classes=0,
+                    dynamic_img_size=True,
+                    **kwargs,
+                )
         except RuntimeError as error:
             if overlay is None:
                 raise

@@ -10,8 +10,11 @@ Options (``datasets.<name>.options``), checked here because the schema leaves th
 - all three: ``max_stray_fraction`` — share of label pixels allowed outside the documented
   encoding (defaults: Lucchi++ 0, VNC 0.001, Kasthuri++ 0.001). Stray pixels are binarised
   at >= 128; more of them than allowed stops the run (the file is then not a mask).
-- ``vnc``: ``n_test`` (default 3) and ``split_seed`` (default 0): the test slices are the
-  first ``n_test`` of ``numpy.random.default_rng(split_seed).permutation(sorted names)``.
+- ``vnc``: ``split`` (default ``shuffle``, published: the test slices are the first
+  ``n_test`` (default 3) of ``numpy.random.default_rng(split_seed).permutation(sorted
+  names)``, ``split_seed`` default 0); ``contiguous``: ``n_test`` consecutive sections (the
+  last ones, or from index ``test_start``) with ``gap`` sections on each side dropped from
+  training; ``kfold``: block ``fold`` of ``n_folds`` contiguous blocks, same ``gap``.
 - ``kasthuri_pp``: ``voxel_size_nm`` (default [3, 3, 30], the acquisition's; not checked
   against the archive, which no local copy exists of).
 """
@@ -43,6 +46,7 @@ from em_foundation.data.integrity import (
 )
 from em_foundation.data.prepared import IGNORE_LABEL, Split
 from em_foundation.data.registry import CONVERTERS, declare_options
+from em_foundation.data.splits import held_out_block
 
 # Files that archivers add and that are no part of a dataset.
 _METADATA = re.compile(r"(^|/)(__MACOSX/|\._|\.DS_Store$|Thumbs\.db$)")
@@ -217,7 +221,10 @@ def read_pairs(
 
 LUCCHI_OPTIONS = declare_options("lucchi_pp", {"max_stray_fraction": 0.0})
 KASTHURI_OPTIONS = declare_options("kasthuri_pp", {"max_stray_fraction": 0.001, "voxel_size_nm": [3.0, 3.0, 30.0]})
-VNC_OPTIONS = declare_options("vnc", {"n_test": 3, "split_seed": 0, "max_stray_fraction": 0.001})
+VNC_OPTIONS = declare_options(
+    "vnc",
+    {"n_test": 3, "split_seed": 0, "max_stray_fraction": 0.001, "split": "shuffle", "gap": 0, "n_folds": 5, "fold": 0, "test_start": None},
+)
 
 
 def _options(spec: Mapping[str, Any], defaults: Mapping[str, Any], converter: str) -> dict[str, Any]:
@@ -312,14 +319,24 @@ def convert_kasthuri_pp(archive: Optional[Path], spec: Mapping[str, Any]) -> tup
     }
 
 
-def vnc_split(names: Sequence[str], n_test: int, seed: int) -> tuple[list[str], list[str]]:
-    """Train and test slice names: the first ``n_test`` of a seeded permutation of sorted names."""
-    if not 0 < n_test < len(names):
+def vnc_split(
+    names: Sequence[str], n_test: int, seed: int, split: str = "shuffle", gap: int = 0, n_folds: int = 5, fold: int = 0,
+    test_start: int | None = None,
+) -> tuple[list[str], list[str], list[str]]:
+    """Train, test and dropped slice names (see data.splits.held_out_block).
+
+    shuffle (published): the first ``n_test`` of a seeded permutation of the sections in
+    stack order; contiguous: ``n_test`` consecutive sections (the last ones, or from index
+    ``test_start``); kfold: block ``fold`` of ``n_folds``. ``gap`` sections beside a
+    contiguous test block are left out of training.
+    """
+    if split != "kfold" and not 0 < n_test < len(names):
         raise ConfigError(f"datasets.<name>.options.n_test must be between 1 and {len(names) - 1}, "
                           f"got {n_test}")
-    order = np.random.default_rng(seed).permutation(sorted(names, key=int))
-    test = sorted((str(n) for n in order[:n_test]), key=int)
-    return [n for n in sorted(names, key=int) if n not in test], test
+    try:
+        return held_out_block(names, n_test, split, seed, gap, n_folds, fold, test_start)
+    except ValueError as error:
+        raise ConfigError(f"datasets.<name>.options (vnc): {error}") from None
 
 
 @CONVERTERS.register("vnc")
@@ -340,19 +357,31 @@ def convert_vnc(archive: Optional[Path], spec: Mapping[str, Any]) -> tuple[dict[
         pairs = pair_by_key(images, labels, dataset,
                             fix="restore the missing file(s): download the archive again")
         named = {PurePosixPath(image).stem: (PurePosixPath(image).stem, image, label) for _, image, label in pairs}
-        train, test = vnc_split(list(named), int(options["n_test"]), int(options["split_seed"]))
+        train, test, dropped = vnc_split(
+            list(named), int(options["n_test"]), int(options["split_seed"]), str(options["split"]), int(options["gap"]),
+            int(options["n_folds"]), int(options["fold"]), options["test_start"],
+        )
         read_label = _label_reader(float(options["max_stray_fraction"]))
         splits = {
             split: read_pairs(zf, [named[n] for n in names], read_tiff_image, read_label, dataset, split)
             for split, names in (("train", train), ("test", test))
         }
         digest = _digest_of(zf, splits, root)
+    rules = {
+        "shuffle": "test = first n_test of numpy.random.default_rng(split_seed).permutation(sorted slice names)",
+        "contiguous": "test = n_test consecutive sections (the last, or from test_start); gap sections beside it dropped",
+        "kfold": "test = block fold of n_folds contiguous blocks (numpy.array_split); gap sections beside it dropped",
+    }
     split_info = {
-        "rule": "test = first n_test of numpy.random.default_rng(split_seed).permutation(sorted slice names)",
+        "rule": rules[str(options["split"])],
+        "split": str(options["split"]),
         "split_seed": int(options["split_seed"]),
-        "n_test": int(options["n_test"]),
+        "n_test": len(test),
+        "gap": int(options["gap"]),
+        **({"n_folds": int(options["n_folds"]), "fold": int(options["fold"])} if options["split"] == "kfold" else {}),
         "train": train,
         "test": test,
+        "dropped": dropped,
     }
     return splits, {
         "voxel_size_nm": [4.6, 4.6, 45.0],

@@ -19,12 +19,14 @@ _CONVERTER_MODULES = ("em_foundation.data.synthetic", "em_foundation.data.em_dat
 
 # Each converter's ``options`` and their defaults, declared beside the converter, so that the
 # config check at start-up names a wrong key or value instead of the job failing hours later.
-# A default of None marks a required option without a default.
+# A default of None takes any value (or none); ``required`` options have no default at all.
 CONVERTER_OPTIONS: dict[str, dict[str, Any]] = {}
+CONVERTER_REQUIRED: dict[str, frozenset[str]] = {}
 
 
-def declare_options(converter: str, defaults: dict[str, Any]) -> dict[str, Any]:
+def declare_options(converter: str, defaults: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
     CONVERTER_OPTIONS[converter] = dict(defaults)
+    CONVERTER_REQUIRED[converter] = frozenset(required)
     return defaults
 
 

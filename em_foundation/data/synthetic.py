@@ -106,7 +106,7 @@ DOMAINS: dict[str, DomainStyle] = {
 }
 
 DEFAULT_OPTIONS: dict[str, Any] = {"n_train": 12, "n_test": 4, "height": 256, "width": 256, "seed": 0}
-declare_options("synthetic", {"domain": None, **DEFAULT_OPTIONS})
+declare_options("synthetic", {"domain": None, **DEFAULT_OPTIONS}, required=("domain",))
 _STREAMS = {"train": 0, "test": 1}
 
 

@@ -16,6 +16,8 @@ predictions are resized back to the native grid before scoring.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 from em_foundation.config import check_tile_fits
 from em_foundation.data.prepared import read_split
 from em_foundation.data.tile_grid import TileGrid, extract_tiles, stitch_tiles
-from em_foundation.io import atomic_path, create_dataset, decode, open_h5
+from em_foundation.io import atomic_path, create_dataset, decode, file_sha256, open_h5
 
 
 def resized_shape(height: int, width: int, longest_edge: int, patch_size: int) -> tuple[int, int]:
@@ -83,22 +85,28 @@ class TileSet:
         return stitch_tiles(tile_values, self.grid, self.overlap)
 
 
-def normalise_intensity(raw: np.ndarray, intensity: str, reference: str | Path | None, percentiles: tuple[float, float]) -> np.ndarray:
-    """Per-domain intensity normalisation of one split's slices (domain alignment, docs/published-setup.md).
+def intensity_table(
+    source: np.ndarray, intensity: str, reference: str | Path | None, percentiles: tuple[float, float]
+) -> np.ndarray | None:
+    """The 256-entry grey-level map of a per-domain intensity normalisation, fitted on ``source``.
 
-    percentile: the split's own 1st-99th percentiles stretched to 0-255; histmatch: the
-    split's pooled histogram matched to the reference dataset's training slices. Both use
-    images only, never labels.
+    percentile: ``source``'s pooled percentiles stretched to 0-255; histmatch: ``source``'s
+    pooled histogram matched to the reference dataset's training slices. Images only, never
+    labels. None for raw.
     """
-    from em_foundation.alignment import histogram_match, percentile_normalise, reference_quantiles
+    from em_foundation.alignment import histogram_matching_table, intensity_bounds, percentile_normalise, reference_quantiles
 
-    if intensity == "raw":
-        return raw
-    if intensity == "percentile":
-        return percentile_normalise(raw, low=percentiles[0], high=percentiles[1])
+    kind = intensity.removesuffix("-trans")
+    if kind == "raw":
+        return None
+    if kind == "percentile":
+        levels = np.arange(256, dtype=np.uint8)
+        return percentile_normalise(levels, bounds=intensity_bounds(source, percentiles[0], percentiles[1]))
+    if kind != "histmatch":
+        raise ValueError(f"unknown intensity normalisation {intensity!r}")
     if reference is None:
         raise ValueError("histogram matching needs a reference dataset (alignment.reference)")
-    return histogram_match(raw, quantiles=reference_quantiles(read_split(reference, "train").raw))
+    return histogram_matching_table(source, quantiles=reference_quantiles(read_split(reference, "train").raw))
 
 
 def tile_dataset(
@@ -107,15 +115,30 @@ def tile_dataset(
     view: dict[str, Any],
     reference: str | Path | None = None,
     percentiles: tuple[float, float] = (1.0, 99.0),
+    view_name: str | None = None,
 ) -> dict[str, int]:
-    """Cut every split into the inputs of ``view`` (see grid.parse_view); returns the number of tiles per split."""
+    """Cut every split into the inputs of ``view`` (see grid.parse_view); returns the number of tiles per split.
+
+    The file records its view (``view_name``, e.g. ``tile448o64``) and a digest of its
+    content (``tiles_digest``), which every feature cache computed from it copies, so that
+    a cache can never be used with tiles other than its own (``check_cache_matches_tiles``).
+    """
+    intensity = view.get("intensity", "raw")
+    # Inductive (default): one map per dataset, fitted on its unlabelled training split and
+    # applied to every split, so no statistic of the test images shapes their own input.
+    # Transductive ('-trans'): each split normalised by its own statistics.
+    transductive = intensity.endswith("-trans")
+    shared = None if transductive else intensity_table(read_split(prepared, "train").raw, intensity, reference, percentiles)
     counts = {}
+    digest = hashlib.sha256()
     with atomic_path(out, suffix=".h5") as tmp, h5py.File(tmp, "w") as handle:
         with open_h5(prepared) as source:
             split_names = list(source)
         for split_name in split_names:
             split = read_split(prepared, split_name)
-            split.raw = normalise_intensity(split.raw, view.get("intensity", "raw"), reference, percentiles)
+            table = intensity_table(split.raw, intensity, reference, percentiles) if transductive else shared
+            if table is not None:
+                split.raw = table[split.raw]
             height, width = split.raw.shape[1:]
             if view["mode"] == "tile":
                 tile, overlap = view["tile_size"], view["overlap"]
@@ -133,7 +156,8 @@ def tile_dataset(
             n_per_image = len(raw) // len(split)
             group = handle.create_group(split_name)
             group.attrs.update({
-                "mode": view["mode"], "intensity": view.get("intensity", "raw"), "height": height, "width": width, "tile": tile, "overlap": overlap,
+                "mode": view["mode"], "intensity": intensity, "height": height,
+                "intensity_statistics": "none" if intensity == "raw" else ("own split" if transductive else "train split"), "width": width, "tile": tile, "overlap": overlap,
                 "tile_height": raw.shape[1], "tile_width": raw.shape[2],
             })
             chunks = (1, *raw.shape[1:])
@@ -142,8 +166,21 @@ def tile_dataset(
             create_dataset(group, "image_index", data=np.repeat(np.arange(len(split), dtype=np.int32), n_per_image))
             create_dataset(group, "positions", data=positions)
             group.create_dataset("names", data=np.array(split.names, dtype=object), dtype=h5py.string_dtype())
+            for part in (split_name, raw, labels, positions, "\n".join(split.names), json.dumps(dict(group.attrs), sort_keys=True, default=str)):
+                digest.update(part.encode() if isinstance(part, str) else np.ascontiguousarray(part).tobytes())
             counts[split_name] = len(raw)
+        handle.attrs["view"] = view_name or ""
+        handle.attrs["tiles_digest"] = digest.hexdigest()[:16]
     return counts
+
+
+def tiles_provenance(path: str | Path) -> dict[str, str]:
+    """The view and content digest a tiles file records (a file from before they existed: its bytes' hash)."""
+    with open_h5(path) as handle:
+        attrs = dict(handle.attrs)
+    if "tiles_digest" in attrs:
+        return {"tile_view": str(attrs.get("view", "")), "tiles_digest": str(attrs["tiles_digest"])}
+    return {"tile_view": "", "tiles_digest": f"file:{file_sha256(path)[:16]}"}
 
 
 def read_tiles(path: str | Path, split: str, with_pixels: bool = True) -> TileSet:

@@ -16,11 +16,11 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from em_foundation.alignment import adapt_batchnorm, domain_stats, iterate_batches, segmenter_forward, standardise
+from em_foundation.alignment import adapt_batchnorm, domain_stats_from_cache, iterate_batches, segmenter_forward, standardise
 from em_foundation.data.prepared import read_split
 from em_foundation.data.tiles import TileSet, read_tiles
 from em_foundation.evaluation.metrics import Counts, confusion, scores
-from em_foundation.feature_cache import read_tokens, to_unit_float
+from em_foundation.feature_cache import check_cache_matches_tiles, read_tokens, to_unit_float
 from em_foundation.grid import CACHED_REGIMES, parse_alignment
 from em_foundation.io import atomic_path, create_dataset, write_csv, write_json
 
@@ -49,20 +49,30 @@ def evaluate_model(
 ) -> tuple[pd.DataFrame, list[np.ndarray]]:
     """Per-image metrics (one row per slice) and the predicted masks, at native resolution.
 
-    Test-time alignment uses the test split's own images, never its labels (transductive):
-    ``featstd`` standardises its tokens with their own per-channel statistics; ``adabn``
-    re-estimates the head's batch-norm statistics on them before predicting.
+    Test-time alignment never uses labels. Inductive (default): ``featstd`` standardises the
+    test tokens with the per-channel statistics of the test dataset's unlabelled *training*
+    split, and ``adabn`` re-estimates the head's batch-norm statistics on that split, so no
+    statistic of the images being scored enters their prediction. Transductive (alignment
+    component ``trans``): both take the statistics of the test images themselves.
     """
     options = parse_alignment(alignment)
+    statistics_split = "test" if options["transductive"] else "train"
     truth = read_split(prepared, "test")
     cached = regime in CACHED_REGIMES
     tile_set = read_tiles(tiles, "test", with_pixels=not cached)
+    if cached:
+        check_cache_matches_tiles(features, tiles)
     tokens = read_tokens(features, "test") if cached else None
     if options["feature_std"]:
-        tokens = standardise(tokens, domain_stats(tokens), dtype=np.float16)
+        tokens = standardise(tokens, domain_stats_from_cache(features, statistics_split), dtype=np.float16)
     model = model.to(device).eval()
     if options["adabn"]:
-        inputs = tokens if cached else tile_set.raw
+        if cached:
+            inputs = tokens if options["transductive"] else read_tokens(features, "train")
+            if options["feature_std"] and not options["transductive"]:
+                inputs = standardise(inputs, domain_stats_from_cache(features, "train"), dtype=np.float16)
+        else:
+            inputs = tile_set.raw if options["transductive"] else read_tiles(tiles, "train").raw
         to_tensor = torch.from_numpy if cached else to_unit_float
         model = adapt_batchnorm(model, iterate_batches(inputs, batch_size, lambda chunk: to_tensor(np.ascontiguousarray(chunk))), segmenter_forward)
     rows, predictions = [], []

@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.colors import LogNorm
 
+from em_foundation.figures.plots import draw_intervals, image_interval, interval_legend
+
 __all__ = [
     "frechet_matrix",
     "paired_comparison",
@@ -114,13 +116,17 @@ def _pick_variant(frechet: pd.DataFrame, variant: str | None) -> str:
 def frechet_matrix(frechet: pd.DataFrame, variant: str | None = None) -> plt.Figure:
     """Fréchet distance between every pair of datasets, one matrix per backbone and view.
 
-    Cells show the distance, its bootstrap 95 % interval and its ratio to the permutation
-    null's 95th percentile; colour is that ratio on a log scale (comparable across backbones
+    Cells show the bootstrap bias-corrected distance with its basic bootstrap 95 % interval,
+    the plain distance, and the plain distance's ratio to the permutation null's 95th
+    percentile (the null is computed with the plain estimator too); colour is that ratio on a log scale (comparable across backbones
     whose features have different scales; ratio <= 1 means no larger than sampling noise).
     Tick labels carry each dataset's n. Without a permutation null, colour is the distance.
     """
     variant = _pick_variant(frechet, variant)
     table = frechet[frechet["variant"] == variant]
+    # Tables written before the bias correction carry percentile intervals around the plain value.
+    methods = set(table["ci_method"].dropna()) if "ci_method" in table else {"percentile"}
+    basic = methods == {"basic"}
     backbones = list(dict.fromkeys(table["backbone"]))
     views = _ordered(table["view"], VIEW_ORDER)
     datasets = list(dict.fromkeys(list(table["dataset_a"]) + list(table["dataset_b"])))
@@ -149,7 +155,12 @@ def frechet_matrix(frechet: pd.DataFrame, variant: str | None = None) -> plt.Fig
                 a, b = datasets.index(row.dataset_a), datasets.index(row.dataset_b)
                 ratio = row.value / row.null_q95 if has_null else row.value
                 colour[a, b] = colour[b, a] = ratio
-                text = f"{row.value:.3g}\n[{row.ci_low:.3g}, {row.ci_high:.3g}]" if np.isfinite(row.ci_low) else f"{row.value:.3g}"
+                if basic and np.isfinite(row.ci_low):
+                    text = f"{row.value_debiased:.3g}\n[{row.ci_low:.3g}, {row.ci_high:.3g}]\nplain {row.value:.3g}"
+                elif np.isfinite(row.ci_low):
+                    text = f"{row.value:.3g}\n[{row.ci_low:.3g}, {row.ci_high:.3g}]"
+                else:
+                    text = f"{row.value:.3g}"
                 if has_null:
                     text += f"\n{ratio:.1f}× null"
                 for (r, c) in ((a, b), (b, a)):
@@ -177,7 +188,9 @@ def frechet_matrix(frechet: pd.DataFrame, variant: str | None = None) -> plt.Fig
         if has_null and len(ticks) >= 2:  # plain numbers, not 2×10^0
             bar.set_ticks(ticks, labels=[f"{t:g}" for t in ticks])
             bar.minorticks_off()
-    figure.suptitle(f"Fréchet distance ({variant.replace('_', '-')}), bootstrap 95 % interval", fontsize=8)
+    how = ("bootstrap bias-corrected (2·FD − mean of bootstrap FDs), basic bootstrap 95 % interval; plain FD below"
+           if basic else "plain FD, bootstrap percentile 95 % interval")
+    figure.suptitle(f"Fréchet distance ({variant.replace('_', '-')}): {how}", fontsize=7)
     return figure
 
 
@@ -235,7 +248,8 @@ def paired_comparison(summary: pd.DataFrame, training_sets: dict[str, list[str]]
     """Per source test set: the single-dataset model against the model trained on a union.
 
     One panel per test set that some multi-dataset training set contains; bars per backbone
-    × regime (mean ± sample sd over seeds), with the difference union − single above.
+    × regime (mean over seeds) with the sample sd over seeds and the 95 % bootstrap interval
+    over test images side by side, and the difference union − single above.
     """
     if "alignment" in summary.columns:
         summary = summary[summary["alignment"] == "none"]  # alignment has its own figure
@@ -260,8 +274,9 @@ def paired_comparison(summary: pd.DataFrame, training_sets: dict[str, list[str]]
             seeds += [int(row[f"{metric}_n"].iloc[0]) for row in rows if len(row)]
             means[train_set] = mean
             colour = "C0" if k == 0 else f"C{1 + unions.index(train_set)}"  # same colour per role in every panel
-            ax.bar(np.arange(len(models)) + (k - (len(shown) - 1) / 2) * width, mean, width, yerr=std, capsize=1.5,
-                   color=colour, error_kw={"lw": 0.8})
+            x = np.arange(len(models)) + (k - (len(shown) - 1) / 2) * width
+            ax.bar(x, mean, width, color=colour)
+            draw_intervals(ax, x, mean, std, image_interval(rows, list(mean), metric), width)
         for m in range(len(models)):
             deltas = [means[u][m] - means[shown[0]][m] for u in multi]
             text = "\n".join(f"{d:+.2f}".replace("-", "\u2212") for d in deltas if np.isfinite(d))
@@ -270,13 +285,14 @@ def paired_comparison(summary: pd.DataFrame, training_sets: dict[str, list[str]]
         ax.set_xticks(np.arange(len(models)), [f"{b}\n{r}" for b, r in models], fontsize=6)
         ax.set_ylim(0, 1.0)
         ax.set_title(f"test set: {test_set}   (Δ = {' / '.join(multi)} − {shown[0]})", pad=12 + 7 * (len(multi) - 1), fontsize=7)
-    axes[0][0].set_ylabel("foreground IoU (mean ± sd over seeds)" if metric == "fg_iou" else f"{metric} (mean ± sd)")
+    axes[0][0].set_ylabel("foreground IoU (mean over seeds)" if metric == "fg_iou" else f"{metric} (mean)")
     n_text = f"{min(seeds)}" if seeds and min(seeds) == max(seeds) else f"{min(seeds, default=0)}–{max(seeds, default=0)}"
     handles = [plt.Rectangle((0, 0), 1, 1, color="C0", label="trained on the test set's own dataset")]
     handles += [plt.Rectangle((0, 0), 1, 1, color=f"C{1 + k}", label=f"trained on {u} ({' + '.join(training_sets[u])})")
                 for k, u in enumerate(unions)]
-    figure.legend(handles=handles, loc="lower center", ncol=len(handles), bbox_to_anchor=(0.5, 0.0),
+    handles += interval_legend()
+    figure.legend(handles=handles, loc="lower center", ncol=min(len(handles), 3), bbox_to_anchor=(0.5, 0.0),
                   title=f"n = {n_text} seeds per bar", title_fontsize=6)
-    figure.tight_layout(rect=(0, 0.13, 1, 1))
+    figure.tight_layout(rect=(0, 0.2, 1, 1))
     return figure
 

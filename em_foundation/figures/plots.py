@@ -16,8 +16,33 @@ def unaligned(table: pd.DataFrame) -> pd.DataFrame:
     return table[table["alignment"] == "none"] if "alignment" in table.columns else table
 
 
+def image_interval(rows: list[pd.DataFrame], means: list[float], metric: str = "fg_iou") -> np.ndarray:
+    """(2, n) distances below and above each mean to its 95 % image-bootstrap interval (0 where absent)."""
+    low_key, high_key = f"{metric}_ci_low", f"{metric}_ci_high"
+    errors = np.zeros((2, len(rows)))
+    for k, (row, mean) in enumerate(zip(rows, means)):
+        if len(row) and low_key in row and np.isfinite(row[low_key].iloc[0]):
+            errors[:, k] = [max(0.0, mean - row[low_key].iloc[0]), max(0.0, row[high_key].iloc[0] - mean)]
+    return errors
+
+
+def draw_intervals(ax, x: np.ndarray, means, stds, intervals: np.ndarray, width: float) -> None:
+    """Seed spread (black, on the bar) and image interval (grey, beside it), side by side."""
+    ax.errorbar(x - width * 0.18, means, yerr=stds, fmt="none", ecolor="black", elinewidth=0.8, capsize=1.5)
+    ax.errorbar(x + width * 0.18, means, yerr=intervals, fmt="none", ecolor="0.45", elinewidth=0.8, capsize=1.5)
+
+
+def interval_legend() -> list:
+    return [plt.Line2D([], [], color="black", lw=0.8, label="± sd over seeds"),
+            plt.Line2D([], [], color="0.45", lw=0.8, label="95 % interval over test images")]
+
+
 def iou_bars(summary: pd.DataFrame, metric: str = "fg_iou") -> plt.Figure:
-    """Foreground IoU per backbone × regime, bars per training set, one panel per test set."""
+    """Foreground IoU per backbone × regime, bars per training set, one panel per test set.
+
+    Each bar carries two error bars side by side: the sample sd over seeds (training noise)
+    and the 95 % bootstrap interval over test images (which slices were drawn).
+    """
     summary = unaligned(summary)
     test_sets = sorted(summary["test_set"].unique())
     train_sets = list(dict.fromkeys(summary["train_set"]))
@@ -30,18 +55,24 @@ def iou_bars(summary: pd.DataFrame, metric: str = "fg_iou") -> plt.Figure:
             rows = [panel[(panel["backbone"] == b) & (panel["regime"] == r) & (panel["train_set"] == train_set)] for b, r in models]
             means = [row[f"{metric}_mean"].iloc[0] if len(row) else np.nan for row in rows]
             stds = [row[f"{metric}_std"].fillna(0).iloc[0] if len(row) else 0 for row in rows]
-            ax.bar(np.arange(len(models)) + (k - (len(train_sets) - 1) / 2) * width, means, width, yerr=stds, capsize=1.5, label=f"trained on {train_set}")
+            x = np.arange(len(models)) + (k - (len(train_sets) - 1) / 2) * width
+            ax.bar(x, means, width, label=f"trained on {train_set}")
+            draw_intervals(ax, x, means, stds, image_interval(rows, means, metric), width)
         ax.set_xticks(np.arange(len(models)), [_model_label(*m) for m in models])
         ax.set_title(f"test set: {test_set}")
         ax.set_ylim(0, 1)
-    axes[0][0].set_ylabel("foreground IoU (mean ± sd over seeds)")
-    axes[0][-1].legend(loc="upper right")
+    axes[0][0].set_ylabel("foreground IoU (mean over seeds)")
+    handles, _ = axes[0][-1].get_legend_handles_labels()
+    axes[0][-1].legend(handles=handles + interval_legend(), loc="upper right", fontsize=5)
     figure.tight_layout()
     return figure
 
 
 def cross_domain_matrix(summary: pd.DataFrame, metric: str = "fg_iou") -> plt.Figure:
-    """Heatmap per backbone × regime: rows the training set, columns the single test sets."""
+    """Heatmap per backbone × regime: rows the training set, columns the single test sets.
+
+    Each cell: mean over seeds, ± sd over seeds, and [95 % interval over test images].
+    """
     summary = unaligned(summary[~summary["test_set"].str.contains("+", regex=False)])
     models = list(dict.fromkeys(zip(summary["backbone"], summary["regime"])))
     n_cols = min(3, len(models))
@@ -52,11 +83,20 @@ def cross_domain_matrix(summary: pd.DataFrame, metric: str = "fg_iou") -> plt.Fi
     image = None
     for ax, (backbone, regime) in zip(axes.flat, models):
         cell = summary[(summary["backbone"] == backbone) & (summary["regime"] == regime)]
-        matrix = cell.pivot_table(index="train_set", columns="test_set", values=f"{metric}_mean").reindex(index=train_sets, columns=test_sets)
-        image = ax.imshow(matrix.to_numpy(), vmin=0, vmax=1, cmap="viridis")
-        for (i, j), value in np.ndenumerate(matrix.to_numpy()):
+        def pivot(column):
+            if column not in cell:
+                return np.full((len(train_sets), len(test_sets)), np.nan)
+            return cell.pivot_table(index="train_set", columns="test_set", values=column, dropna=False).reindex(
+                index=train_sets, columns=test_sets).to_numpy()
+
+        matrix, spread, low, high = (pivot(f"{metric}_{stat}") for stat in ("mean", "std", "ci_low", "ci_high"))
+        image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+        for (i, j), value in np.ndenumerate(matrix):
             if np.isfinite(value):
-                ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black", fontsize=7)
+                text = f"{value:.2f}" + (f"\n±{spread[i, j]:.2f}" if np.isfinite(spread[i, j]) else "")
+                if np.isfinite(low[i, j]):
+                    text += f"\n[{low[i, j]:.2f}, {high[i, j]:.2f}]"
+                ax.text(j, i, text, ha="center", va="center", color="white" if value < 0.6 else "black", fontsize=4.5)
         ax.set_xticks(range(len(test_sets)), test_sets)
         ax.set_yticks(range(len(train_sets)), train_sets if ax in axes[:, 0] else [])
         ax.set_xlabel("test set")
@@ -68,6 +108,7 @@ def cross_domain_matrix(summary: pd.DataFrame, metric: str = "fg_iou") -> plt.Fi
         ax.axis("off")
     if image is not None:
         figure.colorbar(image, ax=axes, shrink=0.8, label="foreground IoU (mean over seeds)")
+        figure.suptitle("mean, ± sd over seeds, [95 % interval over test images]", fontsize=7)
     return figure
 
 

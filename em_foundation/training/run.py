@@ -14,9 +14,9 @@ import torch
 from em_foundation.alignment import domain_stats, standardise
 from em_foundation.backbones.lora import trainable_state_dict
 from em_foundation.data.prepared import IGNORE_LABEL
-from em_foundation.data.tiles import read_tiles
+from em_foundation.data.tiles import read_tiles, tiles_provenance
 from em_foundation.families import STANDARDISED_FAMILIES
-from em_foundation.feature_cache import read_cache_attrs, read_tokens, to_unit_float
+from em_foundation.feature_cache import check_cache_matches_tiles, read_cache_attrs, read_tokens, to_unit_float
 from em_foundation.grid import CACHED_REGIMES, Run, parse_alignment
 from em_foundation.io import atomic_path, read_json, write_csv, write_json
 from em_foundation.runtime import seed_everything
@@ -47,16 +47,21 @@ def load_training_data(
         tile_set = read_tiles(tiles[dataset], "train", with_pixels=regime not in CACHED_REGIMES)
         split = read_json(splits[dataset])
         val_names = set(split["val"])
+        # A contiguous validation block may drop its neighbours ("dropped"): neither train nor val.
+        train_names = set(split.get("train", [n for n in tile_set.names if n not in val_names]))
         is_val = np.array([tile_set.names[i] in val_names for i in tile_set.image_index])
+        is_train = np.array([tile_set.names[i] in train_names for i in tile_set.image_index])
         if regime in CACHED_REGIMES:
+            check_cache_matches_tiles(features[dataset], tiles[dataset])
             inputs = read_tokens(features[dataset], "train")
             if feature_std:
                 inputs = standardise(inputs, domain_stats(inputs, dataset=dataset), dtype=np.float16)
         else:
             inputs = tile_set.raw
-        for part, mask in (("train", ~is_val), ("val", is_val)):
+        for part, mask in (("train", is_train), ("val", is_val)):
             parts[part].append((inputs[mask], tile_set.labels[mask], np.full(mask.sum(), dataset)))
-        record[dataset] = {"val_slices": split["val"], "train_tiles": int((~is_val).sum()), "val_tiles": int(is_val.sum())}
+        record[dataset] = {"val_slices": split["val"], "dropped_slices": split.get("dropped", []),
+                           "train_tiles": int(is_train.sum()), "val_tiles": int(is_val.sum())}
     to_tensor = _tokens_to_tensor if regime in CACHED_REGIMES else to_unit_float
 
     def merge(chunks):
@@ -84,7 +89,22 @@ def _concatenate_padded(arrays, fill) -> np.ndarray:
 
 
 def fingerprint_of(payload: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def resume_fingerprint(
+    snapshot: dict[str, Any], tiles: dict[str, str], splits: dict[str, str], weights_identity: Any, code: str | None
+) -> str:
+    """What a checkpoint must share with this run to be resumed: its config, the tiles it
+    trains on (view and content digest), the validation split's contents, the backbone's
+    weights identity and the rule's code digest. Any difference starts the run afresh."""
+    return fingerprint_of({
+        **snapshot,
+        "tiles": {d: tiles_provenance(path) for d, path in sorted(tiles.items())},
+        "splits": {d: read_json(path) for d, path in sorted(splits.items())},
+        "weights_identity": weights_identity,
+        "code": code,
+    })
 
 
 def train_run(
@@ -109,8 +129,12 @@ def train_run(
     alignment: str = "none",
     threads: int = 1,
     stop_after_epochs: int | None = None,
+    code: str | None = None,
 ) -> dict[str, Any]:
-    """Train one (backbone, regime, training set, seed) cell and write model, log and record."""
+    """Train one (backbone, regime, training set, seed) cell and write model, log and record.
+
+    ``code`` is the rule's code digest: a checkpoint written by other code is not resumed.
+    """
     started = time.perf_counter()
     aligned = parse_alignment(alignment)
     balanced = bool(training.get("balanced_sampling", False) or aligned["balanced"]) and len(datasets) > 1
@@ -142,8 +166,10 @@ def train_run(
             input_standardisation = {"mean": stats.mean.tolist(), "scale": stats.scale.tolist()}
     model = build_segmenter(regime, backbone, head, lora, in_channels, patch_size, input_standardisation)
     checkpoint = out_model.with_name("checkpoint.pt")
+    weights_identity = snapshot.get("weights_identity") or getattr(getattr(model, "backbone", None), "identity", None)
+    fingerprint = resume_fingerprint(snapshot, tiles, splits, weights_identity, code)
     try:
-        result = fit(model, train, val, training, generator, device, checkpoint, fingerprint_of(snapshot), balanced, stop_after_epochs)
+        result = fit(model, train, val, training, generator, device, checkpoint, fingerprint, balanced, stop_after_epochs)
     except NonFiniteLoss as error:
         # Nothing of a diverged run is worth resuming from; a rerun with a new lr starts afresh.
         checkpoint.unlink(missing_ok=True)

@@ -79,7 +79,11 @@ def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
         torch.save(payload, tmp)
 
 
+VAL_LOSSES = ("pooled", "per_source")
+
+
 def _validation_loss(model: torch.nn.Module, data: TrainingData, batch_size: int, device: torch.device) -> float:
+    """Mean batch loss over every validation tile, weighted by batch size."""
     model.eval()
     # Summed on the device and read once: a read per batch would make a GPU wait each time.
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0
@@ -116,6 +120,31 @@ def train_step(
     torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
     optimizer.step()
     return loss.detach()
+
+
+def validation_losses(
+    model: torch.nn.Module, data: TrainingData, batch_size: int, device: torch.device, mode: str = "pooled"
+) -> tuple[float, dict[str, float]]:
+    """The loss early stopping reads, and each source dataset's own validation loss.
+
+    ``pooled`` (published): every validation tile weighs the same, so in a 10:1 union the
+    larger dataset alone decides when to stop. ``per_source``: each source's loss (its tiles
+    only, batched on their own) weighs the same, whatever its size.
+    """
+    if mode not in VAL_LOSSES:
+        raise ValueError(f"training.val_loss {mode!r} is not one of {', '.join(VAL_LOSSES)}")
+    names = sorted(set(map(str, data.sources)))
+    if len(names) < 2:
+        loss = _validation_loss(model, data, batch_size, device)
+        return loss, {}
+    per_source = {}
+    for name in names:
+        mask = data.sources == name
+        subset = TrainingData(data.inputs[mask], data.labels[mask], data.sources[mask], data.to_tensor)
+        per_source[name] = _validation_loss(model, subset, batch_size, device)
+    if mode == "per_source":
+        return float(np.mean(list(per_source.values()))), per_source
+    return _validation_loss(model, data, batch_size, device), per_source
 
 
 def fit(
@@ -174,7 +203,7 @@ def fit(
         train_loss = torch.stack(losses).double().mean().item() if losses else math.nan
         if not math.isfinite(train_loss):
             raise NonFiniteLoss(epoch + 1, "training", train_loss)
-        val_loss = _validation_loss(model, val, training["batch_size"], device)
+        val_loss, per_source = validation_losses(model, val, training["batch_size"], device, training.get("val_loss", "pooled"))
         if not math.isfinite(val_loss):
             raise NonFiniteLoss(epoch + 1, "validation", val_loss)
         improved = val_loss < state["best_val"]
@@ -184,7 +213,8 @@ def fit(
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
         state["history"].append(
-            {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "lr": optimizer.param_groups[0]["lr"], "improved": improved, "seconds": time.perf_counter() - started}
+            {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "lr": optimizer.param_groups[0]["lr"], "improved": improved,
+             "seconds": time.perf_counter() - started, **{f"val_loss_{name}": loss for name, loss in per_source.items()}}
         )
         progress.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
         _save_checkpoint(
