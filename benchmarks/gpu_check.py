@@ -187,6 +187,8 @@ def run_check(check: Check, root: Path) -> pd.DataFrame:
         print(f"  {benchmark:<8} {setting:<44} {value:>12.4g} {unit:<8} {note}", flush=True)
 
     print(f"gpu_check on {name}, torch {torch.__version__}, {check.model} ({check.precision}), {check.n_tiles} tiles of {check.tile}²", flush=True)
+    add("setup", "tile side", check.tile, "px", 1, "square tiles; every step below is on tiles of this size")
+    add("setup", "training batch size", settings["training"]["batch_size"], "tiles", 1, "config.yaml training.batch_size")
     tiles = make_tiles(root, check.n_tiles, check.tile)
     backbone = build_backbone(check.spec()).to(device)
 
