@@ -40,11 +40,17 @@ def to_unit_float(tiles: np.ndarray, device: torch.device | str = "cpu") -> torc
     return torch.from_numpy(np.ascontiguousarray(tiles)).to(device).float().div_(255.0).unsqueeze(1)
 
 
-def _autocast(device: torch.device):
-    # bf16 on GPUs halves memory and doubles throughput; CPU stays in float32 so that
-    # results are exactly reproducible there.
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def _autocast(device: torch.device, precision: str = "auto"):
+    # bf16 on GPUs halves memory and doubles throughput; CPU stays in float32 by default so
+    # that results are exactly reproducible there. ``bf16`` forces autocast on any device,
+    # so the GPU path can be exercised on a CPU.
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
 
@@ -55,8 +61,12 @@ def cache_features(
     batch_size: int,
     device: torch.device,
     attrs: dict[str, Any],
+    precision: str = "auto",
 ) -> dict[str, int]:
-    """Run the backbone once over every tile of every split and write the cache atomically."""
+    """Run the backbone once over every tile of every split and write the cache atomically.
+
+    ``precision``: ``auto`` is bf16 autocast on CUDA and float32 elsewhere.
+    """
     backbone = backbone.to(device).eval()
     counts = {}
     provenance = tiles_provenance(tiles_path)
@@ -79,7 +89,7 @@ def cache_features(
             )
             tile_pooled = np.zeros((n_tiles, backbone.embed_dim), dtype=np.float32)
             digests = np.zeros(n_tiles, dtype=np.uint64)
-            with torch.inference_mode(), _autocast(device):
+            with torch.inference_mode(), _autocast(device, precision):
                 for start in tqdm(range(0, n_tiles, batch_size), desc=f"features {split_name}", unit="batch"):
                     batch = to_unit_float(tiles.raw[start : start + batch_size], device)
                     output = backbone(batch)
