@@ -1,0 +1,133 @@
+"""Object-level scores: are the mitochondria found as objects, or merged and split?
+
+A good pixel IoU can hide two touching mitochondria predicted as one, or one predicted as
+three fragments. Here both masks are cut into connected components (scikit-image, full
+connectivity: 8-neighbours in 2-D, 26 in 3-D), components smaller than ``min_size`` pixels
+(voxels) are dropped from both sides, and true and predicted objects are matched one to
+one by the Hungarian algorithm on their IoU (SciPy). A match with IoU >= 0.5 is a true
+positive (above 0.5 a match is unique whatever the assignment, so the threshold and the
+assignment never disagree).
+
+Per pair of masks (a slice, or a stack of consecutive slices in 3-D) the counts are:
+
+- ``tp``, ``n_true``, ``n_pred`` and ``sum_iou`` (the IoU summed over true positives);
+- ``splits``: a true object is split when several predicted objects lie mostly (more than
+  half of each one's pixels) inside it; each extra one counts;
+- ``merges``: a predicted object merges when it covers most (more than half) of several
+  true objects; each extra one counts.
+
+Counts add over slices, and scores are taken from the pooled counts (as pixel IoU is):
+precision tp/n_pred, recall tp/n_true, F1 2tp/(n_pred+n_true), matched IoU sum_iou/tp,
+panoptic quality sum_iou/(tp + fp/2 + fn/2), count error (n_pred - n_true)/n_true.
+Pixels under the ignore label are removed from the prediction before labelling, so an
+object there is neither found nor missed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+from scipy.sparse import coo_matrix
+from skimage.measure import label as connected_components
+from skimage.segmentation import relabel_sequential
+
+from em_foundation.data.prepared import IGNORE_LABEL
+
+MATCH_IOU = 0.5
+COLUMNS = ("obj_precision", "obj_recall", "obj_f1", "obj_matched_iou", "pq", "count_error", "n_true_objects", "n_pred_objects", "obj_splits", "obj_merges")
+
+
+@dataclass
+class ObjectCounts:
+    tp: int = 0
+    n_true: int = 0
+    n_pred: int = 0
+    sum_iou: float = 0.0
+    splits: int = 0
+    merges: int = 0
+
+    def __add__(self, other: "ObjectCounts") -> "ObjectCounts":
+        return ObjectCounts(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+
+def min_size_pixels(min_area_nm2: float, pixel_size_nm: tuple[float, float] | list[float]) -> int:
+    """The smallest kept object in pixels: an area in nm² over the area of one pixel."""
+    return int(np.ceil(min_area_nm2 / (float(pixel_size_nm[0]) * float(pixel_size_nm[1])))) if min_area_nm2 > 0 else 0
+
+
+def label_objects(mask: np.ndarray, min_size: int = 0) -> np.ndarray:
+    """Connected components of a binary mask (2-D or 3-D), those under ``min_size`` pixels removed."""
+    labels = connected_components(np.asarray(mask, dtype=bool), connectivity=mask.ndim)
+    if min_size > 1:
+        # by size, not skimage's remove_small_objects: its size argument changed meaning in 0.26
+        small = np.bincount(labels.ravel()) < min_size
+        small[0] = False
+        labels[small[labels]] = 0
+        labels = relabel_sequential(labels)[0]
+    return labels
+
+
+def object_counts(prediction: np.ndarray, truth: np.ndarray, min_size: int = 0) -> ObjectCounts:
+    """Match the objects of one prediction to those of its truth (same shape, 2-D or 3-D)."""
+    if prediction.shape != truth.shape:
+        raise ValueError(f"prediction {prediction.shape} and truth {truth.shape} differ in shape")
+    ignored = truth == IGNORE_LABEL
+    true_labels = label_objects((truth == 1) & ~ignored, min_size)
+    pred_labels = label_objects(prediction.astype(bool) & ~ignored, min_size)
+    n_true, n_pred = int(true_labels.max()), int(pred_labels.max())
+    if n_true == 0 or n_pred == 0:
+        return ObjectCounts(0, n_true, n_pred, 0.0, 0, 0)
+    # overlap[t, p] in pixels, from the pairs that really touch (sparse: objects are small)
+    both = (true_labels > 0) & (pred_labels > 0)
+    overlap = coo_matrix(
+        (np.ones(int(both.sum()), dtype=np.int64), (true_labels[both] - 1, pred_labels[both] - 1)), shape=(n_true, n_pred)
+    ).toarray()
+    true_area = np.bincount(true_labels.ravel(), minlength=n_true + 1)[1:]
+    pred_area = np.bincount(pred_labels.ravel(), minlength=n_pred + 1)[1:]
+    iou = overlap / (true_area[:, None] + pred_area[None, :] - overlap)
+    rows, cols = linear_sum_assignment(iou, maximize=True)
+    matched = iou[rows, cols]
+    hits = matched >= MATCH_IOU
+    # splits: predicted objects lying mostly inside one true object; merges: true objects mostly covered by one prediction
+    mostly_inside = overlap * 2 > pred_area[None, :]
+    mostly_covered = overlap * 2 > true_area[:, None]
+    splits = int(np.clip(mostly_inside.sum(axis=1) - 1, 0, None).sum())
+    merges = int(np.clip(mostly_covered.sum(axis=0) - 1, 0, None).sum())
+    return ObjectCounts(int(hits.sum()), n_true, n_pred, float(matched[hits].sum()), splits, merges)
+
+
+def stack_counts(predictions: list[np.ndarray], truths: list[np.ndarray], min_size: int = 0, three_d: bool = False) -> ObjectCounts:
+    """Pooled counts over slices: each slice on its own (2-D), or the slices as one volume (3-D)."""
+    if three_d:
+        return object_counts(np.stack(predictions), np.stack(truths), min_size)
+    total = ObjectCounts()
+    for prediction, truth in zip(predictions, truths, strict=True):
+        total = total + object_counts(prediction, truth, min_size)
+    return total
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    # nothing to find and nothing found is perfect, as for pixel scores
+    return 1.0 if denominator == 0 else numerator / denominator
+
+
+def object_scores(counts: ObjectCounts) -> dict[str, float]:
+    fp, fn = counts.n_pred - counts.tp, counts.n_true - counts.tp
+    return {
+        "obj_precision": _ratio(counts.tp, counts.n_pred),
+        "obj_recall": _ratio(counts.tp, counts.n_true),
+        "obj_f1": _ratio(2 * counts.tp, counts.n_pred + counts.n_true),
+        "obj_matched_iou": counts.sum_iou / counts.tp if counts.tp else float("nan"),
+        "pq": _ratio(counts.sum_iou, counts.tp + fp / 2 + fn / 2),
+        "count_error": (counts.n_pred - counts.n_true) / counts.n_true if counts.n_true else float("nan"),
+        "n_true_objects": counts.n_true,
+        "n_pred_objects": counts.n_pred,
+        "obj_splits": counts.splits,
+        "obj_merges": counts.merges,
+    }
+
+
+def counts_dict(counts: ObjectCounts) -> dict[str, float]:
+    return asdict(counts)
