@@ -14,6 +14,7 @@ min_version("9.0")
 
 report: "report/workflow.rst"
 
+
 # With no --configfile, the published setup (config.yaml) or a named preset
 # (--config preset=demo) is the config. A --configfile replaces it whole (the demo profile
 # passes profiles/demo/workflow_config.yaml that way), unless a preset is named explicitly;

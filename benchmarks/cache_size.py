@@ -22,8 +22,24 @@ def bench_cache_size(settings: Settings, table: Table, label: str, cache: Path, 
     side = settings.tile // patch
     size = cache.stat().st_size
     expected = cache_bytes(n_tiles, n_images, embed_dim, side)
-    table.add("cache_size", label, f"measured HDF5 file, {n_tiles} tiles of {settings.tile}px (C={embed_dim}, {side}x{side} grid)", size / 2**20, "MiB", 1, f"{size / n_tiles / 2**20:.3f} MiB/tile")
-    table.add("cache_size", label, "measured / array bytes (HDF5 overhead factor)", size / expected, "x", 1, "extrapolations below use the array bytes")
+    table.add(
+        "cache_size",
+        label,
+        f"measured HDF5 file, {n_tiles} tiles of {settings.tile}px (C={embed_dim}, {side}x{side} grid)",
+        size / 2**20,
+        "MiB",
+        1,
+        f"{size / n_tiles / 2**20:.3f} MiB/tile",
+    )
+    table.add(
+        "cache_size",
+        label,
+        "measured / array bytes (HDF5 overhead factor)",
+        size / expected,
+        "x",
+        1,
+        "extrapolations below use the array bytes",
+    )
 
 
 def bench_cache_extrapolation(settings: Settings, table: Table, patch: int = 14) -> None:
@@ -33,7 +49,12 @@ def bench_cache_extrapolation(settings: Settings, table: Table, patch: int = 14)
         n_tiles = n_images * per_image
         for name, dim in VIT_DIMS.items():
             size = cache_bytes(n_tiles, n_images, dim, side)
-            table.add("cache_size", f"{name}/{patch}", f"{dataset}: {n_images} slices {height}x{width} -> {n_tiles} tiles ({per_image}/slice), C={dim}",
-                      size / 2**30, "GiB", 1, f"extrapolated, fp16 tokens, tile {settings.tile} overlap {settings.overlap}; train split is loaded into RAM by head training")
-
-
+            table.add(
+                "cache_size",
+                f"{name}/{patch}",
+                f"{dataset}: {n_images} slices {height}x{width} -> {n_tiles} tiles ({per_image}/slice), C={dim}",
+                size / 2**30,
+                "GiB",
+                1,
+                f"extrapolated, fp16 tokens, tile {settings.tile} overlap {settings.overlap}; train split is loaded into RAM by head training",
+            )

@@ -16,7 +16,9 @@ from em_foundation.data.tiles import read_tiles
 from em_foundation.feature_cache import cache_features, to_unit_float
 
 
-def bench_caching(settings: Settings, table: Table, label: str, backbone: nn.Module, tiles: Path, root: Path) -> tuple[Path, list[float]]:
+def bench_caching(
+    settings: Settings, table: Table, label: str, backbone: nn.Module, tiles: Path, root: Path
+) -> tuple[Path, list[float]]:
     """cache_features against a bare forward_features loop over the same tensors."""
     device = settings.device
     backbone = backbone.to(device).eval()
@@ -24,14 +26,25 @@ def bench_caching(settings: Settings, table: Table, label: str, backbone: nn.Mod
     n, bs = len(raw), settings.cache_batch_size
     with torch.inference_mode():
         inputs = backbone.normalise(to_unit_float(raw).to(device))
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+        autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if device.type == "cuda"
+            else torch.autocast("cpu", enabled=False)
+        )
         with autocast:
             backbone.model.forward_features(inputs[: bs if device.type == "cuda" else 1])  # warm-up, untimed
     sync(device)
 
     def bare() -> tuple[float, list[float]]:
         per_batch = []
-        with torch.inference_mode(), (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)):
+        with (
+            torch.inference_mode(),
+            (
+                torch.autocast("cuda", dtype=torch.bfloat16)
+                if device.type == "cuda"
+                else torch.autocast("cpu", enabled=False)
+            ),
+        ):
             sync(device)
             started = time.perf_counter()
             for start in range(0, n, bs):
@@ -57,19 +70,58 @@ def bench_caching(settings: Settings, table: Table, label: str, backbone: nn.Mod
                 with memory:
                     sync(device)
                     started = time.perf_counter()
-                    cache_features(backbone, tiles, cache_path, bs, device, {"backbone": label, "tile": settings.tile, "overlap": settings.overlap})
+                    cache_features(
+                        backbone,
+                        tiles,
+                        cache_path,
+                        bs,
+                        device,
+                        {"backbone": label, "tile": settings.tile, "overlap": settings.overlap},
+                    )
                     sync(device)
                     cache_times.append(time.perf_counter() - started)
     r = settings.cache_repeats
     load = f"load1 {min(loads):.2f}-{max(loads):.2f}"
     cache_tps, bare_tps = n / median(cache_times), n / median(bare_times)
     setting = f"{n} tiles {settings.tile}px, batch {bs}, {device.type}{' bf16' if device.type == 'cuda' else ' fp32'}"
-    table.add("caching", label, f"cache_features, {setting}", cache_tps, "tiles/s", r, f"median; s {spread(cache_times)}; {load}")
-    table.add("caching", label, f"bare forward_features loop, {setting}", bare_tps, "tiles/s", r, f"the limit; s {spread(bare_times)}; {load}")
-    table.add("caching", label, "ratio cache_features / bare loop (throughput)", cache_tps / bare_tps, "x", r, "target >= 0.85 (within 15 %)")
+    table.add(
+        "caching",
+        label,
+        f"cache_features, {setting}",
+        cache_tps,
+        "tiles/s",
+        r,
+        f"median; s {spread(cache_times)}; {load}",
+    )
+    table.add(
+        "caching",
+        label,
+        f"bare forward_features loop, {setting}",
+        bare_tps,
+        "tiles/s",
+        r,
+        f"the limit; s {spread(bare_times)}; {load}",
+    )
+    table.add(
+        "caching",
+        label,
+        "ratio cache_features / bare loop (throughput)",
+        cache_tps / bare_tps,
+        "x",
+        r,
+        "target >= 0.85 (within 15 %)",
+    )
     table.add("memory", label, "peak RSS, caching stage (cache_features)", memory.peak_mib, "MiB", 1, memory.note())
     if memory.gpu_mib is not None:
-        table.add("gpu", label, f"peak GPU memory allocated, caching (bf16, batch {bs})", memory.gpu_mib, "MiB", 1, "torch.cuda.max_memory_allocated")
+        table.add(
+            "gpu",
+            label,
+            f"peak GPU memory allocated, caching (bf16, batch {bs})",
+            memory.gpu_mib,
+            "MiB",
+            1,
+            "torch.cuda.max_memory_allocated",
+        )
     return cache_path, per_batch
 
 
@@ -104,7 +156,9 @@ def bench_cache_overhead(settings: Settings, table: Table, label: str, embed_dim
     unit = timeit(lambda: to_unit_float(raw).to(device))
     path = root / "write-probe.h5"
     with h5py.File(path, "w") as handle:
-        tokens = handle.create_dataset("t", shape=(batch * (reps + 1), embed_dim, side, side), dtype=np.float16, chunks=(1, embed_dim, side, side))
+        tokens = handle.create_dataset(
+            "t", shape=(batch * (reps + 1), embed_dim, side, side), dtype=np.float16, chunks=(1, embed_dim, side, side)
+        )
         block = grid.to(torch.float16).cpu().numpy()
         counter = iter(range(reps + 1))
 
@@ -115,9 +169,33 @@ def bench_cache_overhead(settings: Settings, table: Table, label: str, embed_dim
         write_times = timeit(write)
     path.unlink()
     note = f"batch {batch}, grid ({embed_dim},{side},{side}), {'bf16 on GPU' if device.type == 'cuda' else 'fp32 on CPU'}; load1 {load1():.2f}"
-    table.add("cache_overhead", label, "fp16 conversion as in features.py (.float().cpu().numpy().astype)", median(package), "s/batch", reps, note)
-    table.add("cache_overhead", label, "fp16 conversion in torch (.to(float16).cpu().numpy())", median(torch_cast), "s/batch", reps, "the suggested fix; same values")
-    table.add("cache_overhead", label, "uint8 -> float input (to_unit_float + .to(device))", median(unit), "s/batch", reps, note)
-    table.add("cache_overhead", label, "HDF5 write of one batch (one-tile chunks)", median(write_times), "s/batch", reps, note)
-
-
+    table.add(
+        "cache_overhead",
+        label,
+        "fp16 conversion as in features.py (.float().cpu().numpy().astype)",
+        median(package),
+        "s/batch",
+        reps,
+        note,
+    )
+    table.add(
+        "cache_overhead",
+        label,
+        "fp16 conversion in torch (.to(float16).cpu().numpy())",
+        median(torch_cast),
+        "s/batch",
+        reps,
+        "the suggested fix; same values",
+    )
+    table.add(
+        "cache_overhead",
+        label,
+        "uint8 -> float input (to_unit_float + .to(device))",
+        median(unit),
+        "s/batch",
+        reps,
+        note,
+    )
+    table.add(
+        "cache_overhead", label, "HDF5 write of one batch (one-tile chunks)", median(write_times), "s/batch", reps, note
+    )

@@ -36,8 +36,15 @@ def published() -> dict[str, Any]:
 def vit_spec(model: str, tile: int = 448, **model_kwargs: Any) -> dict[str, Any]:
     """A timm DINOv2 entry with random weights (no download), as the config would resolve it."""
     return {
-        "family": "dinov2", "model": model, "weights": "random", "model_kwargs": {"img_size": tile, **model_kwargs},
-        "layers": [-1], "pooling": "mean", "normalisation": "family", "options": {}, "revision": None,
+        "family": "dinov2",
+        "model": model,
+        "weights": "random",
+        "model_kwargs": {"img_size": tile, **model_kwargs},
+        "layers": [-1],
+        "pooling": "mean",
+        "normalisation": "family",
+        "options": {},
+        "revision": None,
     }
 
 
@@ -73,10 +80,21 @@ class Settings:
     def for_device(cls, quick: bool = False) -> "Settings":
         s = cls()
         if s.device.type == "cuda":
-            s = replace(s, n_tiles=64, epochs=3, cache_batch_size=published()["features"]["batch_size"], cache_repeats=3)
+            s = replace(
+                s, n_tiles=64, epochs=3, cache_batch_size=published()["features"]["batch_size"], cache_repeats=3
+            )
         if quick:
-            s = replace(s, backbones=[VIT_S], n_tiles=2, warmup_epochs=0, epochs=1, cache_repeats=1, dryrun_repeats=1,
-                        cache_batch_size=min(s.cache_batch_size, 2), step_repeats=2)
+            s = replace(
+                s,
+                backbones=[VIT_S],
+                n_tiles=2,
+                warmup_epochs=0,
+                epochs=1,
+                cache_repeats=1,
+                dryrun_repeats=1,
+                cache_batch_size=min(s.cache_batch_size, 2),
+                step_repeats=2,
+            )
         return s
 
 
@@ -140,7 +158,17 @@ class Table:
         self.rows: list[dict[str, Any]] = []
 
     def add(self, benchmark: str, backbone: str, setting: str, value: float, unit: str, n: int, note: str = "") -> None:
-        self.rows.append(dict(benchmark=benchmark, backbone=backbone, setting=setting, value=float(value), unit=unit, n_repeats=int(n), note=note))
+        self.rows.append(
+            dict(
+                benchmark=benchmark,
+                backbone=backbone,
+                setting=setting,
+                value=float(value),
+                unit=unit,
+                n_repeats=int(n),
+                note=note,
+            )
+        )
         print(f"  {benchmark:<14} {backbone:<10} {setting:<48} {value:>12.4g} {unit:<8} n={n} {note}", flush=True)
 
     def frame(self) -> pd.DataFrame:
@@ -178,5 +206,3 @@ def training_config(settings: Settings, n_epochs: int) -> dict[str, Any]:
 def lora_config() -> dict[str, Any]:
     """config.yaml's LoRA block (rank, alpha, dropout)."""
     return dict(published()["lora"])
-
-

@@ -23,15 +23,22 @@ def large_config() -> dict[str, Any]:
     for copy_name in ("vnc2", "vnc3"):
         config["datasets"][copy_name] = copy.deepcopy(vnc)
     config["training_sets"] = {
-        "lucchi": ["lucchi"], "vnc": ["vnc"], "vnc2": ["vnc2"], "vnc3": ["vnc3"],
-        "paired": ["lucchi", "vnc"], "paired2": ["lucchi", "vnc2"], "paired3": ["lucchi", "vnc3"],
+        "lucchi": ["lucchi"],
+        "vnc": ["vnc"],
+        "vnc2": ["vnc2"],
+        "vnc3": ["vnc3"],
+        "paired": ["lucchi", "vnc"],
+        "paired2": ["lucchi", "vnc2"],
+        "paired3": ["lucchi", "vnc3"],
     }
-    config["backbones"].update({
-        "dinov2S": {"family": "dinov2", "model": "vit_small_patch14_dinov2.lvd142m"},
-        "dinov2B": {"family": "dinov2", "model": "vit_base_patch14_dinov2.lvd142m"},
-        "dinov2g": {"family": "dinov2", "model": "vit_giant_patch14_dinov2.lvd142m"},
-        "dinov3B": {"family": "dinov3", "model": "vit_base_patch16_dinov3.lvd1689m"},
-    })
+    config["backbones"].update(
+        {
+            "dinov2S": {"family": "dinov2", "model": "vit_small_patch14_dinov2.lvd142m"},
+            "dinov2B": {"family": "dinov2", "model": "vit_base_patch14_dinov2.lvd142m"},
+            "dinov2g": {"family": "dinov2", "model": "vit_giant_patch14_dinov2.lvd142m"},
+            "dinov3B": {"family": "dinov3", "model": "vit_base_patch16_dinov3.lvd1689m"},
+        }
+    )
     config["seeds"] = list(range(10))
     return config
 
@@ -44,7 +51,12 @@ def snakemake_exe() -> list[str]:
 def dry_run(args: list[str], workdir: Path) -> tuple[float, str]:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     started = time.perf_counter()
-    done = subprocess.run(snakemake_exe() + ["-s", str(REPO / "Snakefile"), "-d", str(workdir), "-n", *args], capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        snakemake_exe() + ["-s", str(REPO / "Snakefile"), "-d", str(workdir), "-n", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     seconds = time.perf_counter() - started
     if done.returncode:
         raise RuntimeError(f"snakemake {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
@@ -61,7 +73,9 @@ def bench_dry_runs(settings: Settings, table: Table, root: Path) -> None:
     for name, extra in grids:
         workdir = root / f"dryrun-{name.replace(' ', '')}"
         workdir.mkdir()
-        label = "default config.yaml" if not extra else "--configfile (10 seeds, 7 backbones, 4 datasets, 7 training sets)"
+        label = (
+            "default config.yaml" if not extra else "--configfile (10 seeds, 7 backbones, 4 datasets, 7 training sets)"
+        )
         setting = f"snakemake -n --quiet, {name}: {label}"
         try:
             # first call counts the jobs (job-stats table kept) and warms the file-system caches
@@ -78,13 +92,39 @@ def bench_dry_runs(settings: Settings, table: Table, root: Path) -> None:
                 times = [first]
         except RuntimeError as error:  # the workflow itself is broken: say so, keep the other numbers
             last = [line.strip() for line in str(error).splitlines() if line.strip()][-1]
-            table.rows.append(dict(benchmark="dry_run", backbone="-", setting=setting, value=float("nan"), unit="s", n_repeats=0, note=f"{DRY_RUN_FAILED}: {last[:300]}"))
+            table.rows.append(
+                dict(
+                    benchmark="dry_run",
+                    backbone="-",
+                    setting=setting,
+                    value=float("nan"),
+                    unit="s",
+                    n_repeats=0,
+                    note=f"{DRY_RUN_FAILED}: {last[:300]}",
+                )
+            )
             print(f"  dry_run        {setting}: {DRY_RUN_FAILED}: {last}", flush=True)
             continue
-        table.add("dry_run", "-", setting, median(times), "s", len(times),
-                  f"{counts[name]} jobs; {spread(times)}; first (counting) run {first:.2f} s; load1 {min(loads):.2f}-{max(loads):.2f}" + ("; target < 10 s" if not extra else ""))
-        table.add("dry_run", "-", f"jobs in the DAG, {name}", counts[name], "jobs", 1, "incl. download_dataset and fetch_weights (dry run: nothing downloaded)")
+        table.add(
+            "dry_run",
+            "-",
+            setting,
+            median(times),
+            "s",
+            len(times),
+            f"{counts[name]} jobs; {spread(times)}; first (counting) run {first:.2f} s; load1 {min(loads):.2f}-{max(loads):.2f}"
+            + ("; target < 10 s" if not extra else ""),
+        )
+        table.add(
+            "dry_run",
+            "-",
+            f"jobs in the DAG, {name}",
+            counts[name],
+            "jobs",
+            1,
+            "incl. download_dataset and fetch_weights (dry run: nothing downloaded)",
+        )
     if len(counts) == 2:
-        table.add("dry_run", "-", "job ratio 10x grid / published", counts["10x grid"] / counts["published"], "x", 1, "")
-
-
+        table.add(
+            "dry_run", "-", "job ratio 10x grid / published", counts["10x grid"] / counts["published"], "x", 1, ""
+        )

@@ -14,11 +14,27 @@ from em_foundation.training.trainer import make_optimizer, train_step
 def bench_gpu_lora(settings: Settings, table: Table) -> None:
     label, spec = VIT_L
     lora, training, side = lora_config(), training_config(settings, 1), settings.tile
-    step = f"LoRA rank {lora['rank']} training step, batch {settings.batch_size} of {side}px, head {settings.head_width}"
+    step = (
+        f"LoRA rank {lora['rank']} training step, batch {settings.batch_size} of {side}px, head {settings.head_width}"
+    )
     if settings.device.type != "cuda":
-        for setting, unit in (("ViT-L caching bf16 throughput (tiles/s)", "tiles/s"), ("ViT-L caching bf16 peak GPU memory", "MiB"),
-                              (step, "s/step"), ("LoRA training step peak GPU memory", "MiB")):
-            table.rows.append(dict(benchmark="gpu", backbone=label, setting=setting, value=float("nan"), unit=unit, n_repeats=0, note=NO_GPU))
+        for setting, unit in (
+            ("ViT-L caching bf16 throughput (tiles/s)", "tiles/s"),
+            ("ViT-L caching bf16 peak GPU memory", "MiB"),
+            (step, "s/step"),
+            ("LoRA training step peak GPU memory", "MiB"),
+        ):
+            table.rows.append(
+                dict(
+                    benchmark="gpu",
+                    backbone=label,
+                    setting=setting,
+                    value=float("nan"),
+                    unit=unit,
+                    n_repeats=0,
+                    note=NO_GPU,
+                )
+            )
             print(f"  gpu            {label:<10} {setting:<48} {NO_GPU}", flush=True)
         return
     device = settings.device
@@ -41,5 +57,3 @@ def bench_gpu_lora(settings: Settings, table: Table) -> None:
     table.add("gpu", label, step, median(times), "s/step", len(times), note)
     table.add("gpu", label, "LoRA training step peak GPU memory", peak, "MiB", 1, "torch.cuda.max_memory_allocated")
     del model, optimizer
-
-

@@ -97,9 +97,15 @@ class Check:
     def spec(self) -> dict[str, Any]:
         """The backbone entry as a validated config would hold it (random weights: nothing fetched)."""
         return {
-            "family": "dinov2", "model": self.model, "weights": "random",
+            "family": "dinov2",
+            "model": self.model,
+            "weights": "random",
             "model_kwargs": {"img_size": self.tile, **(self.model_kwargs or {})},
-            "layers": [-1], "pooling": "mean", "normalisation": "family", "options": {}, "revision": None,
+            "layers": [-1],
+            "pooling": "mean",
+            "normalisation": "family",
+            "options": {},
+            "revision": None,
         }
 
 
@@ -141,13 +147,22 @@ def make_tiles(root: Path, n_tiles: int, tile: int, seed: int = 0) -> Path:
     raw = rng.integers(0, 256, (n_tiles, tile, tile), dtype=np.uint8)
     labels = (rng.random((n_tiles, tile, tile)) < 0.1).astype(np.uint8)
     prepared = root / "check.h5"
-    write_prepared(prepared, {"train": Split(raw, labels, [f"slice{i:04d}" for i in range(n_tiles)])}, {"dataset": "gpu_check"})
+    write_prepared(
+        prepared, {"train": Split(raw, labels, [f"slice{i:04d}" for i in range(n_tiles)])}, {"dataset": "gpu_check"}
+    )
     tiles = root / "check.tiles.h5"
     tile_dataset(prepared, tiles, view={"mode": "tile", "tile_size": tile, "overlap": 0})
     return tiles
 
 
-def train_steps(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor, training: dict[str, Any], steps: int, warmup: int) -> list[float]:
+def train_steps(
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    training: dict[str, Any],
+    steps: int,
+    warmup: int,
+) -> list[float]:
     """Seconds per step of ``fit``'s step (soft Dice, backward, clip, AdamW) over batches of the inputs."""
     device = inputs.device
     model.train()
@@ -159,7 +174,14 @@ def train_steps(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tens
         start = step * batch_size % max(len(inputs) - batch_size + 1, 1)
         sync(device)
         started = time.perf_counter()
-        loss = train_step(model, parameters, optimizer, inputs[start : start + batch_size], labels[start : start + batch_size], training["grad_clip"])
+        loss = train_step(
+            model,
+            parameters,
+            optimizer,
+            inputs[start : start + batch_size],
+            labels[start : start + batch_size],
+            training["grad_clip"],
+        )
         sync(device)
         if step >= warmup:
             times.append(time.perf_counter() - started)
@@ -178,12 +200,32 @@ def run_check(check: Check, root: Path) -> pd.DataFrame:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
 
     def add(benchmark: str, setting: str, value: float, unit: str, n: int, note: str = "") -> None:
-        rows.append(dict(benchmark=benchmark, backbone=label, setting=setting, value=float(value), unit=unit, n_repeats=n, note=note))
+        rows.append(
+            dict(
+                benchmark=benchmark,
+                backbone=label,
+                setting=setting,
+                value=float(value),
+                unit=unit,
+                n_repeats=n,
+                note=note,
+            )
+        )
         print(f"  {benchmark:<8} {setting:<44} {value:>12.4g} {unit:<8} {note}", flush=True)
 
-    print(f"gpu_check on {name}, torch {torch.__version__}, {check.model} ({check.precision}), {check.n_tiles} tiles of {check.tile}²", flush=True)
+    print(
+        f"gpu_check on {name}, torch {torch.__version__}, {check.model} ({check.precision}), {check.n_tiles} tiles of {check.tile}²",
+        flush=True,
+    )
     add("setup", "tile side", check.tile, "px", 1, "square tiles; every step below is on tiles of this size")
-    add("setup", "training batch size", settings["training"]["batch_size"], "tiles", 1, "config.yaml training.batch_size")
+    add(
+        "setup",
+        "training batch size",
+        settings["training"]["batch_size"],
+        "tiles",
+        1,
+        "config.yaml training.batch_size",
+    )
     tiles = make_tiles(root, check.n_tiles, check.tile)
     backbone = build_backbone(check.spec()).to(device)
 
@@ -201,12 +243,26 @@ def run_check(check: Check, root: Path) -> pd.DataFrame:
     tiles_per_s = check.n_tiles / seconds
     achieved = flops_per_tile * tiles_per_s
     peak = check.peak_tflops or (bf16_peak_tflops(name) if device.type == "cuda" else None)
-    add("caching", f"cache_features {check.precision} throughput", tiles_per_s, "tiles/s", 1,
-        f"{check.n_tiles} tiles, batch {check.cache_batch_size}, {seconds:.2f} s incl. tile reads and HDF5 writes; {name}")
+    add(
+        "caching",
+        f"cache_features {check.precision} throughput",
+        tiles_per_s,
+        "tiles/s",
+        1,
+        f"{check.n_tiles} tiles, batch {check.cache_batch_size}, {seconds:.2f} s incl. tile reads and HDF5 writes; {name}",
+    )
     add("caching", "forward FLOPs per tile", flops_per_tile / 1e9, "GFLOP", 1, "torch.utils.flop_counter, one tile")
     add("caching", "achieved FLOP/s", achieved / 1e12, "TFLOP/s", 1, "FLOPs per tile x tiles/s")
-    add("caching", "fraction of bf16 peak FLOP/s", achieved / (peak * 1e12) if peak else float("nan"), "fraction", 1,
-        f"peak {peak} TFLOP/s" + (" (given)" if check.peak_tflops else " (data sheet)") if peak else "peak unknown for this device: pass --peak-tflops")
+    add(
+        "caching",
+        "fraction of bf16 peak FLOP/s",
+        achieved / (peak * 1e12) if peak else float("nan"),
+        "fraction",
+        1,
+        f"peak {peak} TFLOP/s" + (" (given)" if check.peak_tflops else " (data sheet)")
+        if peak
+        else "peak unknown for this device: pass --peak-tflops",
+    )
     add("caching", "peak GPU memory", peak_mib(device), "MiB", 1, "torch.cuda.max_memory_allocated")
 
     # 2. the published head on cached tokens held on the device
@@ -217,8 +273,14 @@ def run_check(check: Check, root: Path) -> pd.DataFrame:
     head = CachedFeatureSegmenter(backbone.embed_dim, settings["head"]["width"], backbone.patch_size).to(device)
     reset_peak(device)
     times = train_steps(head, tokens, labels, settings["training"], check.head_steps, check.warmup_steps)
-    add("head", f"head training steps (width {settings['head']['width']}, batch {settings['training']['batch_size']})",
-        1 / statistics.median(times), "steps/s", len(times), f"tokens resident on the device ({tokens.numel() * 2 / 2**20:.0f} MiB float16); fp32 as fit runs it")
+    add(
+        "head",
+        f"head training steps (width {settings['head']['width']}, batch {settings['training']['batch_size']})",
+        1 / statistics.median(times),
+        "steps/s",
+        len(times),
+        f"tokens resident on the device ({tokens.numel() * 2 / 2**20:.0f} MiB float16); fp32 as fit runs it",
+    )
     add("head", "peak GPU memory", peak_mib(device), "MiB", 1, "torch.cuda.max_memory_allocated")
     del head, tokens, backbone
 
@@ -227,10 +289,18 @@ def run_check(check: Check, root: Path) -> pd.DataFrame:
     model = build_segmenter("lora", check.spec(), settings["head"], lora).to(device)
     images = to_unit_float(data.raw[: 8 * settings["training"]["batch_size"]], device)
     reset_peak(device)
-    times = train_steps(model, images, labels[: len(images)], settings["training"], check.lora_steps, check.warmup_steps)
+    times = train_steps(
+        model, images, labels[: len(images)], settings["training"], check.lora_steps, check.warmup_steps
+    )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    add("lora", f"LoRA rank {lora['rank']} training steps (batch {settings['training']['batch_size']})", 1 / statistics.median(times), "steps/s", len(times),
-        f"{trainable} trainable parameters; fp32 as fit runs it")
+    add(
+        "lora",
+        f"LoRA rank {lora['rank']} training steps (batch {settings['training']['batch_size']})",
+        1 / statistics.median(times),
+        "steps/s",
+        len(times),
+        f"{trainable} trainable parameters; fp32 as fit runs it",
+    )
     add("lora", "peak GPU memory", peak_mib(device), "MiB", 1, "torch.cuda.max_memory_allocated")
     return pd.DataFrame(rows, columns=COLUMNS)
 
@@ -240,7 +310,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results-gpu.csv")
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu, to run the path without a GPU")
     parser.add_argument("--model", default=Check.model, help="a timm DINOv2 architecture (random weights)")
-    parser.add_argument("--model-kwargs", type=json.loads, default=None, help='JSON, e.g. \'{"depth": 2, "embed_dim": 64, "num_heads": 2}\'')
+    parser.add_argument(
+        "--model-kwargs",
+        type=json.loads,
+        default=None,
+        help='JSON, e.g. \'{"depth": 2, "embed_dim": 64, "num_heads": 2}\'',
+    )
     parser.add_argument("--precision", choices=("bf16", "fp32"), default=Check.precision)
     parser.add_argument("--tile", type=int, default=Check.tile)
     parser.add_argument("--tiles", type=int, default=Check.n_tiles)
@@ -248,14 +323,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora-steps", type=int, default=Check.lora_steps)
     parser.add_argument("--warmup-steps", type=int, default=Check.warmup_steps)
     parser.add_argument("--head-width", type=int, help="head width (default: config.yaml's)")
-    parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, where the data-sheet table lacks it")
+    parser.add_argument(
+        "--peak-tflops", type=float, help="the GPU's dense bf16 peak, where the data-sheet table lacks it"
+    )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print(NO_CUDA)
         return 0
     check = Check(
-        device=torch.device(args.device), model=args.model, model_kwargs=args.model_kwargs, precision=args.precision, tile=args.tile,
-        n_tiles=args.tiles, head_steps=args.head_steps, lora_steps=args.lora_steps, warmup_steps=args.warmup_steps, peak_tflops=args.peak_tflops,
+        device=torch.device(args.device),
+        model=args.model,
+        model_kwargs=args.model_kwargs,
+        precision=args.precision,
+        tile=args.tile,
+        n_tiles=args.tiles,
+        head_steps=args.head_steps,
+        lora_steps=args.lora_steps,
+        warmup_steps=args.warmup_steps,
+        peak_tflops=args.peak_tflops,
         head_width=args.head_width,
     )
     with tempfile.TemporaryDirectory(prefix="em-gpu-check-") as root:

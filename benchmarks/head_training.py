@@ -66,8 +66,16 @@ class FitEpochs:
         self.done += 1
         started = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):  # "resumed from ..." every call
-            result = fit(self.model, self.train, self.val, training_config(self.settings, self.done), self.generator,
-                         self.settings.device, self.checkpoint, self.name)
+            result = fit(
+                self.model,
+                self.train,
+                self.val,
+                training_config(self.settings, self.done),
+                self.generator,
+                self.settings.device,
+                self.checkpoint,
+                self.name,
+            )
         self.wall += time.perf_counter() - started
         if len(result.history) != self.done:
             raise RuntimeError(f"{self.name}: fit ran {len(result.history)} epochs, expected {self.done}")
@@ -96,14 +104,18 @@ class FloorEpochs:
         for batch in epoch_batches(self.sources, self.settings.batch_size, self.generator, False):
             t0 = time.perf_counter()
             index = torch.from_numpy(batch).to(device)
-            train_step(self.model, self.parameters, self.optimizer, self.tokens[index], self.labels[index], self.grad_clip)
+            train_step(
+                self.model, self.parameters, self.optimizer, self.tokens[index], self.labels[index], self.grad_clip
+            )
             steps.append(time.perf_counter() - t0)
         sync(device)
         self.last_steps = steps
         return time.perf_counter() - started
 
 
-def isolated_steps(settings: Settings, backbone: nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> tuple[list[float], list[float]]:
+def isolated_steps(
+    settings: Settings, backbone: nn.Module, tokens: torch.Tensor, labels: torch.Tensor
+) -> tuple[list[float], list[float]]:
     """Backbone forward (no_grad) and head step at the training batch size, each timed alone."""
     device, bs = settings.device, settings.batch_size
     images = torch.rand(bs, 1, settings.tile, settings.tile, device=device)
@@ -133,7 +145,17 @@ def isolated_steps(settings: Settings, backbone: nn.Module, tokens: torch.Tensor
     return result[0], result[1]
 
 
-def bench_training(settings: Settings, table: Table, label: str, backbone: nn.Module, tiles: Path, split: Path, cache: Path, root: Path, forward_per_batch: list[float]) -> None:
+def bench_training(
+    settings: Settings,
+    table: Table,
+    label: str,
+    backbone: nn.Module,
+    tiles: Path,
+    split: Path,
+    cache: Path,
+    root: Path,
+    forward_per_batch: list[float],
+) -> None:
     device = settings.device
     datasets, files = ["bench"], {"bench": str(tiles)}
     r = settings.epochs
@@ -152,7 +174,9 @@ def bench_training(settings: Settings, table: Table, label: str, backbone: nn.Mo
     variants = {
         "cached": FitEpochs(settings, head_model(in_channels, settings.head_width, patch), train, val, root, "cached"),
         "floor": FloorEpochs(settings, head_model(in_channels, settings.head_width, patch), tokens, labels),
-        "online": FitEpochs(settings, OnlineFrozenSegmenter(backbone, settings.head_width), online_train, online_val, root, "online"),
+        "online": FitEpochs(
+            settings, OnlineFrozenSegmenter(backbone, settings.head_width), online_train, online_val, root, "online"
+        ),
     }
     memories = {name: PeakMemory(device) for name in variants}
     seconds: dict[str, list[float]] = {name: [] for name in variants}
@@ -178,12 +202,60 @@ def bench_training(settings: Settings, table: Table, label: str, backbone: nn.Mo
     n = len(train)
     setting = f"{n} tiles/epoch, batch {settings.batch_size}, head width {settings.head_width}, {device.type}"
     note = f"fit() history seconds, after {settings.warmup_epochs} warm-up epoch(s), epochs interleaved with the other variants"
-    table.add("head_training", label, f"cached tokens via fit(), {setting}", median(cached), "s/epoch", r, f"{note}; {spread(cached)}; fit wall {cached_wall:.1f} s incl. warm-up, resumes, checkpoints; load1 {load_cached}")
-    table.add("head_training", label, f"floor: head step on in-memory tensors, {setting}", median(floor), "s/epoch", r, f"no fit(), no cache; {spread(floor)}; load1 {load_floor}")
-    table.add("head_training", label, f"online frozen backbone every batch via fit(), {setting}", median(online), "s/epoch", r, f"{note}; {spread(online)}; fit wall {online_wall:.1f} s incl. warm-up, resumes, checkpoints; load1 {load_online}")
-    table.add("head_training", label, "cache read once per run (load_training_data, head)", read_seconds, "s", 1, "not per epoch: amortised over all epochs of a run")
-    table.add("head_training", label, "ratio online / cached (per epoch)", median(online) / median(cached), "x", r, "target >= 3.5 for ViT-L/14")
-    table.add("head_training", label, "ratio cached / floor (per epoch)", median(cached) / median(floor), "x", r, "target <= 1.10")
+    table.add(
+        "head_training",
+        label,
+        f"cached tokens via fit(), {setting}",
+        median(cached),
+        "s/epoch",
+        r,
+        f"{note}; {spread(cached)}; fit wall {cached_wall:.1f} s incl. warm-up, resumes, checkpoints; load1 {load_cached}",
+    )
+    table.add(
+        "head_training",
+        label,
+        f"floor: head step on in-memory tensors, {setting}",
+        median(floor),
+        "s/epoch",
+        r,
+        f"no fit(), no cache; {spread(floor)}; load1 {load_floor}",
+    )
+    table.add(
+        "head_training",
+        label,
+        f"online frozen backbone every batch via fit(), {setting}",
+        median(online),
+        "s/epoch",
+        r,
+        f"{note}; {spread(online)}; fit wall {online_wall:.1f} s incl. warm-up, resumes, checkpoints; load1 {load_online}",
+    )
+    table.add(
+        "head_training",
+        label,
+        "cache read once per run (load_training_data, head)",
+        read_seconds,
+        "s",
+        1,
+        "not per epoch: amortised over all epochs of a run",
+    )
+    table.add(
+        "head_training",
+        label,
+        "ratio online / cached (per epoch)",
+        median(online) / median(cached),
+        "x",
+        r,
+        "target >= 3.5 for ViT-L/14",
+    )
+    table.add(
+        "head_training",
+        label,
+        "ratio cached / floor (per epoch)",
+        median(cached) / median(floor),
+        "x",
+        r,
+        "target <= 1.10",
+    )
 
     if device.type == "cuda" or settings.cache_batch_size != settings.batch_size:
         forward_times, head_times = isolated_steps(settings, backbone, tokens, labels)
@@ -192,13 +264,47 @@ def bench_training(settings: Settings, table: Table, label: str, backbone: nn.Mo
         forward_times, head_times = forward_per_batch, floor_steps
         how = "backbone: bare forward_features batches of the caching benchmark; head: the floor's steps"
     bound = (median(forward_times) + median(head_times)) / median(head_times)
-    table.add("compute_bound", label, f"backbone forward, batch {settings.batch_size} (no_grad)", median(forward_times), "s/batch", len(forward_times), how)
-    table.add("compute_bound", label, f"head fwd+bwd+AdamW step, batch {settings.batch_size}", median(head_times), "s/batch", len(head_times), how)
-    table.add("compute_bound", label, "ratio (backbone fwd + head step) / head step", bound, "x", min(len(forward_times), len(head_times)), "upper limit of online/cached")
+    table.add(
+        "compute_bound",
+        label,
+        f"backbone forward, batch {settings.batch_size} (no_grad)",
+        median(forward_times),
+        "s/batch",
+        len(forward_times),
+        how,
+    )
+    table.add(
+        "compute_bound",
+        label,
+        f"head fwd+bwd+AdamW step, batch {settings.batch_size}",
+        median(head_times),
+        "s/batch",
+        len(head_times),
+        how,
+    )
+    table.add(
+        "compute_bound",
+        label,
+        "ratio (backbone fwd + head step) / head step",
+        bound,
+        "x",
+        min(len(forward_times), len(head_times)),
+        "upper limit of online/cached",
+    )
 
-    for stage, memory in (("head training, cached (fit)", memory_cached), ("head training, floor", memory_floor), ("head training, online (fit)", memory_online)):
+    for stage, memory in (
+        ("head training, cached (fit)", memory_cached),
+        ("head training, floor", memory_floor),
+        ("head training, online (fit)", memory_online),
+    ):
         table.add("memory", label, f"peak RSS, {stage}", memory.peak_mib, "MiB", 1, memory.note())
         if memory.gpu_mib is not None:
-            table.add("gpu", label, f"peak GPU memory allocated, {stage}", memory.gpu_mib, "MiB", 1, "torch.cuda.max_memory_allocated")
-
-
+            table.add(
+                "gpu",
+                label,
+                f"peak GPU memory allocated, {stage}",
+                memory.gpu_mib,
+                "MiB",
+                1,
+                "torch.cuda.max_memory_allocated",
+            )

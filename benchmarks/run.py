@@ -60,8 +60,11 @@ def run_benchmarks(settings: Settings, workdir: Path | None = None) -> pd.DataFr
     table = Table()
     started = time.perf_counter()
     start_load = os.getloadavg()
-    print(f"device {settings.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
-          f"loadavg {start_load[0]:.2f} {start_load[1]:.2f} {start_load[2]:.2f}", flush=True)
+    print(
+        f"device {settings.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+        f"loadavg {start_load[0]:.2f} {start_load[1]:.2f} {start_load[2]:.2f}",
+        flush=True,
+    )
     owned = workdir is None
     root = Path(tempfile.mkdtemp(prefix="em-bench-")) if owned else Path(workdir)
     root.mkdir(parents=True, exist_ok=True)
@@ -90,9 +93,33 @@ def run_benchmarks(settings: Settings, workdir: Path | None = None) -> pd.DataFr
             shutil.rmtree(root, ignore_errors=True)
     end_load = os.getloadavg()
     total = time.perf_counter() - started
-    table.add("machine", "-", "loadavg 1/5/15 min at start", start_load[0], "load", 1, f"{start_load[0]:.2f} {start_load[1]:.2f} {start_load[2]:.2f}; {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
-    table.add("machine", "-", "loadavg 1/5/15 min at end", end_load[0], "load", 1, f"{end_load[0]:.2f} {end_load[1]:.2f} {end_load[2]:.2f}")
-    table.add("machine", "-", "total benchmark time", total, "s", 1, f"device {settings.device.type}; torch {torch.__version__}")
+    table.add(
+        "machine",
+        "-",
+        "loadavg 1/5/15 min at start",
+        start_load[0],
+        "load",
+        1,
+        f"{start_load[0]:.2f} {start_load[1]:.2f} {start_load[2]:.2f}; {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
+    )
+    table.add(
+        "machine",
+        "-",
+        "loadavg 1/5/15 min at end",
+        end_load[0],
+        "load",
+        1,
+        f"{end_load[0]:.2f} {end_load[1]:.2f} {end_load[2]:.2f}",
+    )
+    table.add(
+        "machine",
+        "-",
+        "total benchmark time",
+        total,
+        "s",
+        1,
+        f"device {settings.device.type}; torch {torch.__version__}",
+    )
     return table.frame()
 
 

@@ -55,9 +55,7 @@ def _with_defaults(validator_class: type) -> type:
                     for error in validator.descend(value, additional, path=key):
                         yield error
             return
-        yield from validator_class.VALIDATORS["additionalProperties"](
-            validator, additional, instance, schema
-        )
+        yield from validator_class.VALIDATORS["additionalProperties"](validator, additional, instance, schema)
 
     return jsonschema.validators.extend(
         validator_class,
@@ -186,9 +184,7 @@ def validate_config(
             raise ConfigError(
                 f"{where}: {_key_path(error)} is {error.instance!r}, which is not of type {expected} (fix the value of this key)"
             )
-        raise ConfigError(
-            f"{where}: {_key_path(error)}: {error.message} (fix the value of this key)"
-        )
+        raise ConfigError(f"{where}: {_key_path(error)}: {error.message} (fix the value of this key)")
     # Free-form blocks first: the checks after them read their values.
     _check_converters(config, source)
     _check_backbone_options(config, source)
@@ -300,8 +296,20 @@ def _check_converters(config: dict[str, Any], source: str) -> None:
             default = declared[key]
             if default is None or isinstance(default, list):
                 continue
-            kind = bool if isinstance(default, bool) else int if isinstance(default, int) else float if isinstance(default, float) else str
-            coerced = _from_text(value, ["integer" if kind is int else "number" if kind is float else "string"]) if isinstance(value, str) and kind is not str else value
+            kind = (
+                bool
+                if isinstance(default, bool)
+                else int
+                if isinstance(default, int)
+                else float
+                if isinstance(default, float)
+                else str
+            )
+            coerced = (
+                _from_text(value, ["integer" if kind is int else "number" if kind is float else "string"])
+                if isinstance(value, str) and kind is not str
+                else value
+            )
             if coerced is _NOT_CONVERTED or not _fits(coerced, kind):
                 raise ConfigError(
                     f"{source}: {where} is {value!r}, which is not {_KIND_NAMES[kind]} (default {default!r})"
@@ -309,7 +317,9 @@ def _check_converters(config: dict[str, Any], source: str) -> None:
             options[key] = coerced
         missing = sorted(CONVERTER_REQUIRED.get(converter, frozenset()) - set(options))
         if missing:
-            raise ConfigError(f"{source}: datasets.{name}.options needs {', '.join(missing)} for converter {converter!r}")
+            raise ConfigError(
+                f"{source}: datasets.{name}.options needs {', '.join(missing)} for converter {converter!r}"
+            )
 
 
 _KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
@@ -350,7 +360,7 @@ def _check_references(config: dict[str, Any], source: str) -> None:
             parse_alignment(name)
         except ValueError as error:
             raise ConfigError(f"{source}: alignment.variants: {error}") from None
-    for member in (config["alignment"]["train_sets"] or []):
+    for member in config["alignment"]["train_sets"] or []:
         if member not in config["training_sets"]:
             raise ConfigError(f"{source}: alignment.train_sets names {member!r}, which is not under training_sets")
     reference = config["alignment"]["reference"]

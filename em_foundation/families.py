@@ -117,4 +117,6 @@ FAMILY_REGIMES: dict[str, tuple[str, ...]] = {name: family.regimes for name, fam
 FAMILY_OPTIONS: dict[str, dict[str, type]] = {name: family.options for name, family in FAMILIES.items()}
 FAMILY_DEFAULT_PATCH: dict[str, int] = {name: family.default_patch for name, family in FAMILIES.items()}
 HUB_FAMILIES: tuple[str, ...] = tuple(name for name, family in FAMILIES.items() if family.hub)
-STANDARDISED_FAMILIES: frozenset[str] = frozenset(name for name, family in FAMILIES.items() if family.standardise_tokens)
+STANDARDISED_FAMILIES: frozenset[str] = frozenset(
+    name for name, family in FAMILIES.items() if family.standardise_tokens
+)

@@ -71,8 +71,12 @@ def cache_features(
     counts = {}
     provenance = tiles_provenance(tiles_path)
     with atomic_path(out, suffix=".h5") as tmp, h5py.File(tmp, "w") as handle:
-        handle.attrs.update({key: json.dumps(value) if not isinstance(value, (str, int, float)) else value
-                             for key, value in {**backbone.describe(), **attrs, **provenance}.items()})
+        handle.attrs.update(
+            {
+                key: json.dumps(value) if not isinstance(value, (str, int, float)) else value
+                for key, value in {**backbone.describe(), **attrs, **provenance}.items()
+            }
+        )
         with open_h5(tiles_path) as tiles_file:
             split_names = list(tiles_file)
         for split_name in split_names:
@@ -115,7 +119,8 @@ def tile_digests(tokens: np.ndarray) -> np.ndarray:
     """
     tokens = np.ascontiguousarray(tokens)
     return np.array(
-        [int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "little") for row in tokens], dtype=np.uint64
+        [int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "little") for row in tokens],
+        dtype=np.uint64,
     )
 
 
@@ -141,7 +146,10 @@ class CheckedTokens:
             bad = np.flatnonzero(tile_digests(values) != expected)
             if len(bad):
                 index = np.arange(len(self))[rows][bad]
-                raise damaged(self._path, f"{len(bad)} tiles of {self._what} differ from their stored digest, first tile {index[0]}")
+                raise damaged(
+                    self._path,
+                    f"{len(bad)} tiles of {self._what} differ from their stored digest, first tile {index[0]}",
+                )
         return values
 
 
@@ -164,8 +172,9 @@ def check_cache_matches_tiles(features: str | Path, tiles: str | Path) -> None:
             f"feature cache {features} does not record which tiles it was computed from (written by an older "
             f"version); it cannot be checked against {tiles}: delete {features} and rerun"
         )
-    if recorded["tiles_digest"] != current["tiles_digest"] or (recorded["tile_view"] and current["tile_view"]
-                                                             and recorded["tile_view"] != current["tile_view"]):
+    if recorded["tiles_digest"] != current["tiles_digest"] or (
+        recorded["tile_view"] and current["tile_view"] and recorded["tile_view"] != current["tile_view"]
+    ):
         raise StaleCacheError(
             f"feature cache {features} was computed from tiles {recorded['tile_view'] or '?'} (digest "
             f"{recorded['tiles_digest']}), but {tiles} holds tiles {current['tile_view'] or '?'} (digest "

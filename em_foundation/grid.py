@@ -11,8 +11,16 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 # Views of the families and regimes tables, importable from here as before.
-from em_foundation.families import FAMILIES, FAMILY_DEFAULT_PATCH, FAMILY_OPTIONS, FAMILY_REGIMES, HUB_FAMILIES, family_of  # noqa: F401
+from em_foundation.families import (  # noqa: F401
+    FAMILIES,
+    FAMILY_DEFAULT_PATCH,
+    FAMILY_OPTIONS,
+    FAMILY_REGIMES,
+    HUB_FAMILIES,
+    family_of,
+)
 from em_foundation.regimes import BACKBONE_REGIMES, CACHED_REGIMES  # noqa: F401
+
 
 def patch_size_of(backbone: dict[str, Any]) -> int:
     """Patch size of a backbone config entry, read from its model name or overrides."""
@@ -113,7 +121,12 @@ def parse_view(view: str) -> dict[str, Any]:
         return {"mode": "tile", "tile_size": int(tile.group(1)), "overlap": int(tile.group(2)), "intensity": intensity}
     resize = re.fullmatch(r"resize(\d+)p(\d+)", geometry)
     if resize:
-        return {"mode": "resize", "longest_edge": int(resize.group(1)), "patch_size": int(resize.group(2)), "intensity": intensity}
+        return {
+            "mode": "resize",
+            "longest_edge": int(resize.group(1)),
+            "patch_size": int(resize.group(2)),
+            "intensity": intensity,
+        }
     raise ValueError(f"unknown tile view {view!r}")
 
 
@@ -208,15 +221,22 @@ def expand_folds(config: dict[str, Any]) -> dict[str, Any]:
             training_sets[f"{name}{FOLD}{k}"] = [f"{m}{FOLD}{k}" if m in n_folds else m for m in members]
 
     def per_fold(names):
-        return None if names is None else [f"{n}{FOLD}{k}" for n in names if n in n_folds for k in range(n_folds[n])] + [
-            n for n in names if n not in n_folds]
+        return (
+            None
+            if names is None
+            else [f"{n}{FOLD}{k}" for n in names if n in n_folds for k in range(n_folds[n])]
+            + [n for n in names if n not in n_folds]
+        )
 
     config["datasets"], config["training_sets"] = datasets, training_sets
     config["evaluation"]["test_sets"] = per_fold(config["evaluation"].get("test_sets"))
     alignment = config.get("alignment") or {}
     if alignment.get("train_sets") is not None:
-        alignment["train_sets"] = [t for t in training_sets if t in alignment["train_sets"]
-                                   or re.sub(rf"{FOLD}\d+$", "", t) in alignment["train_sets"]]
+        alignment["train_sets"] = [
+            t
+            for t in training_sets
+            if t in alignment["train_sets"] or re.sub(rf"{FOLD}\d+$", "", t) in alignment["train_sets"]
+        ]
     if alignment.get("reference") in n_folds:
         alignment["reference"] = f"{alignment['reference']}{FOLD}0"
     return config

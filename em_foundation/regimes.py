@@ -23,14 +23,42 @@ class Regime:
 REGIMES: dict[str, Regime] = {
     regime.name: regime
     for regime in (
-        Regime("head", cached=True, trains_backbone=False, trains=("head",), rule="train_head", blocks=("head", "training"),
-               checkpoint="deconvolution head state (and the token standardisation it was trained with)"),
-        Regime("lora", cached=False, trains_backbone=True, trains=("adapters", "head"), rule="train_lora", blocks=("backbone", "head", "lora", "training"),
-               checkpoint="LoRA adapters and head state; the frozen backbone comes from its weights"),
-        Regime("fullft", cached=False, trains_backbone=True, trains=("backbone", "head"), rule="train_fullft", blocks=("backbone", "head", "training"),
-               checkpoint="every backbone parameter and the head state"),
-        Regime("forest", cached=True, trains_backbone=False, trains=(), rule="train_forest", blocks=("forest",),
-               checkpoint="pickled scikit-learn random forest on cached tokens"),
+        Regime(
+            "head",
+            cached=True,
+            trains_backbone=False,
+            trains=("head",),
+            rule="train_head",
+            blocks=("head", "training"),
+            checkpoint="deconvolution head state (and the token standardisation it was trained with)",
+        ),
+        Regime(
+            "lora",
+            cached=False,
+            trains_backbone=True,
+            trains=("adapters", "head"),
+            rule="train_lora",
+            blocks=("backbone", "head", "lora", "training"),
+            checkpoint="LoRA adapters and head state; the frozen backbone comes from its weights",
+        ),
+        Regime(
+            "fullft",
+            cached=False,
+            trains_backbone=True,
+            trains=("backbone", "head"),
+            rule="train_fullft",
+            blocks=("backbone", "head", "training"),
+            checkpoint="every backbone parameter and the head state",
+        ),
+        Regime(
+            "forest",
+            cached=True,
+            trains_backbone=False,
+            trains=(),
+            rule="train_forest",
+            blocks=("forest",),
+            checkpoint="pickled scikit-learn random forest on cached tokens",
+        ),
     )
 }
 

@@ -31,9 +31,7 @@ class Registry(Generic[T]):
         try:
             return self._builders[name]
         except KeyError:
-            raise KeyError(
-                f"unknown {self.kind} {name!r}; registered: {', '.join(sorted(self._builders))}"
-            ) from None
+            raise KeyError(f"unknown {self.kind} {name!r}; registered: {', '.join(sorted(self._builders))}") from None
 
     def __contains__(self, name: str) -> bool:
         return name in self._builders

@@ -24,15 +24,19 @@ caption { text-align: left; font-weight: bold; padding: 4px 0; }
 
 def page(title: str, parts: list[str]) -> str:
     body = "\n".join(parts)
-    return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{STYLE}</style></head><body><h2>{html.escape(title)}</h2>\n{body}\n</body></html>\n")
+    return (
+        f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{STYLE}</style></head><body><h2>{html.escape(title)}</h2>\n{body}\n</body></html>\n"
+    )
 
 
 def table(frame: pd.DataFrame, caption: str, digits: int = 3) -> str:
     formatted = frame.copy()
     for column in formatted.columns:
         if pd.api.types.is_float_dtype(formatted[column]):
-            formatted[column] = formatted[column].map(lambda v: "" if pd.isna(v) else f"{v:.{digits}g}" if abs(v) >= 1000 else f"{v:.{digits}f}")
+            formatted[column] = formatted[column].map(
+                lambda v: "" if pd.isna(v) else f"{v:.{digits}g}" if abs(v) >= 1000 else f"{v:.{digits}f}"
+            )
     out = formatted.to_html(index=False, na_rep="", border=0)
     end = out.index(">") + 1  # after the opening <table ...> tag
     return f"{out[:end]}<caption>{html.escape(caption)}</caption>{out[end:]}"
@@ -40,6 +44,7 @@ def table(frame: pd.DataFrame, caption: str, digits: int = 3) -> str:
 
 def summary_page(summary: pd.DataFrame) -> str:
     """One wide table per metric: a row per model (alignment included), a column per test set."""
+
     def cell(row, metric):
         std = row[f"{metric}_std"]
         return f"{row[f'{metric}_mean']:.3f} ± {'n/a' if pd.isna(std) else f'{std:.3f}'} ({int(row[f'{metric}_n'])})"
@@ -47,13 +52,24 @@ def summary_page(summary: pd.DataFrame) -> str:
     keys = [key for key in MODEL_KEYS if key in summary]
     repeated = summary[summary.duplicated(keys + ["test_set"], keep=False)]
     if len(repeated):
-        raise ValueError(f"summary has several rows per model and test set: {repeated[keys + ['test_set']].to_dict('records')[:3]}")
+        raise ValueError(
+            f"summary has several rows per model and test set: {repeated[keys + ['test_set']].to_dict('records')[:3]}"
+        )
     parts = []
-    for metric, label in (("fg_iou", "Foreground IoU"), ("fg_dice", "Foreground Dice"), ("mean_iou", "Mean IoU (both classes)")):
-        wide = summary.assign(value=summary.apply(cell, axis=1, metric=metric)).pivot_table(
-            index=keys, columns="test_set", values="value", aggfunc="first").reset_index()
+    for metric, label in (
+        ("fg_iou", "Foreground IoU"),
+        ("fg_dice", "Foreground Dice"),
+        ("mean_iou", "Mean IoU (both classes)"),
+    ):
+        wide = (
+            summary.assign(value=summary.apply(cell, axis=1, metric=metric))
+            .pivot_table(index=keys, columns="test_set", values="value", aggfunc="first")
+            .reset_index()
+        )
         wide.columns.name = None
-        parts.append(table(wide, f"{label} per test set: mean ± sample sd (n seeds); native resolution, pooled over pixels"))
+        parts.append(
+            table(wide, f"{label} per test set: mean ± sample sd (n seeds); native resolution, pooled over pixels")
+        )
     parts.append(table(summary, "Every column of results/tables/summary.csv"))
     return page("Segmentation results", parts)
 
@@ -62,12 +78,28 @@ def dataset_page(report: dict[str, Any]) -> str:
     facts = {key: value for key, value in report.items() if not isinstance(value, (dict, list))}
     facts.update({f"archive {k}": v for k, v in (report.get("archive") or {}).items()})
     facts["foreground_fraction_bounds"] = report.get("foreground_fraction_bounds")
-    parts = [table(pd.DataFrame({"field": list(facts), "value": [json.dumps(v) if not isinstance(v, str) else v for v in facts.values()]}), "Provenance")]
-    parts.append("<p><b>Checks passed</b></p><ul>" + "".join(f"<li>{html.escape(c)}</li>" for c in report.get("checks", [])) + "</ul>")
+    parts = [
+        table(
+            pd.DataFrame(
+                {
+                    "field": list(facts),
+                    "value": [json.dumps(v) if not isinstance(v, str) else v for v in facts.values()],
+                }
+            ),
+            "Provenance",
+        )
+    ]
+    parts.append(
+        "<p><b>Checks passed</b></p><ul>"
+        + "".join(f"<li>{html.escape(c)}</li>" for c in report.get("checks", []))
+        + "</ul>"
+    )
     splits, slices = [], []
     for name, split in (report.get("splits") or {}).items():
         row = {"split": name}
-        row.update({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in split.items() if k != "slices"})
+        row.update(
+            {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in split.items() if k != "slices"}
+        )
         splits.append(row)
         slices += [{"split": name, **s} for s in split.get("slices", [])]
     if splits:
@@ -80,15 +112,69 @@ def dataset_page(report: dict[str, Any]) -> str:
 
 
 def analysis_page(backbone: str, frames: dict[str, pd.DataFrame]) -> str:
-    frechet = frames["frechet"][["view", "dataset_a", "dataset_b", "variant", "value", "value_debiased", "ci_low", "ci_high", "null_mean",
-                                 "null_q95", "p_value", "n_a", "n_b", "n_groups_a", "n_groups_b", "dim", "n_boot", "n_perm"]]
-    probe = frames["probe"][["view", "task", "balanced_accuracy_mean", "balanced_accuracy_std", "roc_auc_mean", "roc_auc_std",
-                             "chance_balanced_accuracy", "n_per_class", "n_groups_per_class", "n_splits", "pca_components"]]
-    ood = frames["ood"][["view", "reference", "query", "fraction_flagged", "n_flagged", "n_query", "reference_fraction_flagged",
-                         "percentile", "n_reference", "n_groups_reference", "n_groups_query"]]
-    return page(f"Domain analysis: {backbone}", [
-        table(frames["counts"], "Sample counts (n: vectors; n_groups: source images)"),
-        table(frechet, "Fréchet distance per pair and estimator: plain value; bootstrap bias-corrected value (2·FD − mean of bootstrap FDs) with its basic bootstrap 95 % interval; permutation null of the plain value (mean, 95th percentile, p)"),
-        table(probe, "Linear dataset probe (cross-validated, grouped by image for tokens): mean ± sd over folds"),
-        table(ood, "Mahalanobis OOD (Ledoit-Wolf): fraction of the query beyond the reference's out-of-fold threshold"),
-    ])
+    frechet = frames["frechet"][
+        [
+            "view",
+            "dataset_a",
+            "dataset_b",
+            "variant",
+            "value",
+            "value_debiased",
+            "ci_low",
+            "ci_high",
+            "null_mean",
+            "null_q95",
+            "p_value",
+            "n_a",
+            "n_b",
+            "n_groups_a",
+            "n_groups_b",
+            "dim",
+            "n_boot",
+            "n_perm",
+        ]
+    ]
+    probe = frames["probe"][
+        [
+            "view",
+            "task",
+            "balanced_accuracy_mean",
+            "balanced_accuracy_std",
+            "roc_auc_mean",
+            "roc_auc_std",
+            "chance_balanced_accuracy",
+            "n_per_class",
+            "n_groups_per_class",
+            "n_splits",
+            "pca_components",
+        ]
+    ]
+    ood = frames["ood"][
+        [
+            "view",
+            "reference",
+            "query",
+            "fraction_flagged",
+            "n_flagged",
+            "n_query",
+            "reference_fraction_flagged",
+            "percentile",
+            "n_reference",
+            "n_groups_reference",
+            "n_groups_query",
+        ]
+    ]
+    return page(
+        f"Domain analysis: {backbone}",
+        [
+            table(frames["counts"], "Sample counts (n: vectors; n_groups: source images)"),
+            table(
+                frechet,
+                "Fréchet distance per pair and estimator: plain value; bootstrap bias-corrected value (2·FD − mean of bootstrap FDs) with its basic bootstrap 95 % interval; permutation null of the plain value (mean, 95th percentile, p)",
+            ),
+            table(probe, "Linear dataset probe (cross-validated, grouped by image for tokens): mean ± sd over folds"),
+            table(
+                ood, "Mahalanobis OOD (Ledoit-Wolf): fraction of the query beyond the reference's out-of-fold threshold"
+            ),
+        ],
+    )

@@ -109,4 +109,4 @@ def warnings_to_console(level: int = logging.WARNING) -> None:
 
 def unpack_prefixed(named: dict, prefix: str) -> dict[str, str]:
     """{'tiles_lucchi': path, ...} to {'lucchi': path, ...} for inputs named per dataset."""
-    return {key[len(prefix):]: str(value) for key, value in named.items() if key.startswith(prefix)}
+    return {key[len(prefix) :]: str(value) for key, value in named.items() if key.startswith(prefix)}

@@ -48,8 +48,14 @@ def union_rows(rows: list[dict]) -> list[dict]:
         if len(sources) < 2 or len(scored) != len(sources):
             continue
         total = Counts(*(sum(int(row[k]) for row in scored) for k in ("tp", "fp", "fn", "tn")))
-        unions.append({**{k: v for k, v in scored[0].items() if k in RUN_KEYS or k == "train_datasets"},
-                       "test_set": "+".join(sources), **scores(total), "n_images": sum(int(r["n_images"]) for r in scored)})
+        unions.append(
+            {
+                **{k: v for k, v in scored[0].items() if k in RUN_KEYS or k == "train_datasets"},
+                "test_set": "+".join(sources),
+                **scores(total),
+                "n_images": sum(int(r["n_images"]) for r in scored),
+            }
+        )
     return unions
 
 
@@ -130,7 +136,9 @@ def pooled_iou_interval(
     return _percentile_interval(pooled_iou_replicates(counts, strata, n_boot, seed), ci)
 
 
-def _image_counts(by_run: dict[tuple, pd.DataFrame], run: tuple, test_sets: list[str]) -> tuple[np.ndarray, np.ndarray, list]:
+def _image_counts(
+    by_run: dict[tuple, pd.DataFrame], run: tuple, test_sets: list[str]
+) -> tuple[np.ndarray, np.ndarray, list]:
     """(strata, counts (n_images, 3), image keys) of one run on the named test sets, sorted by image."""
     frames = [by_run[(*run, test_set)] for test_set in test_sets if (*run, test_set) in by_run]
     if len(frames) != len(test_sets):
@@ -154,8 +162,9 @@ def _group_images(per_image: pd.DataFrame, folds: dict[str, list] | None = None)
     return {tuple(key): frame for key, frame in per_image.groupby(IMAGE_KEYS, sort=False)}
 
 
-def add_image_intervals(runs: pd.DataFrame, per_image: pd.DataFrame, n_boot: int, seed: int,
-                        folds: dict[str, list] | None = None) -> pd.DataFrame:
+def add_image_intervals(
+    runs: pd.DataFrame, per_image: pd.DataFrame, n_boot: int, seed: int, folds: dict[str, list] | None = None
+) -> pd.DataFrame:
     """``fg_iou_ci_low`` / ``fg_iou_ci_high`` per run row from its slices' pixel counts."""
     by_run = _group_images(per_image, folds)
     lows, highs = [], []
@@ -169,7 +178,10 @@ def add_image_intervals(runs: pd.DataFrame, per_image: pd.DataFrame, n_boot: int
 
 
 def collect_runs(
-    metric_files: Iterable[str | Path], per_image: pd.DataFrame | None = None, n_boot: int = 1000, boot_seed: int = 0,
+    metric_files: Iterable[str | Path],
+    per_image: pd.DataFrame | None = None,
+    n_boot: int = 1000,
+    boot_seed: int = 0,
     folds: dict[str, list] | None = None,
 ) -> pd.DataFrame:
     """One row per run and test set; with ``per_image`` (the slices' counts) an image interval per row.
@@ -184,7 +196,9 @@ def collect_runs(
     if runs.empty:
         raise ValueError("no evaluation results to aggregate")
     runs = apply_folds(runs, folds)
-    runs["in_domain"] = [set(test.split("+")) <= set(datasets) for test, datasets in zip(runs["test_set"], runs["train_datasets"])]
+    runs["in_domain"] = [
+        set(test.split("+")) <= set(datasets) for test, datasets in zip(runs["test_set"], runs["train_datasets"])
+    ]
     runs["train_datasets"] = runs["train_datasets"].map("+".join)
     # Statistics of the scored test images entered the prediction (alignment component 'trans').
     runs["transductive"] = runs["alignment"].map(lambda name: parse_alignment(name)["transductive"])
@@ -200,7 +214,10 @@ def collect_runs(
 
 
 def summarise(
-    runs: pd.DataFrame, per_image: pd.DataFrame | None = None, n_boot: int = 1000, boot_seed: int = 0,
+    runs: pd.DataFrame,
+    per_image: pd.DataFrame | None = None,
+    n_boot: int = 1000,
+    boot_seed: int = 0,
     folds: dict[str, list] | None = None,
 ) -> pd.DataFrame:
     """Mean, sample std (ddof 1) and n over seeds per cell; with ``per_image``, the image interval of the mean.
@@ -236,7 +253,9 @@ def summarise(
                 stacked.append(counts)
             if by_run and images and n_boot > 0:
                 # each fold's seed mean, weighted by its seeds in the mean over seeds × folds
-                replicates.append((pooled_iou_replicates(np.stack(stacked), strata, n_boot, boot_seed + int(fold) + 1), len(stacked)))
+                replicates.append(
+                    (pooled_iou_replicates(np.stack(stacked), strata, n_boot, boot_seed + int(fold) + 1), len(stacked))
+                )
         if len(replicates) == members["fold"].nunique() and replicates:
             weights = np.array([n for _, n in replicates], dtype=float)
             low, high = _percentile_interval(np.average(np.stack([r for r, _ in replicates]), axis=0, weights=weights))
@@ -255,6 +274,7 @@ def _interval_text(low: float, high: float) -> str:
 
 def summary_markdown(summary: pd.DataFrame, metric: str = "fg_iou") -> str:
     """Mean ± sample std (n seeds) [image interval] per cell, one row per model and one column per test set."""
+
     def cell(row: pd.Series) -> str:
         std = row[f"{metric}_std"]
         spread = "n/a" if pd.isna(std) else f"{std:.3f}"

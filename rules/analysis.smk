@@ -23,49 +23,53 @@ rule domain_analysis:
     output:
         **{table: results(f"analysis/{{backbone}}/{table}.csv") for table in ANALYSIS_TABLES},
         summary=results("analysis/{backbone}/summary.json"),
-    params:
-        analysis=config["analysis"],
-        after_featstd=any("featstd" in variant.split("-") for variant in config["alignment"]["variants"]),
-        code=code_digest("domain_analysis.py"),
-    threads: config["compute"]["threads"]
     log:
         logs("domain_analysis/{backbone}.log"),
     benchmark:
         benchmarks("domain_analysis/{backbone}.tsv")
     conda:
         "../envs/workflow.yaml"
+    threads: config["compute"]["threads"]
+    params:
+        analysis=config["analysis"],
+        after_featstd=any("featstd" in variant.split("-") for variant in config["alignment"]["variants"]),
+        code=code_digest("domain_analysis.py"),
     script:
         "../scripts/domain_analysis.py"
 
 
 rule report_tables:
     input:
-        summary=results("tables/summary.csv"),
         **{f"integrity_{d}": results(f"prepared/{d}.integrity.json") for d in config["datasets"]},
         **{
             f"analysis_{b}_{t}": results(f"analysis/{b}/{t}.csv")
             for b in config["backbones"]
             for t in REPORT_ANALYSIS_TABLES
         },
+        summary=results("tables/summary.csv"),
     output:
-        summary=report_page(results("report/summary.html"), "summary_table", "Tables", table="foreground IoU per cell"),
         **{
-            f"dataset_{d}": report_page(results(f"report/datasets/{d}.html"), "dataset_integrity", "Datasets", dataset=d)
+            f"dataset_{d}": report_page(
+                results(f"report/datasets/{d}.html"), "dataset_integrity", "Datasets", dataset=d
+            )
             for d in config["datasets"]
         },
         **{
-            f"analysis_{b}": report_page(results(f"report/analysis/{b}.html"), "analysis_tables", "Domain analysis", backbone=b)
+            f"analysis_{b}": report_page(
+                results(f"report/analysis/{b}.html"), "analysis_tables", "Domain analysis", backbone=b
+            )
             for b in config["backbones"]
         },
-    params:
-        backbones=list(config["backbones"]),
-        tables=REPORT_ANALYSIS_TABLES,
-        code=code_digest("report_tables.py"),
+        summary=report_page(results("report/summary.html"), "summary_table", "Tables", table="foreground IoU per cell"),
     log:
         logs("report_tables/report_tables.log"),
     benchmark:
         benchmarks("report_tables/report_tables.tsv")
     conda:
         "../envs/workflow.yaml"
+    params:
+        backbones=list(config["backbones"]),
+        tables=REPORT_ANALYSIS_TABLES,
+        code=code_digest("report_tables.py"),
     script:
         "../scripts/report_tables.py"

@@ -4,15 +4,15 @@
 rule fetch_weights:
     output:
         f"{config['hub']['cache_dir']}/{{backbone}}.json",
-    params:
-        backbone=lambda w: config["backbones"][w.backbone],
-        hub=config["hub"],
     log:
         logs("fetch_weights/{backbone}.log"),
     benchmark:
         benchmarks("fetch_weights/{backbone}.tsv")
     conda:
         "../envs/workflow.yaml"
+    params:
+        backbone=lambda w: config["backbones"][w.backbone],
+        hub=config["hub"],
     script:
         "../scripts/fetch_weights.py"
 
@@ -22,17 +22,17 @@ rule fetch_weights:
 rule parameters:
     output:
         results("tables/parameters.csv"),
-    params:
-        backbones=config["backbones"],
-        regimes=config["regimes"],
-        head=config["head"],
-        lora=config["lora"],
-        code=code_digest("parameters.py"),
     log:
         logs("parameters/parameters.log"),
     benchmark:
         benchmarks("parameters/parameters.tsv")
     conda:
         "../envs/workflow.yaml"
+    params:
+        backbones=config["backbones"],
+        regimes=config["regimes"],
+        head=config["head"],
+        lora=config["lora"],
+        code=code_digest("parameters.py"),
     script:
         "../scripts/parameters.py"

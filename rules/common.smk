@@ -115,9 +115,7 @@ def figure_outputs(name):
     return outputs
 
 
-EVALUATIONS = [
-    results(f"evaluation/{run.path}/{test_set}.json") for run in RUNS for test_set in TEST_SETS
-]
+EVALUATIONS = [results(f"evaluation/{run.path}/{test_set}.json") for run in RUNS for test_set in TEST_SETS]
 TABLES = [
     results("tables/runs.csv"),
     results("tables/summary.csv"),
@@ -161,7 +159,10 @@ def feature_inputs(w):
 
 
 def run_outputs(regime):
-    return {key: model_path(name, regime) for key, name in (("model", "model.pt"), ("log", "train_log.csv"), ("run", "run.json"))}
+    return {
+        key: model_path(name, regime)
+        for key, name in (("model", "model.pt"), ("log", "train_log.csv"), ("run", "run.json"))
+    }
 
 
 def train_params(regime):

@@ -4,15 +4,15 @@
 rule download_dataset:
     output:
         "resources/downloads/{dataset}.zip",
-    params:
-        url=lambda w: config["datasets"][w.dataset]["url"],
-        sha256=lambda w: config["datasets"][w.dataset]["sha256"],
     log:
         logs("download_dataset/{dataset}.log"),
     benchmark:
         benchmarks("download_dataset/{dataset}.tsv")
     conda:
         "../envs/workflow.yaml"
+    params:
+        url=lambda w: config["datasets"][w.dataset]["url"],
+        sha256=lambda w: config["datasets"][w.dataset]["sha256"],
     script:
         "../scripts/download_dataset.py"
 
@@ -23,15 +23,15 @@ rule prepare_dataset:
     output:
         h5=prepared_path("{dataset}"),
         report=results("prepared/{dataset}.integrity.json"),
-    params:
-        dataset=lambda w: config["datasets"][w.dataset],
-        code=code_digest("prepare_dataset.py"),
     log:
         logs("prepare_dataset/{dataset}.log"),
     benchmark:
         benchmarks("prepare_dataset/{dataset}.tsv")
     conda:
         "../envs/workflow.yaml"
+    params:
+        dataset=lambda w: config["datasets"][w.dataset],
+        code=code_digest("prepare_dataset.py"),
     script:
         "../scripts/prepare_dataset.py"
 
@@ -41,17 +41,17 @@ rule split_validation:
         prepared_path("{dataset}"),
     output:
         results("splits/{dataset}/seed{seed}.json"),
-    params:
-        val_fraction=config["training"]["val_fraction"],
-        val_split=config["training"]["val_split"],
-        val_gap=config["training"]["val_gap"],
-        code=code_digest("split_validation.py"),
     log:
         logs("split_validation/{dataset}_seed{seed}.log"),
     benchmark:
         benchmarks("split_validation/{dataset}_seed{seed}.tsv")
     conda:
         "../envs/workflow.yaml"
+    params:
+        val_fraction=config["training"]["val_fraction"],
+        val_split=config["training"]["val_split"],
+        val_gap=config["training"]["val_gap"],
+        code=code_digest("split_validation.py"),
     script:
         "../scripts/split_validation.py"
 
@@ -63,14 +63,14 @@ rule tile_dataset:
         unpack(tile_sources),
     output:
         results("tiles/{view}/{dataset}.h5"),
-    params:
-        percentiles=lambda w: config["alignment"]["percentiles"] if "-percentile" in w.view else [],
-        code=code_digest("tile_dataset.py"),
     log:
         logs("tile_dataset/{view}_{dataset}.log"),
     benchmark:
         benchmarks("tile_dataset/{view}_{dataset}.tsv")
     conda:
         "../envs/workflow.yaml"
+    params:
+        percentiles=lambda w: config["alignment"]["percentiles"] if "-percentile" in w.view else [],
+        code=code_digest("tile_dataset.py"),
     script:
         "../scripts/tile_dataset.py"

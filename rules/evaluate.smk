@@ -9,20 +9,20 @@ rule evaluate:
         metrics=per_test_set(".json"),
         images=per_test_set(".images.csv"),
         predictions=per_test_set(".predictions.h5"),
-    params:
-        test_sets=TEST_SETS,
-        # Only backbone-training regimes rebuild the backbone at test time.
-        backbone=lambda w: config["backbones"][w.backbone] if REGIMES[w.regime].trains_backbone else {},
-        datasets=train_datasets,
-        keep_predictions=config["evaluation"]["save_predictions"],
-        **compute_params(),
-        code=code_digest("evaluate.py"),
-    threads: config["compute"]["threads"]
     log:
         logs(f"evaluate/{run_flat()}.log"),
     benchmark:
         benchmarks(f"evaluate/{run_flat()}.tsv")
     conda:
         "../envs/workflow.yaml"
+    threads: config["compute"]["threads"]
+    params:
+        **compute_params(),
+        test_sets=TEST_SETS,
+        # Only backbone-training regimes rebuild the backbone at test time.
+        backbone=lambda w: config["backbones"][w.backbone] if REGIMES[w.regime].trains_backbone else {},
+        datasets=train_datasets,
+        keep_predictions=config["evaluation"]["save_predictions"],
+        code=code_digest("evaluate.py"),
     script:
         "../scripts/evaluate.py"

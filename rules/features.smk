@@ -7,18 +7,18 @@ rule cache_features:
         weights=weights_input,
     output:
         features_path("{backbone}", "{dataset}"),
-    params:
-        backbone=lambda w: config["backbones"][w.backbone],
-        features=config["features"],
-        **compute_params(),
-        code=code_digest("cache_features.py"),
-    threads: config["compute"]["threads"]
     log:
         logs("cache_features/{backbone}_{dataset}.log"),
     benchmark:
         benchmarks("cache_features/{backbone}_{dataset}.tsv")
     conda:
         "../envs/workflow.yaml"
+    threads: config["compute"]["threads"]
+    params:
+        **compute_params(),
+        backbone=lambda w: config["backbones"][w.backbone],
+        features=config["features"],
+        code=code_digest("cache_features.py"),
     script:
         "../scripts/cache_features.py"
 

@@ -16,14 +16,14 @@ rule figure_iou_bars:
         table=results("tables/summary.csv"),
     output:
         **figure_outputs("iou_bars"),
-    params:
-        **figure_params("iou_bars"),
     log:
         logs("figures/iou_bars.log"),
     benchmark:
         benchmarks("figures/iou_bars.tsv")
     conda:
         "../envs/workflow.yaml"
+    params:
+        **figure_params("iou_bars"),
     script:
         "../scripts/figure.py"
 
@@ -31,34 +31,34 @@ rule figure_iou_bars:
 use rule figure_iou_bars as figure_cross_domain with:
     output:
         **figure_outputs("cross_domain"),
-    params:
-        **figure_params("cross_domain"),
     log:
         logs("figures/cross_domain.log"),
     benchmark:
         benchmarks("figures/cross_domain.tsv")
+    params:
+        **figure_params("cross_domain"),
 
 
 use rule figure_iou_bars as figure_alignment with:
     output:
         **figure_outputs("alignment"),
-    params:
-        **figure_params("alignment"),
     log:
         logs("figures/alignment.log"),
     benchmark:
         benchmarks("figures/alignment.tsv")
+    params:
+        **figure_params("alignment"),
 
 
 use rule figure_iou_bars as figure_paired with:
     output:
         **figure_outputs("paired"),
-    params:
-        **figure_params("paired", training_sets=config["training_sets"]),
     log:
         logs("figures/paired.log"),
     benchmark:
         benchmarks("figures/paired.tsv")
+    params:
+        **figure_params("paired", training_sets=config["training_sets"]),
 
 
 use rule figure_iou_bars as figure_learning_curves with:
@@ -66,20 +66,26 @@ use rule figure_iou_bars as figure_learning_curves with:
         table=results("tables/training_logs.csv"),
     output:
         **figure_outputs("learning_curves"),
-    params:
-        **figure_params("learning_curves"),
     log:
         logs("figures/learning_curves.log"),
     benchmark:
         benchmarks("figures/learning_curves.tsv")
+    params:
+        **figure_params("learning_curves"),
 
 
 use rule figure_iou_bars as figure_qualitative with:
     input:
         prepared=[prepared_path(dataset) for dataset in TEST_SETS],
-        predictions=[results(f"evaluation/{run.path}/{test_set}.predictions.h5") for test_set, run in qualitative_runs()],
+        predictions=[
+            results(f"evaluation/{run.path}/{test_set}.predictions.h5") for test_set, run in qualitative_runs()
+        ],
     output:
         **figure_outputs("qualitative"),
+    log:
+        logs("figures/qualitative.log"),
+    benchmark:
+        benchmarks("figures/qualitative.tsv")
     params:
         **figure_params(
             "qualitative",
@@ -88,10 +94,6 @@ use rule figure_iou_bars as figure_qualitative with:
                 for test_set, run in qualitative_runs()
             ],
         ),
-    log:
-        logs("figures/qualitative.log"),
-    benchmark:
-        benchmarks("figures/qualitative.tsv")
 
 
 use rule figure_iou_bars as figure_pca with:
@@ -100,12 +102,12 @@ use rule figure_iou_bars as figure_pca with:
         counts=analysis_tables("counts"),
     output:
         **figure_outputs("pca"),
-    params:
-        **figure_params("pca"),
     log:
         logs("figures/pca.log"),
     benchmark:
         benchmarks("figures/pca.tsv")
+    params:
+        **figure_params("pca"),
 
 
 use rule figure_iou_bars as figure_frechet with:
@@ -113,12 +115,12 @@ use rule figure_iou_bars as figure_frechet with:
         table=analysis_tables("frechet"),
     output:
         **figure_outputs("frechet"),
-    params:
-        **figure_params("frechet"),
     log:
         logs("figures/frechet.log"),
     benchmark:
         benchmarks("figures/frechet.tsv")
+    params:
+        **figure_params("frechet"),
 
 
 use rule figure_iou_bars as figure_probe with:
@@ -126,9 +128,9 @@ use rule figure_iou_bars as figure_probe with:
         table=analysis_tables("probe"),
     output:
         **figure_outputs("probe"),
-    params:
-        **figure_params("probe"),
     log:
         logs("figures/probe.log"),
     benchmark:
         benchmarks("figures/probe.tsv")
+    params:
+        **figure_params("probe"),

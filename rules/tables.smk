@@ -12,16 +12,16 @@ rule aggregate:
         markdown=results("tables/summary.md"),
         per_image=results("tables/per_image.csv"),
         training_logs=results("tables/training_logs.csv"),
-    params:
-        n_boot=config["evaluation"]["n_boot"],
-        boot_seed=config["evaluation"]["boot_seed"],
-        folds=grid.fold_names(config),
-        code=code_digest("aggregate.py"),
     log:
         logs("aggregate/aggregate.log"),
     benchmark:
         benchmarks("aggregate/aggregate.tsv")
     conda:
         "../envs/workflow.yaml"
+    params:
+        n_boot=config["evaluation"]["n_boot"],
+        boot_seed=config["evaluation"]["boot_seed"],
+        folds=grid.fold_names(config),
+        code=code_digest("aggregate.py"),
     script:
         "../scripts/aggregate.py"

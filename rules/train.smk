@@ -10,15 +10,15 @@ rule train_head:
         unpack(feature_inputs),
     output:
         **run_outputs("head"),
-    params:
-        **train_params("head"),
-    threads: config["compute"]["threads"]
     log:
         logs(f"train_head/{run_flat('head')}.log"),
     benchmark:
         benchmarks(f"train_head/{run_flat('head')}.tsv")
     conda:
         "../envs/workflow.yaml"
+    threads: config["compute"]["threads"]
+    params:
+        **train_params("head"),
     script:
         "../scripts/train.py"
 
@@ -26,12 +26,12 @@ rule train_head:
 use rule train_head as train_forest with:
     output:
         **run_outputs("forest"),
-    params:
-        **train_params("forest"),
     log:
         logs(f"train_forest/{run_flat('forest')}.log"),
     benchmark:
         benchmarks(f"train_forest/{run_flat('forest')}.tsv")
+    params:
+        **train_params("forest"),
 
 
 use rule train_head as train_lora with:
@@ -41,20 +41,20 @@ use rule train_head as train_lora with:
         weights=weights_input,
     output:
         **run_outputs("lora"),
-    params:
-        **train_params("lora"),
     log:
         logs(f"train_lora/{run_flat('lora')}.log"),
     benchmark:
         benchmarks(f"train_lora/{run_flat('lora')}.tsv")
+    params:
+        **train_params("lora"),
 
 
 use rule train_lora as train_fullft with:
     output:
         **run_outputs("fullft"),
-    params:
-        **train_params("fullft"),
     log:
         logs(f"train_fullft/{run_flat('fullft')}.log"),
     benchmark:
         benchmarks(f"train_fullft/{run_flat('fullft')}.tsv")
+    params:
+        **train_params("fullft"),

@@ -18,12 +18,24 @@ with logged(snakemake.log[0]):
     for path in snakemake.input.logs:
         record = read_json(Path(path).with_name("run.json"))
         log = pd.read_csv(path)
-        logs.append(log.assign(backbone=record["backbone_name"], regime=record["regime"], train_set=record["train_set"],
-                               alignment=record.get("alignment", "none"), seed=record["seed"],
-                               best_epoch=record["best_epoch"], stop_reason=record["stop_reason"]))
+        logs.append(
+            log.assign(
+                backbone=record["backbone_name"],
+                regime=record["regime"],
+                train_set=record["train_set"],
+                alignment=record.get("alignment", "none"),
+                seed=record["seed"],
+                best_epoch=record["best_epoch"],
+                stop_reason=record["stop_reason"],
+            )
+        )
     outputs = snakemake.output
-    for frame, path in ((runs, outputs.runs), (summary, outputs.summary), (per_image, outputs.per_image),
-                        (pd.concat(logs, ignore_index=True), outputs.training_logs)):
+    for frame, path in (
+        (runs, outputs.runs),
+        (summary, outputs.summary),
+        (per_image, outputs.per_image),
+        (pd.concat(logs, ignore_index=True), outputs.training_logs),
+    ):
         write_csv(frame, path)
     write_text(outputs.markdown, summary_markdown(summary))
     print(summary_markdown(summary))

@@ -13,7 +13,13 @@ with logged(snakemake.log[0]):
     with hub_environment(snakemake.params.hub["cache_dir"], offline=True):
         backbone = build_backbone(spec)
     counts = cache_features(
-        backbone, snakemake.input.tiles, snakemake.output[0], snakemake.params.features["batch_size"], device,
+        backbone,
+        snakemake.input.tiles,
+        snakemake.output[0],
+        snakemake.params.features["batch_size"],
+        device,
         attrs={"backbone": snakemake.wildcards.backbone, "dataset": snakemake.wildcards.dataset, "spec": spec},
     )
-    print(f"{snakemake.wildcards.backbone} on {snakemake.wildcards.dataset}: {counts} tiles, identity {backbone.identity}")
+    print(
+        f"{snakemake.wildcards.backbone} on {snakemake.wildcards.dataset}: {counts} tiles, identity {backbone.identity}"
+    )

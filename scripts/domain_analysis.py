@@ -8,8 +8,10 @@ from em_foundation.scripting import logged, unpack_prefixed
 
 with logged(snakemake.log[0]):
     tables, summary = analyse_backbone(
-        snakemake.wildcards.backbone, unpack_prefixed(snakemake.input, "features_"),
-        unpack_prefixed(snakemake.input, "tiles_"), dict(snakemake.params.analysis),
+        snakemake.wildcards.backbone,
+        unpack_prefixed(snakemake.input, "features_"),
+        unpack_prefixed(snakemake.input, "tiles_"),
+        dict(snakemake.params.analysis),
         after_featstd=snakemake.params.get("after_featstd", False),
     )
     for name, frame in tables.items():

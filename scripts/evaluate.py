@@ -19,11 +19,23 @@ with logged(snakemake.log[0]):
             model, w.regime, inputs.prepared[k], inputs.tiles[k], features, device, alignment=w.alignment
         )
         record = {
-            "backbone": w.backbone, "regime": w.regime, "train_set": w.train_set, "alignment": w.alignment, "seed": int(w.seed),
-            "test_set": test_set, "train_datasets": list(params.datasets),
+            "backbone": w.backbone,
+            "regime": w.regime,
+            "train_set": w.train_set,
+            "alignment": w.alignment,
+            "seed": int(w.seed),
+            "test_set": test_set,
+            "train_datasets": list(params.datasets),
         }
         metrics = write_evaluation(
-            per_image, predictions, record, Path(outputs.metrics[k]), Path(outputs.images[k]),
-            Path(outputs.predictions[k]), params.keep_predictions,
+            per_image,
+            predictions,
+            record,
+            Path(outputs.metrics[k]),
+            Path(outputs.images[k]),
+            Path(outputs.predictions[k]),
+            params.keep_predictions,
         )
-        print(f"{test_set}: foreground IoU {metrics['fg_iou']:.4f} over {metrics['n_pixels']} pixels of {metrics['n_images']} slices")
+        print(
+            f"{test_set}: foreground IoU {metrics['fg_iou']:.4f} over {metrics['n_pixels']} pixels of {metrics['n_images']} slices"
+        )

@@ -4,6 +4,7 @@ Downloads the backbone's pretrained weights into hub.cache_dir (pinned to `revis
 given) and writes the marker JSON: model, resolved commit, files and their sha256.
 `weights: random` or a local file downloads nothing; the marker records that.
 """
+
 import json
 
 from em_foundation.backbones.hub import fetch_weights

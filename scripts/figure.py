@@ -7,8 +7,14 @@ from em_foundation.scripting import logged
 with logged(snakemake.log[0]):
     params = snakemake.params
     use_style(params.figures["style"])
-    inputs = {key: [str(path) for path in (paths if isinstance(paths, list) else [paths])]
-              for key, paths in snakemake.input.items()}
-    figure = build_figure(params.name, inputs, {key: params.get(key) for key in ("panels", "training_sets") if params.get(key) is not None})
+    inputs = {
+        key: [str(path) for path in (paths if isinstance(paths, list) else [paths])]
+        for key, paths in snakemake.input.items()
+    }
+    figure = build_figure(
+        params.name,
+        inputs,
+        {key: params.get(key) for key in ("panels", "training_sets") if params.get(key) is not None},
+    )
     save_figure(figure, list(snakemake.output))
     print(f"wrote {', '.join(snakemake.output)}")

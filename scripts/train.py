@@ -12,13 +12,25 @@ with logged(snakemake.log[0]):
     device = configure({**p.compute, "threads": snakemake.threads})
     with hub_environment(p.hub["cache_dir"], offline=True):
         record = train_run(
-            regime=p.regime, backbone_name=w.backbone, train_set=w.train_set, datasets=list(p.datasets),
-            seed=int(w.seed), backbone=dict(p.get("backbone", {})), head=dict(p.get("head", {})), lora=dict(p.get("lora", {})),
-            training=dict(p.get("training", {})), forest=dict(p.get("forest", {})), alignment=w.alignment, threads=snakemake.threads,
+            regime=p.regime,
+            backbone_name=w.backbone,
+            train_set=w.train_set,
+            datasets=list(p.datasets),
+            seed=int(w.seed),
+            backbone=dict(p.get("backbone", {})),
+            head=dict(p.get("head", {})),
+            lora=dict(p.get("lora", {})),
+            training=dict(p.get("training", {})),
+            forest=dict(p.get("forest", {})),
+            alignment=w.alignment,
+            threads=snakemake.threads,
             tiles=unpack_prefixed(snakemake.input, "tiles_"),
             features=unpack_prefixed(snakemake.input, "features_") or None,
-            splits=unpack_prefixed(snakemake.input, "split_"), device=device,
-            out_model=Path(snakemake.output.model), out_log=Path(snakemake.output.log), out_run=Path(snakemake.output.run),
+            splits=unpack_prefixed(snakemake.input, "split_"),
+            device=device,
+            out_model=Path(snakemake.output.model),
+            out_log=Path(snakemake.output.log),
+            out_run=Path(snakemake.output.run),
             code=p.code,
         )
     print(f"best epoch {record['best_epoch']} ({record['stop_reason']}), validation loss {record['best_val_loss']:.4f}")

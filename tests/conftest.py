@@ -42,8 +42,7 @@ class LocalHTTPServer:
     half the body under the full Content-Length, as a dropped connection would.
     """
 
-    def __init__(self, directory: Path, fail_first: int = 0, fail_status: int = 503,
-                 truncate_first: int = 0) -> None:
+    def __init__(self, directory: Path, fail_first: int = 0, fail_status: int = 503, truncate_first: int = 0) -> None:
         self.requests: list[str] = []
         self.fail_left, self.fail_status, self.truncate_left = fail_first, fail_status, truncate_first
         server = self

@@ -127,7 +127,9 @@ def test_stats_from_cache_json_round_trip_and_torch_module(tmp_path, union):
     np.testing.assert_allclose(got, standardise(tokens, stats), rtol=1e-5, atol=1e-5)
     other = domain_stats(tokens[:3])
     module.load_stats(other)
-    np.testing.assert_allclose(module(torch.from_numpy(tokens)).numpy(), standardise(tokens, other), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        module(torch.from_numpy(tokens)).numpy(), standardise(tokens, other), rtol=1e-5, atol=1e-5
+    )
 
 
 # --------------------------------------------------------------------------- intensity
@@ -303,7 +305,9 @@ def test_adabn_changes_only_batchnorm_running_statistics(source_head, pooled):
     # the first BN layer (stem.1) sees conv(x): its statistics by hand
     conv_out = source_head.stem[0](batch).detach()
     np.testing.assert_allclose(adapted.stem[1].running_mean, conv_out.mean(dim=(0, 2, 3)), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(adapted.stem[1].running_var, conv_out.var(dim=(0, 2, 3), unbiased=True), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        adapted.stem[1].running_var, conv_out.var(dim=(0, 2, 3), unbiased=True), rtol=1e-5, atol=1e-5
+    )
     # every BN layer: statistics of its input in a train-mode pass, captured by hooks
     for name, x in bn_inputs_in_train_mode(source_head, batch).items():
         layer = adapted.get_submodule(name)
@@ -329,8 +333,12 @@ def test_adabn_over_several_batches_pooled_and_cumulative(source_head):
     assert int(pooled.num_batches_tracked) == 3
     # momentum=None alone: PyTorch's average of per-batch means and unbiased variances
     cumulative = adapt_batchnorm(source_head, batches, head_forward, pooled=False).stem[1]
-    np.testing.assert_allclose(cumulative.running_mean, torch.stack([c.mean(dim=(0, 2, 3)) for c in conv]).mean(0), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(cumulative.running_var, torch.stack([c.var(dim=(0, 2, 3)) for c in conv]).mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        cumulative.running_mean, torch.stack([c.mean(dim=(0, 2, 3)) for c in conv]).mean(0), rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        cumulative.running_var, torch.stack([c.var(dim=(0, 2, 3)) for c in conv]).mean(0), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_adabn_on_cached_feature_segmenter_with_layer_selection():

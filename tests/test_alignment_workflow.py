@@ -1,6 +1,5 @@
 """Alignment variants in the grid, the tiles, training and evaluation."""
 
-
 import numpy as np
 import pytest
 import torch
@@ -8,8 +7,8 @@ import torch
 from em_foundation.config import ConfigError, validate_config
 from em_foundation.data.prepared import read_split
 from em_foundation.data.tiles import read_tiles, tile_dataset
-from em_foundation.feature_cache import tile_digests
 from em_foundation.evaluation.evaluate import evaluate_model, pooled_scores
+from em_foundation.feature_cache import tile_digests
 from em_foundation.grid import alignments_for, parse_view, runs
 from em_foundation.training.run import load_segmenter, train_run
 from tests.helpers import HEAD, TRAINING, make_dataset
@@ -17,8 +16,13 @@ from tests.test_config import demo_config
 
 
 def test_variants_go_where_they_mean_something():
-    config = validate_config({**demo_config(), "regimes": ["head", "lora", "forest"],
-                              "alignment": {"variants": ["none", "featstd", "adabn-balanced"], "train_sets": ["paired"]}})
+    config = validate_config(
+        {
+            **demo_config(),
+            "regimes": ["head", "lora", "forest"],
+            "alignment": {"variants": ["none", "featstd", "adabn-balanced"], "train_sets": ["paired"]},
+        }
+    )
     assert alignments_for(config, "head", "paired") == ["none", "featstd", "adabn-balanced"]
     assert alignments_for(config, "lora", "paired") == ["none", "adabn-balanced"]
     assert alignments_for(config, "forest", "paired") == ["none", "featstd"]
@@ -36,7 +40,11 @@ def test_unknown_alignment_is_a_config_error():
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("aligned")
-    return {"fibsem": make_dataset(root, "fibsem", "fibsem", seed=1), "sstem": make_dataset(root, "sstem", "sstem", seed=2), "root": root}
+    return {
+        "fibsem": make_dataset(root, "fibsem", "fibsem", seed=1),
+        "sstem": make_dataset(root, "sstem", "sstem", seed=2),
+        "root": root,
+    }
 
 
 def test_intensity_views_normalise_the_tiles(data, tmp_path):
@@ -45,7 +53,12 @@ def test_intensity_views_normalise_the_tiles(data, tmp_path):
     stretched = read_tiles(percentile, "train").raw
     assert np.percentile(stretched, 1) <= 2 and np.percentile(stretched, 99) >= 253
     matched = tmp_path / "h.h5"
-    tile_dataset(data["sstem"]["prepared"], matched, view=parse_view("tile112o16-histmatch"), reference=data["fibsem"]["prepared"])
+    tile_dataset(
+        data["sstem"]["prepared"],
+        matched,
+        view=parse_view("tile112o16-histmatch"),
+        reference=data["fibsem"]["prepared"],
+    )
     reference = read_split(data["fibsem"]["prepared"], "train").raw
     quantiles = np.percentile(read_tiles(matched, "train").raw, [10, 50, 90])
     assert np.allclose(quantiles, np.percentile(reference, [10, 50, 90]), atol=6)
@@ -56,11 +69,23 @@ def test_featstd_and_adabn_change_the_paired_model_and_its_scores(data, tmp_path
         out = tmp_path / alignment
         out.mkdir()
         return train_run(
-            regime="head", backbone_name="filterbank", train_set="paired", datasets=["fibsem", "sstem"], seed=0,
-            backbone={}, head=HEAD, lora={}, training=TRAINING, alignment=alignment,
-            tiles={d: data[d]["tiles"] for d in ("fibsem", "sstem")}, features={d: data[d]["features"] for d in ("fibsem", "sstem")},
-            splits={d: str(data["root"] / f"{d}.split0.json") for d in ("fibsem", "sstem")}, device=torch.device("cpu"),
-            out_model=out / "model.pt", out_log=out / "log.csv", out_run=out / "run.json",
+            regime="head",
+            backbone_name="filterbank",
+            train_set="paired",
+            datasets=["fibsem", "sstem"],
+            seed=0,
+            backbone={},
+            head=HEAD,
+            lora={},
+            training=TRAINING,
+            alignment=alignment,
+            tiles={d: data[d]["tiles"] for d in ("fibsem", "sstem")},
+            features={d: data[d]["features"] for d in ("fibsem", "sstem")},
+            splits={d: str(data["root"] / f"{d}.split0.json") for d in ("fibsem", "sstem")},
+            device=torch.device("cpu"),
+            out_model=out / "model.pt",
+            out_log=out / "log.csv",
+            out_run=out / "run.json",
         )
 
     plain, standardised = train("none"), train("featstd-balanced")
@@ -69,13 +94,25 @@ def test_featstd_and_adabn_change_the_paired_model_and_its_scores(data, tmp_path
     model = load_segmenter(tmp_path / "none/model.pt", {})
     sstem = data["sstem"]
     scores = {
-        alignment: pooled_scores(evaluate_model(model, "head", sstem["prepared"], sstem["tiles"], sstem["features"], torch.device("cpu"), alignment=alignment)[0])
+        alignment: pooled_scores(
+            evaluate_model(
+                model,
+                "head",
+                sstem["prepared"],
+                sstem["tiles"],
+                sstem["features"],
+                torch.device("cpu"),
+                alignment=alignment,
+            )[0]
+        )
         for alignment in ("none", "adabn")
     }
     assert scores["none"]["n_pixels"] == scores["adabn"]["n_pixels"]
     assert scores["none"]["fg_iou"] != scores["adabn"]["fg_iou"]
     # the source model is untouched by test-time adaptation
-    again = pooled_scores(evaluate_model(model, "head", sstem["prepared"], sstem["tiles"], sstem["features"], torch.device("cpu"))[0])
+    again = pooled_scores(
+        evaluate_model(model, "head", sstem["prepared"], sstem["tiles"], sstem["features"], torch.device("cpu"))[0]
+    )
     assert again == scores["none"]
 
 
@@ -93,7 +130,9 @@ def test_transductive_is_an_explicit_component():
         with pytest.raises(ValueError):
             parse_alignment(bad)
     config = validate_config({**demo_config(), "alignment": {"variants": ["none", "percentile", "percentile-trans"]}})
-    assert view_of(config, "filterbank", parse_alignment("percentile-trans")["intensity"]) == "tile112o16-percentile-trans"
+    assert (
+        view_of(config, "filterbank", parse_alignment("percentile-trans")["intensity"]) == "tile112o16-percentile-trans"
+    )
 
 
 def test_intensity_maps_come_from_the_training_split_unless_transductive(data, tmp_path):
@@ -123,8 +162,9 @@ def test_intensity_maps_come_from_the_training_split_unless_transductive(data, t
     from em_foundation.alignment import histogram_matching_table
 
     table = histogram_matching_table(train.raw, quantiles=quantiles)
-    assert np.array_equal(read_tiles(matched, "test").raw,
-                          np.concatenate([extract_tiles(image, grid) for image in table[test.raw]]))
+    assert np.array_equal(
+        read_tiles(matched, "test").raw, np.concatenate([extract_tiles(image, grid) for image in table[test.raw]])
+    )
     assert not np.array_equal(table[test.raw], histogram_match(test.raw, quantiles=quantiles))
 
 
@@ -132,17 +172,29 @@ def test_featstd_and_adabn_use_training_split_statistics_unless_transductive(dat
     """Shift every test token by a constant per channel: statistics taken from the test images
     themselves absorb the shift (transductive scores do not move); statistics from the
     training split do not (inductive scores move), which shows where each took them from."""
-    import h5py
     import shutil
+
+    import h5py
 
     out = tmp_path / "model"
     out.mkdir()
     train_run(
-        regime="head", backbone_name="filterbank", train_set="paired", datasets=["fibsem", "sstem"], seed=0,
-        backbone={}, head=HEAD, lora={}, training=TRAINING,
-        tiles={d: data[d]["tiles"] for d in ("fibsem", "sstem")}, features={d: data[d]["features"] for d in ("fibsem", "sstem")},
-        splits={d: str(data["root"] / f"{d}.split0.json") for d in ("fibsem", "sstem")}, device=torch.device("cpu"),
-        out_model=out / "model.pt", out_log=out / "log.csv", out_run=out / "run.json",
+        regime="head",
+        backbone_name="filterbank",
+        train_set="paired",
+        datasets=["fibsem", "sstem"],
+        seed=0,
+        backbone={},
+        head=HEAD,
+        lora={},
+        training=TRAINING,
+        tiles={d: data[d]["tiles"] for d in ("fibsem", "sstem")},
+        features={d: data[d]["features"] for d in ("fibsem", "sstem")},
+        splits={d: str(data["root"] / f"{d}.split0.json") for d in ("fibsem", "sstem")},
+        device=torch.device("cpu"),
+        out_model=out / "model.pt",
+        out_log=out / "log.csv",
+        out_run=out / "run.json",
     )
     model = load_segmenter(out / "model.pt", {})
     sstem = data["sstem"]
@@ -152,12 +204,20 @@ def test_featstd_and_adabn_use_training_split_statistics_unless_transductive(dat
         tokens = handle["test"]["tokens"][()].astype(np.float32)
         shift = 2.0 * tokens.std(axis=(0, 2, 3), keepdims=True)
         handle["test"]["tokens"][...] = (tokens + shift).astype(np.float16)
-        handle["test"]["tokens_digest"][...] = tile_digests(handle["test"]["tokens"][()])  # a deliberate edit, not damage
+        handle["test"]["tokens_digest"][...] = tile_digests(
+            handle["test"]["tokens"][()]
+        )  # a deliberate edit, not damage
 
     def changed(alignment):
         """Fraction of predicted pixels that the shift flips."""
-        masks = [np.stack(evaluate_model(model, "head", sstem["prepared"], sstem["tiles"], features, torch.device("cpu"),
-                                         alignment=alignment)[1]) for features in (sstem["features"], shifted)]
+        masks = [
+            np.stack(
+                evaluate_model(
+                    model, "head", sstem["prepared"], sstem["tiles"], features, torch.device("cpu"), alignment=alignment
+                )[1]
+            )
+            for features in (sstem["features"], shifted)
+        ]
         return float(np.mean(masks[0] != masks[1]))
 
     for alignment in ("featstd", "adabn"):

@@ -428,8 +428,7 @@ def test_analyse_domains_on_tokens_with_groups():
     ga, gb = rng.normal(size=(6, 8, 4, 4)), rng.normal(size=(5, 8, 4, 4)) + 1.0
     ta, ia = sample_patch_tokens(ga, per_tile=4, seed=0, return_index=True)
     tb, ib = sample_patch_tokens(gb, per_tile=4, seed=1, return_index=True)
-    out = analyse_domains({"a": ta, "b": tb}, groups={"a": ia, "b": ib},
-                          seed=0, n_boot=5, n_perm=5, pca_dim=4)
+    out = analyse_domains({"a": ta, "b": tb}, groups={"a": ia, "b": ib}, seed=0, n_boot=5, n_perm=5, pca_dim=4)
     assert out["counts"].set_index("dataset")["n_groups"].to_dict() == {"a": 6, "b": 5}
     fr = out["frechet"].iloc[0]
     assert (fr.n_a, fr.n_b, fr.n_groups_a, fr.n_groups_b) == (24, 20, 6, 5)

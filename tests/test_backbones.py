@@ -98,7 +98,7 @@ def test_grid_shape_and_prefix_tokens_dropped(family, random_backbones):
             tokens = backbone.model.forward_features(backbone.normalise(x))
     assert tokens.shape[1] == PREFIX_TOKENS[family] + (height // patch) * (width // patch)
     flat = out.grid.flatten(2).transpose(1, 2)
-    torch.testing.assert_close(flat, tokens[:, PREFIX_TOKENS[family]:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(flat, tokens[:, PREFIX_TOKENS[family] :], rtol=1e-5, atol=1e-5)
 
 
 def _open_clip_tokens(backbone, spec, x):
@@ -148,7 +148,7 @@ def test_multi_level_layers_concatenate_channels(family, random_backbones):
         last = single(x).grid
     assert grid.shape[1] == 4 * single.embed_dim
     # Ascending block order: the last block's tokens are the last slice.
-    torch.testing.assert_close(grid[:, -single.embed_dim:], last)
+    torch.testing.assert_close(grid[:, -single.embed_dim :], last)
     with pytest.raises(ValueError, match="same block twice"):
         build_backbone(spec_of(family, layers=[-1, 3]))
     with pytest.raises(ValueError, match="outside"):
@@ -267,8 +267,15 @@ def test_wrong_keys_name_the_file_and_the_keys(family, random_backbones, tmp_pat
 @pytest.mark.parametrize("family", list(NARROW))
 def test_wrong_shapes_name_the_file_and_the_key(family, tmp_path):
     """A checkpoint of a wider model: same keys, other shapes."""
-    wider = build_backbone(spec_of(family, model_kwargs={**NARROW[family]["model_kwargs"], **(
-        {"embed_dim": 64} if family != "openclip" else {"width": 64})}))
+    wider = build_backbone(
+        spec_of(
+            family,
+            model_kwargs={
+                **NARROW[family]["model_kwargs"],
+                **({"embed_dim": 64} if family != "openclip" else {"width": 64}),
+            },
+        )
+    )
     path = tmp_path / f"{family}_wider.safetensors"
     save_file(source_state_dict(wider), str(path))
     with pytest.raises(WeightsError) as caught:
@@ -426,7 +433,9 @@ def test_fetch_weights_script_writes_the_marker(tmp_path):
     output = tmp_path / "resources" / "weights" / "dinov2S.json"
     log = tmp_path / "logs" / "fetch.log"
     snakemake = types.SimpleNamespace(
-        params=types.SimpleNamespace(backbone=spec_of("dinov2"), hub={"cache_dir": str(tmp_path / "resources" / "weights")}),
+        params=types.SimpleNamespace(
+            backbone=spec_of("dinov2"), hub={"cache_dir": str(tmp_path / "resources" / "weights")}
+        ),
         output=[str(output)],
         log=[str(log)],
         wildcards=types.SimpleNamespace(backbone="dinov2S"),

@@ -17,9 +17,21 @@ TINY = ("tinyViT", vit_spec("vit_small_patch14_dinov2", tile=112, depth=2, embed
 
 def test_benchmark_table_has_every_row(tmp_path):
     settings = Settings(
-        backbones=[TINY], device=torch.device("cpu"), tile=112, overlap=16, n_tiles=2, warmup_epochs=0, epochs=1,
-        head_width=16, batch_size=2, cache_batch_size=2, cache_repeats=1, step_repeats=1, dryrun=True,
-        large_grid=False, dryrun_repeats=0,
+        backbones=[TINY],
+        device=torch.device("cpu"),
+        tile=112,
+        overlap=16,
+        n_tiles=2,
+        warmup_epochs=0,
+        epochs=1,
+        head_width=16,
+        batch_size=2,
+        cache_batch_size=2,
+        cache_repeats=1,
+        step_repeats=1,
+        dryrun=True,
+        large_grid=False,
+        dryrun_repeats=0,
     )
     table = run_benchmarks(settings, workdir=tmp_path)
 
@@ -38,8 +50,14 @@ def test_benchmark_table_has_every_row(tmp_path):
             rows = rows[rows["backbone"] == backbone]
         return len(rows) == 1
 
-    for setting in ("cached tokens via fit()", "floor:", "online frozen backbone", "cache read once",
-                    "ratio online / cached", "ratio cached / floor"):
+    for setting in (
+        "cached tokens via fit()",
+        "floor:",
+        "online frozen backbone",
+        "cache read once",
+        "ratio online / cached",
+        "ratio cached / floor",
+    ):
         assert has("head_training", setting, "tinyViT"), setting
     for setting in ("backbone forward", "head fwd+bwd", "ratio (backbone fwd"):
         assert has("compute_bound", setting, "tinyViT"), setting

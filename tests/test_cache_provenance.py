@@ -30,24 +30,42 @@ def data(tmp_path_factory):
 def run(data, out, tiles=None, seed=0, **kwargs):
     out.mkdir(parents=True, exist_ok=True)
     return train_run(
-        regime="head", backbone_name="filterbank", train_set="fibsem", datasets=["fibsem"], seed=seed, backbone={}, head=HEAD,
-        lora={}, training=kwargs.pop("training", TRAINING), tiles={"fibsem": tiles or data["tiles"]},
-        features={"fibsem": data["features"]}, splits={"fibsem": kwargs.pop("split", str(data["root"] / f"fibsem.split{seed}.json"))},
-        device=torch.device("cpu"), out_model=out / "model.pt", out_log=out / "log.csv", out_run=out / "run.json", **kwargs,
+        regime="head",
+        backbone_name="filterbank",
+        train_set="fibsem",
+        datasets=["fibsem"],
+        seed=seed,
+        backbone={},
+        head=HEAD,
+        lora={},
+        training=kwargs.pop("training", TRAINING),
+        tiles={"fibsem": tiles or data["tiles"]},
+        features={"fibsem": data["features"]},
+        splits={"fibsem": kwargs.pop("split", str(data["root"] / f"fibsem.split{seed}.json"))},
+        device=torch.device("cpu"),
+        out_model=out / "model.pt",
+        out_log=out / "log.csv",
+        out_run=out / "run.json",
+        **kwargs,
     )
 
 
 def test_cache_records_its_tiles(data):
     attrs = read_cache_attrs(data["features"])
     assert attrs["tiles_digest"] == tiles_provenance(data["tiles"])["tiles_digest"]
-    assert tiles_provenance(data["other_tiles"]) == {"tile_view": "tile112o32", "tiles_digest": tiles_provenance(data["other_tiles"])["tiles_digest"]}
+    assert tiles_provenance(data["other_tiles"]) == {
+        "tile_view": "tile112o32",
+        "tiles_digest": tiles_provenance(data["other_tiles"])["tiles_digest"],
+    }
     assert tiles_provenance(data["other_tiles"])["tiles_digest"] != attrs["tiles_digest"]
 
 
 def test_training_and_evaluation_refuse_a_cache_of_other_tiles(data, tmp_path):
     with pytest.raises(StaleCacheError) as error:
         run(data, tmp_path / "stale", tiles=data["other_tiles"])
-    assert data["features"] in str(error.value) and data["other_tiles"] in str(error.value) and "rerun" in str(error.value)
+    assert (
+        data["features"] in str(error.value) and data["other_tiles"] in str(error.value) and "rerun" in str(error.value)
+    )
     assert not (tmp_path / "stale/model.pt").exists()
     run(data, tmp_path / "ok")
     model = load_segmenter(tmp_path / "ok/model.pt", {})
@@ -58,14 +76,20 @@ def test_training_and_evaluation_refuse_a_cache_of_other_tiles(data, tmp_path):
 def test_resume_fingerprint_covers_tiles_split_weights_and_code(data, tmp_path):
     split = str(data["root"] / "fibsem.split0.json")
     base = resume_fingerprint({"regime": "head"}, {"fibsem": data["tiles"]}, {"fibsem": split}, "random-init:a", "c0de")
-    assert base == resume_fingerprint({"regime": "head"}, {"fibsem": data["tiles"]}, {"fibsem": split}, "random-init:a", "c0de")
+    assert base == resume_fingerprint(
+        {"regime": "head"}, {"fibsem": data["tiles"]}, {"fibsem": split}, "random-init:a", "c0de"
+    )
     edited = tmp_path / "split.json"
     payload = json.loads(open(split).read())
     payload["val"] = payload["train"][:1]  # same file name elsewhere, other contents
     edited.write_text(json.dumps(payload))
     variants = [
-        resume_fingerprint({"regime": "head"}, {"fibsem": data["other_tiles"]}, {"fibsem": split}, "random-init:a", "c0de"),
-        resume_fingerprint({"regime": "head"}, {"fibsem": data["tiles"]}, {"fibsem": str(edited)}, "random-init:a", "c0de"),
+        resume_fingerprint(
+            {"regime": "head"}, {"fibsem": data["other_tiles"]}, {"fibsem": split}, "random-init:a", "c0de"
+        ),
+        resume_fingerprint(
+            {"regime": "head"}, {"fibsem": data["tiles"]}, {"fibsem": str(edited)}, "random-init:a", "c0de"
+        ),
         resume_fingerprint({"regime": "head"}, {"fibsem": data["tiles"]}, {"fibsem": split}, "random-init:b", "c0de"),
         resume_fingerprint({"regime": "head"}, {"fibsem": data["tiles"]}, {"fibsem": split}, "random-init:a", "beef"),
     ]

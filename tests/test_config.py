@@ -85,7 +85,9 @@ def test_a_regime_a_family_drops_is_warned_about():
 def test_weights_typo_is_named_at_start_up():
     config = demo_config()
     config["backbones"]["tinyvit"]["weights"] = "randon"
-    with pytest.raises(ConfigError, match=r"backbones\.tinyvit\.weights is 'randon': not 'pretrained', 'random', or an existing"):
+    with pytest.raises(
+        ConfigError, match=r"backbones\.tinyvit\.weights is 'randon': not 'pretrained', 'random', or an existing"
+    ):
         validate_config(config)
 
 
@@ -109,10 +111,17 @@ def test_corrupt_weights_file_read_at_run_time_says_not_a_checkpoint_file(tmp_pa
     assert "is not a checkpoint file" in str(raised.value) and "weights_only" not in str(raised.value)
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("n_trian", 8, r"datasets\.fibsem\.options\.n_trian: unknown option of converter 'synthetic'; its options: domain, height"),
-    ("n_train", "eight", r"datasets\.fibsem\.options\.n_train is 'eight', which is not an integer \(default 12\)"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        (
+            "n_trian",
+            8,
+            r"datasets\.fibsem\.options\.n_trian: unknown option of converter 'synthetic'; its options: domain, height",
+        ),
+        ("n_train", "eight", r"datasets\.fibsem\.options\.n_train is 'eight', which is not an integer \(default 12\)"),
+    ],
+)
 def test_converter_options_are_checked_at_start_up_with_the_key_path(key, value, message):
     config = demo_config()
     config["datasets"]["fibsem"]["options"][key] = value
@@ -124,7 +133,10 @@ def test_converter_options_are_checked_at_start_up_with_the_key_path(key, value,
 def test_unknown_converter_is_named_with_the_registered_ones():
     config = demo_config()
     config["datasets"]["fibsem"]["converter"] = "synthetc"
-    with pytest.raises(ConfigError, match=r"datasets\.fibsem\.converter: unknown converter 'synthetc'; registered: kasthuri_pp, lucchi_pp, synthetic, vnc"):
+    with pytest.raises(
+        ConfigError,
+        match=r"datasets\.fibsem\.converter: unknown converter 'synthetc'; registered: kasthuri_pp, lucchi_pp, synthetic, vnc",
+    ):
         validate_config(config)
 
 
@@ -138,7 +150,10 @@ def test_empty_test_sets_are_refused_not_read_as_all():
 def test_tile_larger_than_the_slices_is_refused():
     config = demo_config()
     config["tiling"] = {"tile_size": 448, "overlap": 16}
-    with pytest.raises(ConfigError, match=r"tiling.tile_size 448 is larger than the 256×256 slices of dataset 'fibsem'.*3.1× the pixels"):
+    with pytest.raises(
+        ConfigError,
+        match=r"tiling.tile_size 448 is larger than the 256×256 slices of dataset 'fibsem'.*3.1× the pixels",
+    ):
         validate_config(config)
 
 
@@ -151,16 +166,31 @@ def test_command_line_values_are_coerced_and_errors_blame_the_command_line():
     config = demo_config()
     config["training"]["batch_size"] = "big"
     with pytest.raises(ConfigError) as raised:
-        validate_config(config, source="profiles/demo/workflow_config.yaml", command_line={"training": {"batch_size": "big"}})
+        validate_config(
+            config, source="profiles/demo/workflow_config.yaml", command_line={"training": {"batch_size": "big"}}
+        )
     assert str(raised.value) == (
         "the command line (--config): training.batch_size is 'big', which is not of type integer (fix the value of this key)"
     )
 
 
-@pytest.mark.parametrize("backbone, key, value, message", [
-    ("tinyvit", "init_sed", 7, r"backbones\.tinyvit\.options\.init_sed: unknown option of family 'dinov2'; its options: init_seed"),
-    ("filterbank", "patch_size", "eight", r"backbones\.filterbank\.options\.patch_size is 'eight', which is not an integer"),
-])
+@pytest.mark.parametrize(
+    "backbone, key, value, message",
+    [
+        (
+            "tinyvit",
+            "init_sed",
+            7,
+            r"backbones\.tinyvit\.options\.init_sed: unknown option of family 'dinov2'; its options: init_seed",
+        ),
+        (
+            "filterbank",
+            "patch_size",
+            "eight",
+            r"backbones\.filterbank\.options\.patch_size is 'eight', which is not an integer",
+        ),
+    ],
+)
 def test_backbone_options_are_checked_at_start_up_with_the_key_path(backbone, key, value, message):
     config = demo_config()
     config["backbones"][backbone]["options"] = {**config["backbones"][backbone].get("options", {}), key: value}

@@ -6,6 +6,7 @@ import h5py
 import pandas as pd
 import pytest
 import torch
+from workflow import demo_config
 
 from benchmarks import cost, gpu_check
 from em_foundation import grid
@@ -14,8 +15,6 @@ from em_foundation.config import validate_config
 from em_foundation.data.convert import prepare_dataset
 from em_foundation.data.tiles import tile_dataset
 from em_foundation.feature_cache import cache_features
-
-from workflow import demo_config
 
 
 def tiny_demo() -> dict:
@@ -28,8 +27,20 @@ def tiny_demo() -> dict:
 
 def cpu_costs(tmp_path) -> cost.UnitCosts:
     """Real gpu_check rows measured on this CPU with a tiny model."""
-    frame = gpu_check.run_check(gpu_check.Check(device=torch.device("cpu"), model="vit_small_patch14_dinov2", model_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2},
-                                                tile=28, n_tiles=4, head_steps=1, lora_steps=1, warmup_steps=0, head_width=8), tmp_path)
+    frame = gpu_check.run_check(
+        gpu_check.Check(
+            device=torch.device("cpu"),
+            model="vit_small_patch14_dinov2",
+            model_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2},
+            tile=28,
+            n_tiles=4,
+            head_steps=1,
+            lora_steps=1,
+            warmup_steps=0,
+            head_width=8,
+        ),
+        tmp_path,
+    )
     path = tmp_path / "gpu.csv"
     frame.to_csv(path, index=False)
     return cost.unit_costs(path, speedup=None)
@@ -61,8 +72,12 @@ def test_jobs_match_the_grid_and_training_hours_scale_with_epochs(tmp_path):
     runs = grid.runs(config)
     for regime in ("head", "lora"):
         assert three.loc[f"train_{regime}", "jobs"] == sum(run.regime == regime for run in runs)
-        assert six.loc[f"train_{regime}", "hours_expected"] == pytest.approx(2 * three.loc[f"train_{regime}", "hours_expected"])
-        assert three.loc[f"train_{regime}", "hours_ceiling"] == pytest.approx(three.loc[f"train_{regime}", "hours_expected"] * config["training"]["max_epochs"] / 3)
+        assert six.loc[f"train_{regime}", "hours_expected"] == pytest.approx(
+            2 * three.loc[f"train_{regime}", "hours_expected"]
+        )
+        assert three.loc[f"train_{regime}", "hours_ceiling"] == pytest.approx(
+            three.loc[f"train_{regime}", "hours_expected"] * config["training"]["max_epochs"] / 3
+        )
     assert three.loc["evaluate", "jobs"] == len(runs)
     assert three.loc["cache_features", "jobs"] == len(config["backbones"]) * len(config["datasets"])
     assert three.loc["evaluate", "hours_expected"] == six.loc["evaluate", "hours_expected"]
@@ -89,7 +104,9 @@ def test_cpu_table_gives_cpu_hours_unless_a_speedup_is_given():
     assert "benchmark CPU" in plain.device_hours and "50.0x" in faster.device_hours
     assert faster.lora_s_per_tflop == pytest.approx(plain.lora_s_per_tflop / 50)
     frame = pd.read_csv(cost.REPO / "benchmarks/results-cpu.csv")
-    tiles_per_s = frame[(frame.benchmark == "caching") & (frame.backbone == "ViT-L/14") & frame.setting.str.startswith("cache_features")].value.iloc[0]
+    tiles_per_s = frame[
+        (frame.benchmark == "caching") & (frame.backbone == "ViT-L/14") & frame.setting.str.startswith("cache_features")
+    ].value.iloc[0]
     reference, _, _ = cost.backbone_forward(cost.REFERENCE_SPEC, 448, 448)
     assert plain.cache_s_per_tflop == pytest.approx(1 / (tiles_per_s * reference))
 

@@ -53,9 +53,18 @@ def tables() -> dict[str, pd.DataFrame]:
 def _summary(models=(("filterbank", "head"), ("tinyvit", "head"), ("tinyvit", "lora"))) -> pd.DataFrame:
     rng = np.random.default_rng(1)
     rows = [
-        {"backbone": b, "regime": r, "train_set": train, "test_set": test,
-         "fg_iou_mean": rng.uniform(0.2, 0.9), "fg_iou_std": rng.uniform(0, 0.1), "fg_iou_n": 2}
-        for b, r in models for train in TRAINING_SETS for test in DATASETS
+        {
+            "backbone": b,
+            "regime": r,
+            "train_set": train,
+            "test_set": test,
+            "fg_iou_mean": rng.uniform(0.2, 0.9),
+            "fg_iou_std": rng.uniform(0, 0.1),
+            "fg_iou_n": 2,
+        }
+        for b, r in models
+        for train in TRAINING_SETS
+        for test in DATASETS
     ]
     return pd.DataFrame(rows)
 
@@ -103,7 +112,9 @@ def test_frechet_matrix_panels_annotations_and_colourbar(tables):
         assert sum("× null" in t for t in texts) == 2  # the pair, both triangles
         assert all("n=" in label.get_text() for label in ax.get_xticklabels())
     assert "ledoit-wolf" in figure._suptitle.get_text()
-    far = tables["frechet"].query("backbone == 'far' and view == 'pooled' and variant == 'ledoit_wolf'")["value"].iloc[0]
+    far = (
+        tables["frechet"].query("backbone == 'far' and view == 'pooled' and variant == 'ledoit_wolf'")["value"].iloc[0]
+    )
     assert any(f"{far:.3g}" in t.get_text() for t in panels[0].texts)
     _width_ok(figure)
 
@@ -139,7 +150,9 @@ def test_paired_comparison_one_panel_per_source_with_deltas():
     assert [ax.get_title().split()[2] for ax in panels] == list(DATASETS)
     for ax, test in zip(panels, DATASETS):
         assert len(ax.patches) == 2 * 3  # (single, paired) x models
-        cell = summary[(summary["backbone"] == "tinyvit") & (summary["regime"] == "lora") & (summary["test_set"] == test)]
+        cell = summary[
+            (summary["backbone"] == "tinyvit") & (summary["regime"] == "lora") & (summary["test_set"] == test)
+        ]
         delta = cell.set_index("train_set")["fg_iou_mean"]
         expected = f"{delta['paired'] - delta[test]:+.2f}".replace("-", "\u2212")
         assert expected in [t.get_text() for t in ax.texts]
@@ -168,7 +181,11 @@ def test_iou_figures_show_seed_spread_and_image_interval_side_by_side():
         ax = _data_axes(figure)[0]
         assert set(error_segments(ax, grey=True)) == {round(-0.123 - 0.0456, 4)}, "image interval drawn as given"
         assert error_segments(ax, grey=False) and set(error_segments(ax, grey=False)) != {round(-0.1686, 4)}
-        legend = [t.get_text() for legend in [*figure.legends, *[a.get_legend() for a in figure.axes if a.get_legend()]] for t in legend.get_texts()]
+        legend = [
+            t.get_text()
+            for legend in [*figure.legends, *[a.get_legend() for a in figure.axes if a.get_legend()]]
+            for t in legend.get_texts()
+        ]
         assert "± sd over seeds" in legend and "95 % interval over test images" in legend
     matrix = plots.cross_domain_matrix(summary)
     texts = [t.get_text() for ax in matrix.axes for t in ax.texts]
@@ -207,8 +224,20 @@ def test_figure_registry_draws_analysis_figures_from_csvs_as_png_and_pdf(tables,
 
 
 def _snakemake(workdir: Path, configfile: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-               "--configfile", str(configfile), "--cores", "2", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "Snakefile"),
+        "-d",
+        str(workdir),
+        "--configfile",
+        str(configfile),
+        "--cores",
+        "2",
+        *args,
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
@@ -231,7 +260,14 @@ def _tiny_config() -> dict:
     config["seeds"] = [0]
     config["training"].update(max_epochs=2, patience=1)
     config["evaluation"]["save_predictions"] = 1
-    config["analysis"] = {"n_boot": 5, "n_perm": 5, "pca_dim": 8, "tokens_per_tile": 4, "max_tokens_per_dataset": 64, "umap": True}
+    config["analysis"] = {
+        "n_boot": 5,
+        "n_perm": 5,
+        "pca_dim": 8,
+        "tokens_per_tile": 4,
+        "max_tokens_per_dataset": 64,
+        "umap": True,
+    }
     return config
 
 
@@ -296,7 +332,16 @@ def test_report_builds_with_figures_and_tables(tiny_run):
     _snakemake(workdir, configfile, "--report", str(report))
     text = report.read_text()
     assert report.stat().st_size > 100_000
-    for name in ("pca.png", "frechet.png", "probe.png", "paired.png", "iou_bars.png", "summary.html", "fibsem.html", "filterbank.html"):
+    for name in (
+        "pca.png",
+        "frechet.png",
+        "probe.png",
+        "paired.png",
+        "iou_bars.png",
+        "summary.html",
+        "fibsem.html",
+        "filterbank.html",
+    ):
         assert name in text, name
     for category in ("Figures", "Tables", "Datasets", "Domain analysis"):
         assert category in text, category

@@ -162,7 +162,9 @@ def test_snakemake_script_downloads_and_logs(archive, tmp_path):
     log_file.parent.mkdir()
     fake = SimpleNamespace(
         params=SimpleNamespace(url=source.as_uri(), sha256=sha),
-        output=[str(dest)], log=[str(log_file)], wildcards=SimpleNamespace(dataset="vnc"),
+        output=[str(dest)],
+        log=[str(log_file)],
+        wildcards=SimpleNamespace(dataset="vnc"),
     )
     script = REPO_ROOT / "scripts" / "download_dataset.py"
     runpy.run_path(str(script), init_globals={"snakemake": fake})

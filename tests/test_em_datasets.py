@@ -30,11 +30,21 @@ LUCCHI_SHA = "3bd95bb2f1195af7c2bd0e264689579f2c5ec286b41b72b1b69256156a61ddcd"
 LUCCHI_SLICES = 20  # the subset keeps slices 0-19 of each split
 
 
-def spec_for(converter: str, url: Optional[str] = None, sha256: Optional[str] = None,
-             bounds: tuple[float, float] = (0.0, 1.0), **options) -> dict:
+def spec_for(
+    converter: str,
+    url: Optional[str] = None,
+    sha256: Optional[str] = None,
+    bounds: tuple[float, float] = (0.0, 1.0),
+    **options,
+) -> dict:
     """A dataset entry as the validated config holds it (every key present)."""
-    return {"converter": converter, "url": url, "sha256": sha256, "foreground_fraction": list(bounds),
-            "options": options}
+    return {
+        "converter": converter,
+        "url": url,
+        "sha256": sha256,
+        "foreground_fraction": list(bounds),
+        "options": options,
+    }
 
 
 def prepare(tmp_path: Path, name: str, spec: dict, archive: Optional[Path]) -> tuple[dict, Path, Path]:
@@ -43,8 +53,9 @@ def prepare(tmp_path: Path, name: str, spec: dict, archive: Optional[Path]) -> t
     return report, out_h5, out_report
 
 
-def assert_fails_cleanly(tmp_path: Path, name: str, spec: dict, archive: Optional[Path],
-                         *fragments: str, error: type = IntegrityError) -> str:
+def assert_fails_cleanly(
+    tmp_path: Path, name: str, spec: dict, archive: Optional[Path], *fragments: str, error: type = IntegrityError
+) -> str:
     """prepare_dataset raises ``error`` whose message has every fragment, and writes nothing."""
     with pytest.raises(error) as caught:
         prepare(tmp_path, name, spec, archive)
@@ -62,8 +73,13 @@ def png_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def rewrite_zip(source: Path, dest: Path, keep: Callable[[str], bool] = lambda n: True,
-                replace: Optional[dict[str, bytes]] = None, rename: Callable[[str], str] = lambda n: n) -> Path:
+def rewrite_zip(
+    source: Path,
+    dest: Path,
+    keep: Callable[[str], bool] = lambda n: True,
+    replace: Optional[dict[str, bytes]] = None,
+    rename: Callable[[str], str] = lambda n: n,
+) -> Path:
     """Copy the members ``keep`` selects (stored, for speed), swapping in ``replace``'s bytes."""
     replace = dict(replace or {})
     with zipfile.ZipFile(source) as src, zipfile.ZipFile(dest, "w", zipfile.ZIP_STORED) as out:
@@ -109,8 +125,10 @@ def read_png(archive: zipfile.ZipFile, member: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize("transport", ["file", "http"])
-@pytest.mark.parametrize("name, converter, filename, sha", [
-    ("vnc", "vnc", VNC_ZIP, VNC_SHA), ("lucchi", "lucchi_pp", LUCCHI_ZIP, LUCCHI_SHA)])
+@pytest.mark.parametrize(
+    "name, converter, filename, sha",
+    [("vnc", "vnc", VNC_ZIP, VNC_SHA), ("lucchi", "lucchi_pp", LUCCHI_ZIP, LUCCHI_SHA)],
+)
 def test_download_then_prepare(transport, name, converter, filename, sha, shared_data, http_server, tmp_path):
     source = shared_data(filename)
     url = source.as_uri() if transport == "file" else http_server(source.parent).url(filename)
@@ -150,8 +168,9 @@ def test_lucchi_labels_match_the_png_with_the_same_slice_number(lucchi_prepared,
             gray = label[..., 0] if label.ndim == 3 else label  # test labels are RGBA
             np.testing.assert_array_equal(prepared.raw[index], image)
             np.testing.assert_array_equal(prepared.labels[index], (gray == 255).astype(np.uint8))
-            assert prepared.sources[index] == (f"Lucchi++/{folder}_In/mask{int(name):04d}.png|"
-                                               f"Lucchi++/{folder}_Out/{name}.png")
+            assert prepared.sources[index] == (
+                f"Lucchi++/{folder}_In/mask{int(name):04d}.png|Lucchi++/{folder}_Out/{name}.png"
+            )
     assert prepared.raw.shape == (LUCCHI_SLICES, 768, 1024)
 
 
@@ -161,8 +180,10 @@ def test_lucchi_foreground_is_plausible(lucchi_prepared):
         info = report["splits"][split]
         assert set(info["label_counts"]) == {"0", "1"}
         assert 0.05 < info["foreground_fraction_mean"] < 0.15, info["foreground_fraction_mean"]
-        print(f"lucchi subset {split}: foreground mean {info['foreground_fraction_mean']:.4f} "
-              f"[{info['foreground_fraction_min']:.4f}, {info['foreground_fraction_max']:.4f}]")
+        print(
+            f"lucchi subset {split}: foreground mean {info['foreground_fraction_mean']:.4f} "
+            f"[{info['foreground_fraction_min']:.4f}, {info['foreground_fraction_max']:.4f}]"
+        )
 
 
 # --- VNC ------------------------------------------------------------------------------
@@ -185,8 +206,10 @@ def test_vnc_masks_are_binary_with_the_documented_foreground(vnc_prepared):
     assert abs(fractions.mean() - 0.054) < 0.003, fractions.mean()  # README: mean about 5.4 %
     reported = [s["foreground_fraction"] for split in report["splits"].values() for s in split["slices"]]
     assert sorted(reported) == pytest.approx(sorted(fractions.tolist()))
-    print(f"vnc: foreground per slice {fractions.min():.4f}-{fractions.max():.4f}, mean {fractions.mean():.4f}; "
-          f"content digest {report['content_digest']}")
+    print(
+        f"vnc: foreground per slice {fractions.min():.4f}-{fractions.max():.4f}, mean {fractions.mean():.4f}; "
+        f"content digest {report['content_digest']}"
+    )
 
 
 def test_vnc_split_is_seeded_and_recorded(vnc_prepared, vnc_zip, tmp_path):
@@ -225,10 +248,19 @@ def test_vnc_image_in_the_label_folder_is_not_binary(vnc_zip, tmp_path):
     with zipfile.ZipFile(vnc_zip) as zf:
         raw = np.asarray(Image.open(io.BytesIO(zf.read(f"{root}raw/02.tif"))))
     keep = lambda m: ("/stack1/raw/" in m or "/stack1/mitochondria/" in m) and slice_number(m) < 4  # noqa: E731
-    broken = rewrite_zip(vnc_zip, tmp_path / "vnc.zip", keep=keep,
-                         replace={f"{root}mitochondria/02.png": png_bytes(raw)})
-    assert_fails_cleanly(tmp_path, "vnc", spec_for("vnc", n_test=1), broken,
-                         "dataset 'vnc'", "not binary", f"{root}mitochondria/02.png", "max_stray_fraction")
+    broken = rewrite_zip(
+        vnc_zip, tmp_path / "vnc.zip", keep=keep, replace={f"{root}mitochondria/02.png": png_bytes(raw)}
+    )
+    assert_fails_cleanly(
+        tmp_path,
+        "vnc",
+        spec_for("vnc", n_test=1),
+        broken,
+        "dataset 'vnc'",
+        "not binary",
+        f"{root}mitochondria/02.png",
+        "max_stray_fraction",
+    )
 
 
 # --- Kasthuri++ (synthetic archive in the real layout) -------------------------------
@@ -275,10 +307,12 @@ def test_kasthuri_colour_label_is_not_binary(tmp_path):
     archive, _ = kasthuri_archive(tmp_path / "kasthuri_pp.zip")
     label = np.zeros((40, 56, 3), dtype=np.uint8)
     label[:20, :, 0] = 255  # red: not part of the documented encoding
-    broken = rewrite_zip(archive, tmp_path / "broken.zip",
-                         replace={"kasthuri_pp_data/Test_Out/1.png": png_bytes(label)})
-    assert_fails_cleanly(tmp_path, "kasthuri", spec_for("kasthuri_pp"), broken,
-                         "not binary", "kasthuri_pp_data/Test_Out/1.png")
+    broken = rewrite_zip(
+        archive, tmp_path / "broken.zip", replace={"kasthuri_pp_data/Test_Out/1.png": png_bytes(label)}
+    )
+    assert_fails_cleanly(
+        tmp_path, "kasthuri", spec_for("kasthuri_pp"), broken, "not binary", "kasthuri_pp_data/Test_Out/1.png"
+    )
 
 
 # --- bad inputs: each stops the run with a clear message and leaves nothing ----------
@@ -287,9 +321,16 @@ def test_kasthuri_colour_label_is_not_binary(tmp_path):
 def test_truncated_zip(lucchi_zip, tmp_path):
     truncated = tmp_path / "lucchi.zip"
     truncated.write_bytes(lucchi_zip.read_bytes()[: lucchi_zip.stat().st_size // 2])
-    assert_fails_cleanly(tmp_path, "lucchi", spec_for("lucchi_pp"), truncated,
-                         "dataset 'lucchi' (converter lucchi_pp)", "not a readable zip file", str(truncated),
-                         "download it again")
+    assert_fails_cleanly(
+        tmp_path,
+        "lucchi",
+        spec_for("lucchi_pp"),
+        truncated,
+        "dataset 'lucchi' (converter lucchi_pp)",
+        "not a readable zip file",
+        str(truncated),
+        "download it again",
+    )
 
 
 def test_corrupt_member_fails_its_crc(mini_lucchi, tmp_path):
@@ -300,47 +341,77 @@ def test_corrupt_member_fails_its_crc(mini_lucchi, tmp_path):
     start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
     data[start + 100] ^= 0xFF  # one flipped byte inside the stored member
     archive.write_bytes(bytes(data))
-    assert_fails_cleanly(tmp_path, "lucchi", spec_for("lucchi_pp"), archive,
-                         "cannot be read", "Bad CRC-32", "Lucchi++/Train_Out/1.png", "download it again")
+    assert_fails_cleanly(
+        tmp_path,
+        "lucchi",
+        spec_for("lucchi_pp"),
+        archive,
+        "cannot be read",
+        "Bad CRC-32",
+        "Lucchi++/Train_Out/1.png",
+        "download it again",
+    )
 
 
 def test_missing_label_file(mini_lucchi, tmp_path):
     archive = mini_lucchi(drop=("Lucchi++/Train_Out/1.png",))
-    assert_fails_cleanly(tmp_path, "lucchi", spec_for("lucchi_pp"), archive,
-                         "1 image(s) without a label", "Lucchi++/Train_In/mask0001.png", "3 images, 2 labels")
+    assert_fails_cleanly(
+        tmp_path,
+        "lucchi",
+        spec_for("lucchi_pp"),
+        archive,
+        "1 image(s) without a label",
+        "Lucchi++/Train_In/mask0001.png",
+        "3 images, 2 labels",
+    )
 
 
 def test_label_without_image(mini_lucchi, lucchi_zip, tmp_path):
     with zipfile.ZipFile(lucchi_zip) as zf:
         extra = zf.read("Lucchi++/Test_Out/7.png")
     archive = mini_lucchi(replace={"Lucchi++/Test_Out/7.png": extra})
-    assert_fails_cleanly(tmp_path, "lucchi", spec_for("lucchi_pp"), archive,
-                         "1 label(s) without an image", "Lucchi++/Test_Out/7.png")
+    assert_fails_cleanly(
+        tmp_path, "lucchi", spec_for("lucchi_pp"), archive, "1 label(s) without an image", "Lucchi++/Test_Out/7.png"
+    )
 
 
 def test_unexpected_file_in_a_label_folder(mini_lucchi, tmp_path):
     archive = mini_lucchi(replace={"Lucchi++/Train_Out/1 (copy).png": b"x"})
-    assert_fails_cleanly(tmp_path, "lucchi", spec_for("lucchi_pp"), archive,
-                         "unexpected file", "Lucchi++/Train_Out/1 (copy).png")
+    assert_fails_cleanly(
+        tmp_path, "lucchi", spec_for("lucchi_pp"), archive, "unexpected file", "Lucchi++/Train_Out/1 (copy).png"
+    )
 
 
 def test_label_of_the_wrong_shape(mini_lucchi, tmp_path):
     label = np.zeros((100, 120), dtype=np.uint8)
     label[10:20, 10:20] = 255
     archive = mini_lucchi(replace={"Lucchi++/Train_Out/1.png": png_bytes(label)})
-    assert_fails_cleanly(tmp_path, "lucchi", spec_for("lucchi_pp"), archive,
-                         "label shape (100, 120) differs from image shape (768, 1024)",
-                         "Lucchi++/Train_In/mask0001.png", "Lucchi++/Train_Out/1.png")
+    assert_fails_cleanly(
+        tmp_path,
+        "lucchi",
+        spec_for("lucchi_pp"),
+        archive,
+        "label shape (100, 120) differs from image shape (768, 1024)",
+        "Lucchi++/Train_In/mask0001.png",
+        "Lucchi++/Train_Out/1.png",
+    )
 
 
 def test_slices_of_different_shapes_within_a_split(mini_lucchi, lucchi_zip, tmp_path):
     with zipfile.ZipFile(lucchi_zip) as zf:
         image = read_png(zf, "Lucchi++/Test_In/mask0002.png")[:500]
         label = read_png(zf, "Lucchi++/Test_Out/2.png")[:500]
-    archive = mini_lucchi(replace={"Lucchi++/Test_In/mask0002.png": png_bytes(image),
-                                   "Lucchi++/Test_Out/2.png": png_bytes(label)})
-    assert_fails_cleanly(tmp_path, "lucchi", spec_for("lucchi_pp"), archive,
-                         "slices differ in shape (most are (768, 1024))", "Lucchi++/Test_In/mask0002.png (500, 1024)")
+    archive = mini_lucchi(
+        replace={"Lucchi++/Test_In/mask0002.png": png_bytes(image), "Lucchi++/Test_Out/2.png": png_bytes(label)}
+    )
+    assert_fails_cleanly(
+        tmp_path,
+        "lucchi",
+        spec_for("lucchi_pp"),
+        archive,
+        "slices differ in shape (most are (768, 1024))",
+        "Lucchi++/Test_In/mask0002.png (500, 1024)",
+    )
 
 
 def test_non_binary_label(mini_lucchi, lucchi_zip, tmp_path):
@@ -348,15 +419,29 @@ def test_non_binary_label(mini_lucchi, lucchi_zip, tmp_path):
         label = read_png(zf, "Lucchi++/Train_Out/2.png")
     soft = (label // 2).astype(np.uint8)  # 0 and 127: a soft label, not the {0, 255} encoding
     archive = mini_lucchi(replace={"Lucchi++/Train_Out/2.png": png_bytes(soft)})
-    assert_fails_cleanly(tmp_path, "lucchi", spec_for("lucchi_pp"), archive,
-                         "not binary", "values [0, 255]", "have other values: 127", "Lucchi++/Train_Out/2.png",
-                         "datasets.lucchi.options.max_stray_fraction")
+    assert_fails_cleanly(
+        tmp_path,
+        "lucchi",
+        spec_for("lucchi_pp"),
+        archive,
+        "not binary",
+        "values [0, 255]",
+        "have other values: 127",
+        "Lucchi++/Train_Out/2.png",
+        "datasets.lucchi.options.max_stray_fraction",
+    )
 
 
 def test_foreground_fraction_outside_the_configured_bounds(mini_lucchi, tmp_path):
-    message = assert_fails_cleanly(tmp_path, "lucchi", spec_for("lucchi_pp", bounds=(0.2, 0.9)), mini_lucchi(),
-                                   "outside the plausible range [0.2, 0.9]", "Lucchi++/Train_In/mask0000.png",
-                                   "datasets.lucchi.foreground_fraction")
+    message = assert_fails_cleanly(
+        tmp_path,
+        "lucchi",
+        spec_for("lucchi_pp", bounds=(0.2, 0.9)),
+        mini_lucchi(),
+        "outside the plausible range [0.2, 0.9]",
+        "Lucchi++/Train_In/mask0000.png",
+        "datasets.lucchi.foreground_fraction",
+    )
     assert re.search(r"mask0000\.png\|Lucchi\+\+/Train_Out/0\.png \(foreground 0\.\d{4}\)", message)
 
 
@@ -368,11 +453,19 @@ def test_missing_archive(converter, tmp_path):
 
 def test_unknown_option_is_named(tmp_path):
     archive, _ = kasthuri_archive(tmp_path / "kasthuri_pp.zip")
-    assert_fails_cleanly(tmp_path, "kasthuri", spec_for("kasthuri_pp", n_tset=3), archive,
-                         "unknown key(s) ['n_tset']", "datasets.kasthuri.options", "max_stray_fraction",
-                         error=ConfigError)
+    assert_fails_cleanly(
+        tmp_path,
+        "kasthuri",
+        spec_for("kasthuri_pp", n_tset=3),
+        archive,
+        "unknown key(s) ['n_tset']",
+        "datasets.kasthuri.options",
+        "max_stray_fraction",
+        error=ConfigError,
+    )
 
 
 def test_wrong_archive_for_the_converter(mini_lucchi, tmp_path):
-    assert_fails_cleanly(tmp_path, "vnc", spec_for("vnc"), mini_lucchi(),
-                         "no folder 'stack1/raw/'", "this dataset's download")
+    assert_fails_cleanly(
+        tmp_path, "vnc", spec_for("vnc"), mini_lucchi(), "no folder 'stack1/raw/'", "this dataset's download"
+    )

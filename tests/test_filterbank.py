@@ -78,7 +78,9 @@ def test_channels_match_scipy(backbone) -> None:
             "ggm": ndimage.gaussian_gradient_magnitude(image, sigma),
         }
         for name, reference in expected.items():
-            np.testing.assert_allclose(grid[names.index(f"{name}@{sigma:g}")], _pool(reference, p), atol=1e-4, err_msg=name)
+            np.testing.assert_allclose(
+                grid[names.index(f"{name}@{sigma:g}")], _pool(reference, p), atol=1e-4, err_msg=name
+            )
 
 
 def test_hessian_and_structure_tensor_eigenvalues() -> None:
@@ -87,7 +89,9 @@ def test_hessian_and_structure_tensor_eigenvalues() -> None:
     sigma = 1.6
     features = pixel_features(image.astype(np.float32), [sigma])
     names = channel_names([sigma])
-    d = {order: ndimage.gaussian_filter(image, sigma, order=order) for order in [(2, 0), (1, 1), (0, 2), (1, 0), (0, 1)]}
+    d = {
+        order: ndimage.gaussian_filter(image, sigma, order=order) for order in [(2, 0), (1, 1), (0, 2), (1, 0), (0, 1)]
+    }
     hessian = np.stack([np.stack([d[2, 0], d[1, 1]], -1), np.stack([d[1, 1], d[0, 2]], -1)], -2)
     gr, gc = d[1, 0], d[0, 1]
     tensor = [ndimage.gaussian_filter(a, 2 * sigma) for a in (gr * gr, gr * gc, gc * gc)]
@@ -142,7 +146,12 @@ def test_identity_names_filters_and_scales() -> None:
 
 @pytest.mark.parametrize(
     "options, message",
-    [({"sigmas": []}, "sigmas"), ({"sigmas": [1.0, -1.0]}, "sigmas"), ({"scales": [1.0]}, "scales"), ({"patch_size": 0}, "patch_size")],
+    [
+        ({"sigmas": []}, "sigmas"),
+        ({"sigmas": [1.0, -1.0]}, "sigmas"),
+        ({"scales": [1.0]}, "scales"),
+        ({"patch_size": 0}, "patch_size"),
+    ],
 )
 def test_rejects_bad_options(options, message) -> None:
     with pytest.raises(ValueError, match=message):

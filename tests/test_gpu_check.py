@@ -7,27 +7,39 @@ import sys
 import numpy as np
 import pandas as pd
 import torch
+from conftest import REPO_ROOT as REPO
 
 from benchmarks import gpu_check
 from em_foundation.backbones import build_backbone
 from em_foundation.feature_cache import cache_features, read_tokens
 
-from conftest import REPO_ROOT as REPO
-
 TINY = {"depth": 2, "embed_dim": 64, "num_heads": 2}
 
 
 def tiny_check(**overrides) -> gpu_check.Check:
-    fields = dict(device=torch.device("cpu"), model="vit_small_patch14_dinov2", model_kwargs=TINY, tile=56, n_tiles=6,
-                  head_steps=2, lora_steps=2, warmup_steps=1, head_width=16)
+    fields = dict(
+        device=torch.device("cpu"),
+        model="vit_small_patch14_dinov2",
+        model_kwargs=TINY,
+        tile=56,
+        n_tiles=6,
+        head_steps=2,
+        lora_steps=2,
+        warmup_steps=1,
+        head_width=16,
+    )
     return gpu_check.Check(**{**fields, **overrides})
 
 
 def test_without_cuda_it_says_so_and_exits_0(tmp_path):
     out = tmp_path / "gpu.csv"
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.gpu_check", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, timeout=300,
+        [sys.executable, "-m", "benchmarks.gpu_check", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert gpu_check.NO_CUDA in result.stdout
@@ -53,7 +65,10 @@ def test_bf16_caching_path_runs_under_cpu_autocast(tmp_path):
     backbone = build_backbone(check.spec())
     cache_features(backbone, tiles, tmp_path / "bf16.h5", 4, torch.device("cpu"), {}, precision="bf16")
     cache_features(backbone, tiles, tmp_path / "fp32.h5", 4, torch.device("cpu"), {}, precision="fp32")
-    bf16, fp32 = read_tokens(tmp_path / "bf16.h5", "train").astype(np.float32), read_tokens(tmp_path / "fp32.h5", "train").astype(np.float32)
+    bf16, fp32 = (
+        read_tokens(tmp_path / "bf16.h5", "train").astype(np.float32),
+        read_tokens(tmp_path / "fp32.h5", "train").astype(np.float32),
+    )
     assert not np.array_equal(bf16, fp32)
     np.testing.assert_allclose(bf16, fp32, atol=0.15 * float(np.abs(fp32).max()))
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -73,9 +88,32 @@ def test_check_on_cpu_reports_every_row(tmp_path):
 
 def test_main_writes_the_table(tmp_path):
     out = tmp_path / "gpu.csv"
-    code = gpu_check.main(["--device", "cpu", "--model", "vit_small_patch14_dinov2", "--model-kwargs", '{"depth": 1, "embed_dim": 32, "num_heads": 2}',
-                           "--tile", "28", "--tiles", "4", "--head-steps", "1", "--lora-steps", "1", "--warmup-steps", "0", "--head-width", "8",
-                           "--peak-tflops", "1.0", "--out", str(out)])
+    code = gpu_check.main(
+        [
+            "--device",
+            "cpu",
+            "--model",
+            "vit_small_patch14_dinov2",
+            "--model-kwargs",
+            '{"depth": 1, "embed_dim": 32, "num_heads": 2}',
+            "--tile",
+            "28",
+            "--tiles",
+            "4",
+            "--head-steps",
+            "1",
+            "--lora-steps",
+            "1",
+            "--warmup-steps",
+            "0",
+            "--head-width",
+            "8",
+            "--peak-tflops",
+            "1.0",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     frame = pd.read_csv(out)
     fraction = frame[frame.unit == "fraction"].value.iloc[0]

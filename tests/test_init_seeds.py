@@ -40,14 +40,20 @@ def test_building_a_random_backbone_leaves_the_global_state_alone(family):
 
 
 # The head regime owns no backbone, so one family covers it.
-@pytest.mark.parametrize("regime, family", [("head", "dinov2"), *((r, f) for r in ("lora", "fullft") for f in ("dinov2", "openclip"))])
+@pytest.mark.parametrize(
+    "regime, family", [("head", "dinov2"), *((r, f) for r in ("lora", "fullft") for f in ("dinov2", "openclip"))]
+)
 def test_run_seeds_start_from_different_trainable_weights(regime, family):
     spec = NARROW[family]
     first, second, again = segmenter(regime, spec, 0), segmenter(regime, spec, 1), segmenter(regime, spec, 0)
     trained = [key for key in trainable_state_dict(first) if not key.startswith("backbone.") or regime != "fullft"]
-    differs = [key for key in trained if not torch.equal(trainable_state_dict(first)[key], trainable_state_dict(second)[key])]
+    differs = [
+        key for key in trained if not torch.equal(trainable_state_dict(first)[key], trainable_state_dict(second)[key])
+    ]
     state = trainable_state_dict(first)
-    heads = [key for key in trained if key.startswith("head.") and key.endswith("weight") and state[key].ndim > 1]  # convolutions
+    heads = [
+        key for key in trained if key.startswith("head.") and key.endswith("weight") and state[key].ndim > 1
+    ]  # convolutions
     assert heads and set(heads) <= set(differs), "the head starts from the same weights for seeds 0 and 1"
     if regime == "lora":
         adapters = [key for key in trained if "lora_A" in key]
@@ -55,6 +61,8 @@ def test_run_seeds_start_from_different_trainable_weights(regime, family):
     if regime != "head":
         frozen_first = {k: v for k, v in first.backbone.state_dict().items() if "lora_" not in k}
         frozen_second = second.backbone.state_dict()
-        assert all(torch.equal(v, frozen_second[k]) for k, v in frozen_first.items()), "the backbone weights must not depend on the run seed"
+        assert all(torch.equal(v, frozen_second[k]) for k, v in frozen_first.items()), (
+            "the backbone weights must not depend on the run seed"
+        )
     for key, value in trainable_state_dict(first).items():
         assert torch.equal(value, trainable_state_dict(again)[key]), f"{key}: same seed, same start"

@@ -42,7 +42,11 @@ def test_every_numeric_dataset_is_written_with_a_checksum(files):
     for kind in ("prepared", "tiles", "features"):
         with h5py.File(files[kind], "r") as handle:
             numeric = []
-            handle.visititems(lambda name, obj: numeric.append(obj) if isinstance(obj, h5py.Dataset) and obj.dtype.kind in "fiu" else None)
+            handle.visititems(
+                lambda name, obj: (
+                    numeric.append(obj) if isinstance(obj, h5py.Dataset) and obj.dtype.kind in "fiu" else None
+                )
+            )
             assert numeric, kind
             assert all(dataset.fletcher32 for dataset in numeric), [d.name for d in numeric if not d.fletcher32]
 

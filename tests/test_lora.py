@@ -17,21 +17,29 @@ from em_foundation.backbones.lora import adapted_modules, add_lora, make_fully_t
 
 NARROW = {
     "dinov2": {
-        "family": "dinov2", "model": "vit_small_patch14_reg4_dinov2.lvd142m", "weights": "random",
+        "family": "dinov2",
+        "model": "vit_small_patch14_reg4_dinov2.lvd142m",
+        "weights": "random",
         "model_kwargs": {"depth": 3, "embed_dim": 32, "num_heads": 2, "img_size": 56},
     },
     "dinov3": {
-        "family": "dinov3", "model": "vit_small_patch16_dinov3.lvd1689m", "weights": "random",
+        "family": "dinov3",
+        "model": "vit_small_patch16_dinov3.lvd1689m",
+        "weights": "random",
         "model_kwargs": {"depth": 3, "embed_dim": 32, "num_heads": 2},
     },
     # DINOv3 with q/v biases: timm's Eva computes qkv with F.linear on the weight there,
     # which would bypass an adapter unless prepare_lora reroutes it.
     "dinov3_qkvb": {
-        "family": "dinov3", "model": "vit_small_patch16_dinov3_qkvb.lvd1689m", "weights": "random",
+        "family": "dinov3",
+        "model": "vit_small_patch16_dinov3_qkvb.lvd1689m",
+        "weights": "random",
         "model_kwargs": {"depth": 3, "embed_dim": 32, "num_heads": 2},
     },
     "openclip": {
-        "family": "openclip", "model": "ViT-B-16", "weights": "random",
+        "family": "openclip",
+        "model": "ViT-B-16",
+        "weights": "random",
         "model_kwargs": {"width": 32, "layers": 3, "head_width": 16, "image_size": 64},
     },
 }

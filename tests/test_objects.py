@@ -13,14 +13,18 @@ def box(mask, rows, cols, value=1):
 
 def hand_built():
     truth, prediction = np.zeros((40, 40), np.uint8), np.zeros((40, 40), np.uint8)
-    box(truth, (2, 9), (2, 9)); box(prediction, (2, 9), (2, 9))  # T1 found exactly
+    box(truth, (2, 9), (2, 9))
+    box(prediction, (2, 9), (2, 9))  # T1 found exactly
     box(truth, (2, 9), (20, 35))  # T2 (128 px) split into two halves of 56 px: IoU 0.44 each
-    box(prediction, (2, 9), (20, 26)); box(prediction, (2, 9), (29, 35))
-    box(truth, (20, 25), (2, 7)); box(truth, (20, 25), (10, 15))  # T3, T4 merged into one prediction
+    box(prediction, (2, 9), (20, 26))
+    box(prediction, (2, 9), (29, 35))
+    box(truth, (20, 25), (2, 7))
+    box(truth, (20, 25), (10, 15))  # T3, T4 merged into one prediction
     box(prediction, (20, 25), (2, 15))
     box(truth, (30, 37), (30, 37))  # T5 missed
     box(prediction, (30, 35), (2, 7))  # a false positive
-    box(truth, (30, 35), (15, 20)); box(prediction, (30, 35), (15, 19))  # T6 found with IoU 30/36
+    box(truth, (30, 35), (15, 20))
+    box(prediction, (30, 35), (15, 19))  # T6 found with IoU 30/36
     return prediction, truth
 
 
@@ -35,7 +39,12 @@ def test_hand_built_masks_give_the_exact_object_metrics():
     assert scores["obj_matched_iou"] == pytest.approx((1 + 30 / 36) / 2)
     assert scores["pq"] == pytest.approx((1 + 30 / 36) / (2 + 4 / 2 + 4 / 2))
     assert scores["count_error"] == 0.0
-    assert (scores["n_true_objects"], scores["n_pred_objects"], scores["obj_splits"], scores["obj_merges"]) == (6, 6, 1, 1)
+    assert (scores["n_true_objects"], scores["n_pred_objects"], scores["obj_splits"], scores["obj_merges"]) == (
+        6,
+        6,
+        1,
+        1,
+    )
 
 
 def test_slices_pool_their_counts():
@@ -48,7 +57,8 @@ def test_slices_pool_their_counts():
 
 def test_three_d_components_join_objects_across_slices():
     truth = np.zeros((2, 12, 12), np.uint8)
-    box(truth[0], (2, 5), (2, 5)); box(truth[1], (2, 5), (2, 5))  # one mitochondrion through two sections
+    box(truth[0], (2, 5), (2, 5))
+    box(truth[1], (2, 5), (2, 5))  # one mitochondrion through two sections
     box(truth[1], (6, 9), (6, 9))  # touches the first one corner to corner in 3-D only
     prediction = truth.copy()
     assert label_objects(truth).max() == 1  # 26-connectivity: one object
@@ -60,7 +70,8 @@ def test_three_d_components_join_objects_across_slices():
 
 def test_small_objects_are_dropped_from_both_sides():
     truth, prediction = np.zeros((20, 20), np.uint8), np.zeros((20, 20), np.uint8)
-    box(truth, (2, 9), (2, 9)); box(prediction, (2, 9), (2, 9))
+    box(truth, (2, 9), (2, 9))
+    box(prediction, (2, 9), (2, 9))
     box(prediction, (15, 16), (15, 16))  # a 4-pixel speck
     box(truth, (15, 15), (2, 3))  # a 2-pixel true speck
     assert (object_counts(prediction, truth).n_pred, object_counts(prediction, truth).n_true) == (2, 2)
@@ -71,8 +82,10 @@ def test_small_objects_are_dropped_from_both_sides():
 
 def test_objects_under_the_ignore_label_are_neither_found_nor_missed():
     truth, prediction = np.zeros((20, 20), np.uint8), np.zeros((20, 20), np.uint8)
-    box(truth, (2, 9), (2, 9)); box(prediction, (2, 9), (2, 9))
-    box(truth, (12, 18), (12, 18), IGNORE_LABEL); box(prediction, (13, 16), (13, 16))
+    box(truth, (2, 9), (2, 9))
+    box(prediction, (2, 9), (2, 9))
+    box(truth, (12, 18), (12, 18), IGNORE_LABEL)
+    box(prediction, (13, 16), (13, 16))
     counts = object_counts(prediction, truth)
     assert (counts.n_true, counts.n_pred, counts.tp) == (1, 1, 1)
 

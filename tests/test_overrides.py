@@ -16,7 +16,9 @@ def test_demo_profile_with_one_seed_keeps_the_demo(tmp_path):
 
 
 def test_nested_override_changes_one_key_and_keeps_its_block(tmp_path):
-    result = snakemake(tmp_path, "-n", "-p", "--config", "seeds=[0]", "training={max_epochs: 3}", "backbones={tinyvit: {layers: [-1]}}")
+    result = snakemake(
+        tmp_path, "-n", "-p", "--config", "seeds=[0]", "training={max_epochs: 3}", "backbones={tinyvit: {layers: [-1]}}"
+    )
     assert scheduled_jobs(result)["train_head"] == 6
 
 
@@ -39,8 +41,16 @@ def test_a_configfile_without_required_blocks_says_how_to_layer(tmp_path):
 
 def test_layered_configfiles_keep_the_preset_and_change_one_key(tmp_path):
     partial = write_config(tmp_path / "mine.yaml", {"seeds": [0]})
-    command = SNAKEMAKE + ["-d", str(tmp_path), "--profile", str(REPO / "profiles/demo"), "-n",
-                           "--configfile", str(REPO / "profiles/demo/workflow_config.yaml"), str(partial)]
+    command = SNAKEMAKE + [
+        "-d",
+        str(tmp_path),
+        "--profile",
+        str(REPO / "profiles/demo"),
+        "-n",
+        "--configfile",
+        str(REPO / "profiles/demo/workflow_config.yaml"),
+        str(partial),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert scheduled_jobs(result)["train_head"] == 6

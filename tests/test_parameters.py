@@ -22,7 +22,12 @@ LORA_L = 2_359_296  # 24 blocks x rank 16 x (1024 + 3072 + 1024 + 1024)
 LARGE = {
     "dinov2L": {"family": "dinov2", "model": "vit_large_patch14_dinov2.lvd142m"},
     "dinov3L": {"family": "dinov3", "model": "vit_large_patch16_dinov3.lvd1689m"},
-    "openclipL": {"family": "openclip", "model": "ViT-L-14", "options": {"pretrained_tag": "laion2b_s32b_b82k"}, "pooling": "cls"},
+    "openclipL": {
+        "family": "openclip",
+        "model": "ViT-L-14",
+        "options": {"pretrained_tag": "laion2b_s32b_b82k"},
+        "pooling": "cls",
+    },
 }
 
 
@@ -71,7 +76,9 @@ def test_dinov2_large_matches_timm(table):
     import timm
 
     with torch.device("meta"):
-        model = timm.create_model("vit_large_patch14_dinov2.lvd142m", pretrained=False, num_classes=0, dynamic_img_size=True)
+        model = timm.create_model(
+            "vit_large_patch14_dinov2.lvd142m", pretrained=False, num_classes=0, dynamic_img_size=True
+        )
     expected = sum(p.numel() for p in model.parameters())
     assert (table[table.backbone == "dinov2L"].backbone_params == expected).all()
 
@@ -92,7 +99,9 @@ def test_parameters_script_writes_the_csv(tmp_path):
     output = tmp_path / "results" / "tables" / "parameters.csv"
     config = large_config()
     snakemake = types.SimpleNamespace(
-        params=types.SimpleNamespace(backbones=config["backbones"], regimes=config["regimes"], head=config["head"], lora=config["lora"]),
+        params=types.SimpleNamespace(
+            backbones=config["backbones"], regimes=config["regimes"], head=config["head"], lora=config["lora"]
+        ),
         output=[str(output)],
         log=[str(tmp_path / "logs" / "parameters.log")],
     )

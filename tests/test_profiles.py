@@ -43,7 +43,11 @@ def test_site_profile_plus_workflow_profile_routes_gpu_rules(tmp_path: Path) -> 
     env["HOME"] = str(home)
     result = subprocess.run(
         [sys.executable, "-m", "snakemake", "--profile", "slurm", "-n", "-d", str(tmp_path / "work")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     text = result.stdout + result.stderr
     assert result.returncode == 0, text[-4000:]
@@ -61,8 +65,13 @@ def test_site_profile_plus_workflow_profile_routes_gpu_rules(tmp_path: Path) -> 
 
 
 def test_workflow_profile_covers_every_rule_and_names_no_partition() -> None:
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--list-rules"],
-                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--list-rules"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rules = set(proc.stdout.split()) - {"all", "figures", "download_dataset", "fetch_weights"}  # targets and localrules
     profile = yaml.safe_load(WORKFLOW_PROFILE.read_text())

@@ -17,7 +17,13 @@ def _names(script: str) -> set[str]:
 def test_rules_depend_on_what_their_scripts_import() -> None:
     train = _names("train.py")
     # Lazy imports inside functions, the head's alignment helpers, builders named in the families table.
-    assert {"training/forest.py", "alignment/features.py", "feature_cache.py", "backbones/timm_vit.py", "backbones/openclip.py"} <= train
+    assert {
+        "training/forest.py",
+        "alignment/features.py",
+        "feature_cache.py",
+        "backbones/timm_vit.py",
+        "backbones/openclip.py",
+    } <= train
     assert not {name for name in train if name.startswith(("figures/", "analysis/", "evaluation/"))}
     assert {"alignment/adabn.py", "grid.py", "evaluation/metrics.py"} <= _names("evaluate.py")
     assert "evaluation/metrics.py" in _names("aggregate.py")

@@ -72,8 +72,15 @@ def test_resize_is_bicubic_for_images_and_nearest_for_masks():
     image = torch.arange(64, dtype=torch.uint8).reshape(1, 8, 8).numpy() * 4
     mask = (image > 100).astype("uint8")
     resized = resize_images(image, (5, 5), "bicubic")
-    expected = torch.nn.functional.interpolate(torch.from_numpy(image).float()[None], size=(5, 5), mode="bicubic",
-                                               align_corners=False).round().clamp(0, 255).to(torch.uint8)[0].numpy()
+    expected = (
+        torch.nn.functional.interpolate(
+            torch.from_numpy(image).float()[None], size=(5, 5), mode="bicubic", align_corners=False
+        )
+        .round()
+        .clamp(0, 255)
+        .to(torch.uint8)[0]
+        .numpy()
+    )
     assert (resized == expected).all()
     assert set(resize_images(mask, (5, 5), "nearest").ravel()) <= {0, 1}, "masks keep their labels"
 
@@ -95,15 +102,25 @@ def test_regimes_and_lora(published):
 
     # every block's attention qkv and output proj, MLPs untouched
     for targets in (FAMILIES[name].lora_targets for name in ("dinov2", "dinov3", "openclip")):
-        assert re.fullmatch(targets, "blocks.3.attn.qkv" if "resblocks" not in targets else "transformer.resblocks.3.attn.qkv")
-        assert not re.fullmatch(targets, "blocks.3.mlp.fc1") and not re.fullmatch(targets, "transformer.resblocks.3.mlp.c_fc")
+        assert re.fullmatch(
+            targets, "blocks.3.attn.qkv" if "resblocks" not in targets else "transformer.resblocks.3.attn.qkv"
+        )
+        assert not re.fullmatch(targets, "blocks.3.mlp.fc1") and not re.fullmatch(
+            targets, "transformer.resblocks.3.mlp.c_fc"
+        )
     assert FAMILY_REGIMES["dinov2"][:3] == ("head", "lora", "fullft")  # full fine-tuning as the third regime
 
 
 def test_training(published):
     assert published["training"] == {
-        "lr": 5.0e-5, "weight_decay": 1.0e-4, "batch_size": 2, "max_epochs": 1000, "patience": 20, "grad_clip": 1.0,
-        "val_fraction": 0.1, "balanced_sampling": False,
+        "lr": 5.0e-5,
+        "weight_decay": 1.0e-4,
+        "batch_size": 2,
+        "max_epochs": 1000,
+        "patience": 20,
+        "grad_clip": 1.0,
+        "val_fraction": 0.1,
+        "balanced_sampling": False,
         **{k: v for k, v in published["training"].items() if k in ("val_loss", "val_split", "val_gap")},
     }
     assert published["training"].get("val_loss", "pooled") == "pooled"

@@ -16,7 +16,10 @@ from tests.workflow import REPO, scheduled_jobs, snakemake, write_config
 
 LOCAL_COPIES = {
     "lucchi": ("lucchi_pp_subset.zip", "3bd95bb2f1195af7c2bd0e264689579f2c5ec286b41b72b1b69256156a61ddcd"),
-    "vnc": ("groundtruth-drosophila-vnc-master.zip", "6763f2a91af1fc21f334dbe0ed88fe50bed5aec546426f2f8a3762667a9ad309"),
+    "vnc": (
+        "groundtruth-drosophila-vnc-master.zip",
+        "6763f2a91af1fc21f334dbe0ed88fe50bed5aec546426f2f8a3762667a9ad309",
+    ),
 }
 
 

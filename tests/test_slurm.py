@@ -66,15 +66,15 @@ class SlurmCluster:
         env = dict(os.environ, SLURM_CONF=str(self.conf))
         # state_dir/bin: sbatch/srun/... wrappers pinned to this cluster's slurm.conf (the
         # slurm-jobstep plugin drops SLURM_CONF before its nested srun); then the venv.
-        env["PATH"] = os.pathsep.join([str(self.state_dir / "bin"), str(Path(sys.executable).parent),
-                                       env.get("PATH", ""), "/usr/sbin"])
+        env["PATH"] = os.pathsep.join(
+            [str(self.state_dir / "bin"), str(Path(sys.executable).parent), env.get("PATH", ""), "/usr/sbin"]
+        )
         for var in [v for v in env if v.startswith("SLURM_") and v != "SLURM_CONF"]:
             del env[var]  # do not leak an outer allocation into the test cluster
         return env
 
     def run(self, *cmd: str, timeout: float = 30) -> str:
-        return subprocess.run(cmd, env=self.env, capture_output=True, text=True, check=True,
-                              timeout=timeout).stdout
+        return subprocess.run(cmd, env=self.env, capture_output=True, text=True, check=True, timeout=timeout).stdout
 
     def jobs(self) -> dict[str, dict[str, str]]:
         """Every job the cluster still knows (MinJobAge=3600), as ``scontrol -d show job`` fields."""
@@ -118,8 +118,13 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory):
         # As many fake GPUs as CPUs: on one node, GPU jobs should queue for CPUs like the
         # rest, not behind a single fake device.
         env = dict(os.environ, SLURM_TEST_GPUS=str(os.cpu_count() or 1))
-        proc = subprocess.run(["bash", str(SLURM_SCRIPTS / "start_cluster.sh"), str(state_dir)],
-                              capture_output=True, text=True, timeout=CLUSTER_START_TIMEOUT_S, env=env)
+        proc = subprocess.run(
+            ["bash", str(SLURM_SCRIPTS / "start_cluster.sh"), str(state_dir)],
+            capture_output=True,
+            text=True,
+            timeout=CLUSTER_START_TIMEOUT_S,
+            env=env,
+        )
         rc, out = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as exc:
         rc, out = -1, f"start_cluster.sh timed out after {exc.timeout}s\n{exc.stdout or ''}{exc.stderr or ''}"
@@ -135,8 +140,12 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory):
         print(f"SLURM test cluster up in {elapsed:.1f}s ({conf})")
         yield SlurmCluster(state_dir=state_dir, conf=conf, start_seconds=elapsed)
     finally:
-        stop = subprocess.run(["bash", str(SLURM_SCRIPTS / "stop_cluster.sh"), str(state_dir)],
-                              capture_output=True, text=True, timeout=120)
+        stop = subprocess.run(
+            ["bash", str(SLURM_SCRIPTS / "stop_cluster.sh"), str(state_dir)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         print(stop.stdout + stop.stderr)
         left = [p.name for p in (state_dir / "run").glob("*.pid")] if (state_dir / "run").is_dir() else []
         assert stop.returncode == 0 and not left, f"daemons left running: {left}\n{stop.stderr}"
@@ -152,17 +161,24 @@ def cluster_overrides() -> list[str]:
     """
     return [
         # no accounting database: job status from squeue, and no account to guess
-        "--slurm-status-command", "squeue",
+        "--slurm-status-command",
+        "squeue",
         "--slurm-no-account",
         # the site's partitions, for the plugin's partition selection (GPU rules clear theirs)
-        "--slurm-partition-config", str(PARTITIONS),
+        "--slurm-partition-config",
+        str(PARTITIONS),
         # poll every few seconds instead of 40 s (MinJobAge=3600 keeps squeue reliable)
-        "--slurm-init-seconds-before-status-checks", "2",
-        "--seconds-between-status-checks", "2",
+        "--slurm-init-seconds-before-status-checks",
+        "2",
+        "--seconds-between-status-checks",
+        "2",
         "--slurm-keep-successful-logs",
-        "--latency-wait", "5",
-        "--cores", str(os.cpu_count() or 1),
-        "--resources", f"mem_mb={TEST_MEM_CAP_MB}",
+        "--latency-wait",
+        "5",
+        "--cores",
+        str(os.cpu_count() or 1),
+        "--resources",
+        f"mem_mb={TEST_MEM_CAP_MB}",
         # log every sbatch call (debug level)
         "--verbose",
     ]
@@ -176,17 +192,30 @@ class SnakemakeRun:
     sbatch_calls: list[str]
 
 
-def run_snakemake_on_slurm(cluster: SlurmCluster, snakefile: Path, workdir: Path,
-                           extra_args: list[str] | tuple[str, ...] = ()) -> SnakemakeRun:
+def run_snakemake_on_slurm(
+    cluster: SlurmCluster, snakefile: Path, workdir: Path, extra_args: list[str] | tuple[str, ...] = ()
+) -> SnakemakeRun:
     """``snakemake -s SNAKEFILE -d WORKDIR --profile profiles/slurm`` + test overrides + EXTRA_ARGS."""
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), "--directory", str(workdir),
-           "--profile", str(SLURM_PROFILE), *cluster_overrides(), *extra_args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(snakefile),
+        "--directory",
+        str(workdir),
+        "--profile",
+        str(SLURM_PROFILE),
+        *cluster_overrides(),
+        *extra_args,
+    ]
     log_path = workdir.parent / f"{workdir.name}.snakemake.log"
     print("$ SLURM_CONF=" + str(cluster.conf) + " " + shlex.join(cmd))
     start = time.monotonic()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=cluster.env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, env=cluster.env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             returncode = proc.wait(timeout=SNAKEMAKE_TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -317,9 +346,24 @@ def toy_workflow(directory: Path) -> Path:
 def test_profile_dry_run_parses(tmp_path: Path) -> None:
     """``snakemake --profile profiles/slurm -n`` accepts the profiles (no cluster needed)."""
     toy_workflow(tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(tmp_path / "Snakefile"),
-                           "-d", str(tmp_path), "--profile", str(SLURM_PROFILE), "-n"],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-s",
+            str(tmp_path / "Snakefile"),
+            "-d",
+            str(tmp_path),
+            "--profile",
+            str(SLURM_PROFILE),
+            "-n",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout + proc.stderr
     assert "slurm_partition=cpu" in out and "slurm_partition=," in out and "gpu=1" in out, out
@@ -362,7 +406,10 @@ def test_toy_workflow_on_slurm(slurm_cluster: SlurmCluster, tmp_path: Path) -> N
     # (group jobs are commented rule_<group>_<rules>)
     jobs = jobs_of_run(slurm_cluster, workdir)
     assert sorted(rule_of(j) for j in jobs.values()) == [
-        "cache_features", "evaluation_evaluate", "summaries_aggregate"], jobs
+        "cache_features",
+        "evaluation_evaluate",
+        "summaries_aggregate",
+    ], jobs
     assert_gpu_placement(jobs, run)
     print(f"cluster start-up {slurm_cluster.start_seconds:.1f}s, toy run {run.seconds:.1f}s")
 

@@ -75,8 +75,13 @@ def test_training_leaves_out_the_dropped_slices(tmp_path):
     names = read_split(paths["prepared"], "train").names
     split = validation_split(names, 0.25, 0, mode="contiguous", gap=1)
     write_json(tmp_path / "split.json", split)
-    train, val, record = load_training_data("head", ["stack"], {"stack": paths["tiles"]}, {"stack": paths["features"]},
-                                            {"stack": str(tmp_path / "split.json")})
+    train, val, record = load_training_data(
+        "head",
+        ["stack"],
+        {"stack": paths["tiles"]},
+        {"stack": paths["features"]},
+        {"stack": str(tmp_path / "split.json")},
+    )
     assert record["stack"]["dropped_slices"] == split["dropped"] and split["dropped"]
     assert len(train) == len(split["train"]) and len(val) == len(split["val"])  # one 112-pixel tile per slice
 
@@ -86,8 +91,13 @@ def test_real_vnc_contiguous_split(shared_data, tmp_path):
     from em_foundation.data.prepared import read_split
 
     archive = shared_data("groundtruth-drosophila-vnc-master.zip")
-    spec = {"converter": "vnc", "url": None, "sha256": None, "foreground_fraction": [0.0, 1.0],
-            "options": {"split": "contiguous", "n_test": 3, "gap": 1}}
+    spec = {
+        "converter": "vnc",
+        "url": None,
+        "sha256": None,
+        "foreground_fraction": [0.0, 1.0],
+        "options": {"split": "contiguous", "n_test": 3, "gap": 1},
+    }
     prepare_dataset("vnc", spec, archive, tmp_path / "vnc.h5", tmp_path / "vnc.json")
     assert read_split(tmp_path / "vnc.h5", "test").names == ["17", "18", "19"]
     assert read_split(tmp_path / "vnc.h5", "train").names == SECTIONS[:16]

@@ -138,7 +138,10 @@ def test_unknown_domain_is_named() -> None:
 
 
 def test_converter_splits_names_sources_and_attrs(tmp_path: Path) -> None:
-    spec = {"converter": "synthetic", "options": {"domain": "sstem", "n_train": 3, "n_test": 2, "height": 64, "width": 96, "seed": 4}}
+    spec = {
+        "converter": "synthetic",
+        "options": {"domain": "sstem", "n_train": 3, "n_test": 2, "height": 64, "width": 96, "seed": 4},
+    }
     assert get_converter("synthetic") is convert_synthetic
     splits, attrs = convert_synthetic(None, spec)
     assert set(splits) == {"train", "test"}

@@ -13,8 +13,16 @@ def write_metrics(tmp_path, train_set, datasets, seed, test_set, tp, fp, fn, tn)
     from em_foundation.evaluation.metrics import Counts, scores
 
     path = tmp_path / f"{train_set}_{seed}_{test_set}.json"
-    record = {"backbone": "b", "regime": "head", "train_set": train_set, "seed": seed, "test_set": test_set,
-              "train_datasets": datasets, **scores(Counts(tp, fp, fn, tn)), "n_images": 2}
+    record = {
+        "backbone": "b",
+        "regime": "head",
+        "train_set": train_set,
+        "seed": seed,
+        "test_set": test_set,
+        "train_datasets": datasets,
+        **scores(Counts(tp, fp, fn, tn)),
+        "n_images": 2,
+    }
     path.write_text(json.dumps(record))
     return path
 
@@ -40,25 +48,52 @@ def test_union_rows_pool_pixels_and_summary_uses_sample_std(tmp_path):
 
 
 def test_summary_markdown_leaves_a_cell_empty_where_a_model_was_not_scored(tmp_path):
-    files = [write_metrics(tmp_path, "paired", ["a", "c"], 0, "a", 50, 10, 10, 930),
-             write_metrics(tmp_path, "a", ["a"], 0, "c", 1, 1, 1, 997)]  # model "a" is never scored on "a"
+    files = [
+        write_metrics(tmp_path, "paired", ["a", "c"], 0, "a", 50, 10, 10, 930),
+        write_metrics(tmp_path, "a", ["a"], 0, "c", 1, 1, 1, 997),
+    ]  # model "a" is never scored on "a"
     markdown = summary_markdown(summarise(collect_runs(files)))
     print(markdown)
     assert "nan" not in markdown.lower()
-    row = next(line for line in markdown.splitlines() if line.startswith("| b ") and "| a " in line[:40] and "none" in line)
+    row = next(
+        line for line in markdown.splitlines() if line.startswith("| b ") and "| a " in line[:40] and "none" in line
+    )
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert cells[4] == "" and cells[5].startswith("0.333 ± n/a (1)"), cells
 
 
 def _per_image_rows(train_set, seed, test_set, counts):
-    return [{"backbone": "b", "regime": "head", "train_set": train_set, "alignment": "none", "seed": seed, "test_set": test_set,
-             "image": str(k), "tp": tp, "fp": fp, "fn": fn, "tn": 1000 - tp - fp - fn} for k, (tp, fp, fn) in enumerate(counts)]
+    return [
+        {
+            "backbone": "b",
+            "regime": "head",
+            "train_set": train_set,
+            "alignment": "none",
+            "seed": seed,
+            "test_set": test_set,
+            "image": str(k),
+            "tp": tp,
+            "fp": fp,
+            "fn": fn,
+            "tn": 1000 - tp - fp - fn,
+        }
+        for k, (tp, fp, fn) in enumerate(counts)
+    ]
 
 
 def _write_run(tmp_path, train_set, datasets, seed, test_set, counts):
     total = np.sum(counts, axis=0)
-    path = write_metrics(tmp_path, train_set, datasets, seed, test_set, int(total[0]), int(total[1]), int(total[2]),
-                         1000 * len(counts) - int(total.sum()))
+    path = write_metrics(
+        tmp_path,
+        train_set,
+        datasets,
+        seed,
+        test_set,
+        int(total[0]),
+        int(total[1]),
+        int(total[2]),
+        1000 * len(counts) - int(total.sum()),
+    )
     path.write_text(json.dumps({**json.loads(path.read_text()), "n_images": len(counts)}))
     return path, _per_image_rows(train_set, seed, test_set, counts)
 
@@ -77,7 +112,9 @@ def test_image_bootstrap_interval_per_run_and_per_cell(tmp_path):
     assert {"fg_iou_ci_low", "fg_iou_ci_high", "n_images"} <= set(runs.columns)
     assert (runs["fg_iou_ci_low"] < runs["fg_iou"]).all() and (runs["fg_iou"] < runs["fg_iou_ci_high"]).all()
     width = (runs["fg_iou_ci_high"] - runs["fg_iou_ci_low"]).set_axis(runs["test_set"])
-    assert set(runs["test_set"]) == {"a", "c", "a+c"} and runs.loc[runs.test_set == "a+c", "fg_iou_ci_low"].notna().all()
+    assert (
+        set(runs["test_set"]) == {"a", "c", "a+c"} and runs.loc[runs.test_set == "a+c", "fg_iou_ci_low"].notna().all()
+    )
     # Deterministic with the seed, different with another seed.
     again = collect_runs(files, per_image, n_boot=500, boot_seed=0)
     assert again["fg_iou_ci_low"].tolist() == runs["fg_iou_ci_low"].tolist()
@@ -86,17 +123,23 @@ def test_image_bootstrap_interval_per_run_and_per_cell(tmp_path):
     summary = summarise(runs, per_image, n_boot=500, boot_seed=0)
     cell = summary[summary.test_set == "a"].iloc[0]
     assert cell["fg_iou_ci_low"] < cell["fg_iou_mean"] < cell["fg_iou_ci_high"] and cell["n_images"] == 12
-    assert width.loc["a"].max() < 1 and "[" in summary_markdown(summary) and "bootstrap interval over test images" in summary_markdown(summary)
+    assert (
+        width.loc["a"].max() < 1
+        and "[" in summary_markdown(summary)
+        and "bootstrap interval over test images" in summary_markdown(summary)
+    )
 
 
 def test_image_interval_shrinks_with_more_images_and_keeps_strata():
     from em_foundation.tables import pooled_iou_interval
 
     rng = np.random.default_rng(0)
+
     def interval(n):
         counts = np.stack([rng.integers(10, 200, n), rng.integers(0, 60, n), rng.integers(0, 60, n)], axis=1)[None]
         low, high = pooled_iou_interval(counts, np.array(["a"] * n), 400, 0)
         return high - low
+
     assert interval(200) < interval(5)
     # Two strata: one perfect image in "a", one empty-of-foreground-hits image in "c"; resampling
     # within strata always keeps one of each, so the pooled IoU cannot move.
@@ -116,7 +159,11 @@ def test_transductive_column_marks_test_image_statistics(tmp_path):
         files.append(target)
     runs = collect_runs(files)
     assert runs.set_index("alignment")["transductive"].to_dict() == {
-        "featstd": False, "featstd-trans": True, "none": False, "percentile-adabn-trans": True}
+        "featstd": False,
+        "featstd-trans": True,
+        "none": False,
+        "percentile-adabn-trans": True,
+    }
     summary = summarise(runs)
     assert summary.set_index("alignment")["transductive"].to_dict()["featstd-trans"] == True  # noqa: E712
 
@@ -152,7 +199,8 @@ def test_kfold_config_expands_datasets_and_training_sets():
     import yaml
 
     from em_foundation.config import validate_config
-    from em_foundation.grid import fold_names, runs as grid_runs, test_sets
+    from em_foundation.grid import fold_names, test_sets
+    from em_foundation.grid import runs as grid_runs
     from tests.workflow import REPO
 
     config = yaml.safe_load((REPO / "config.yaml").read_text())
@@ -161,5 +209,8 @@ def test_kfold_config_expands_datasets_and_training_sets():
     assert test_sets(config) == ["lucchi", "vncfold0", "vncfold1", "vncfold2", "vncfold3"]
     assert config["training_sets"]["pairedfold2"] == ["lucchi", "vncfold2"] and "vnc" not in config["training_sets"]
     assert fold_names(config)["pairedfold2"] == ["paired", 2] and fold_names(config)["vncfold3"] == ["vnc", 3]
-    assert {run.train_set for run in grid_runs(config)} == {"lucchi", *(f"{t}fold{k}" for t in ("vnc", "paired") for k in range(4))}
+    assert {run.train_set for run in grid_runs(config)} == {
+        "lucchi",
+        *(f"{t}fold{k}" for t in ("vnc", "paired") for k in range(4)),
+    }
     assert validate_config(config)["datasets"] == config["datasets"], "expanding twice changes nothing"

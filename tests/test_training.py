@@ -33,17 +33,36 @@ def data(tmp_path_factory):
 def run_head(data, out: Path, seed: int, datasets=("fibsem",), **kwargs):
     out.mkdir(parents=True, exist_ok=True)
     return train_run(
-        regime="head", backbone_name="filterbank", train_set="+".join(datasets), datasets=list(datasets), seed=seed,
-        backbone={}, head=HEAD, lora={}, training=kwargs.pop("training", TRAINING),
-        tiles={d: data[d]["tiles"] for d in datasets}, features={d: data[d]["features"] for d in datasets},
-        splits={d: str(data["root"] / f"{d}.split{seed}.json") for d in datasets}, device=torch.device("cpu"),
-        out_model=out / "model.pt", out_log=out / "train_log.csv", out_run=out / "run.json", **kwargs,
+        regime="head",
+        backbone_name="filterbank",
+        train_set="+".join(datasets),
+        datasets=list(datasets),
+        seed=seed,
+        backbone={},
+        head=HEAD,
+        lora={},
+        training=kwargs.pop("training", TRAINING),
+        tiles={d: data[d]["tiles"] for d in datasets},
+        features={d: data[d]["features"] for d in datasets},
+        splits={d: str(data["root"] / f"{d}.split{seed}.json") for d in datasets},
+        device=torch.device("cpu"),
+        out_model=out / "model.pt",
+        out_log=out / "train_log.csv",
+        out_run=out / "run.json",
+        **kwargs,
     )
 
 
 def score(data, model_path: Path, test_set="fibsem"):
     model = load_segmenter(model_path, {})
-    per_image, _ = evaluate_model(model, "head", data[test_set]["prepared"], data[test_set]["tiles"], data[test_set]["features"], torch.device("cpu"))
+    per_image, _ = evaluate_model(
+        model,
+        "head",
+        data[test_set]["prepared"],
+        data[test_set]["tiles"],
+        data[test_set]["features"],
+        torch.device("cpu"),
+    )
     return pooled_scores(per_image)
 
 
@@ -77,7 +96,9 @@ def test_five_seeds_record_five_seeds_and_differ(data, tmp_path):
     assert [r["seed"] for r in records] == list(range(5))
     assert [json.loads((tmp_path / f"s{s}/run.json").read_text())["seed"] for s in range(5)] == list(range(5))
     assert len(set(ious)) > 1, f"five seeds gave identical IoUs {ious}"
-    assert len({tuple(r["data"]["fibsem"]["val_slices"]) for r in records}) > 1, "validation splits do not depend on the seed"
+    assert len({tuple(r["data"]["fibsem"]["val_slices"]) for r in records}) > 1, (
+        "validation splits do not depend on the seed"
+    )
 
 
 def test_killed_training_resumes_to_the_uninterrupted_result(data, tmp_path):
@@ -115,7 +136,9 @@ def test_balanced_sampling_draws_equally_from_each_source():
 
 
 def test_paired_training_records_draws_per_source(data, tmp_path):
-    record = run_head(data, tmp_path, seed=0, datasets=("fibsem", "sstem"), training={**TRAINING, "balanced_sampling": True})
+    record = run_head(
+        data, tmp_path, seed=0, datasets=("fibsem", "sstem"), training={**TRAINING, "balanced_sampling": True}
+    )
     drawn = record["tiles_drawn_per_source"]
     assert drawn["fibsem"] == drawn["sstem"] > 0
 
@@ -142,7 +165,9 @@ def test_per_source_validation_loss_weighs_each_source_equally():
     assert balanced == pytest.approx((per_source["big"] + per_source["small"]) / 2)
     assert balanced < pooled - 0.05, "the small, well-predicted source counts as much as the big one"
     single = TrainingData(logits[:10], labels[:10], sources[:10], to_tensor=torch.from_numpy)
-    assert validation_losses(Echo(), single, 4, torch.device("cpu"), "per_source")[0] == pytest.approx(per_source["big"])
+    assert validation_losses(Echo(), single, 4, torch.device("cpu"), "per_source")[0] == pytest.approx(
+        per_source["big"]
+    )
     with pytest.raises(ValueError, match="training.val_loss"):
         validation_losses(Echo(), data, 4, torch.device("cpu"), "mean")
 
@@ -151,7 +176,9 @@ def test_paired_training_with_per_source_validation_loss(data, tmp_path):
     import pandas as pd
 
     run_head(data, tmp_path / "pooled", seed=0, datasets=("fibsem", "sstem"))
-    run_head(data, tmp_path / "per", seed=0, datasets=("fibsem", "sstem"), training={**TRAINING, "val_loss": "per_source"})
+    run_head(
+        data, tmp_path / "per", seed=0, datasets=("fibsem", "sstem"), training={**TRAINING, "val_loss": "per_source"}
+    )
     pooled, per = (pd.read_csv(tmp_path / f"{name}/train_log.csv") for name in ("pooled", "per"))
     assert {"val_loss_fibsem", "val_loss_sstem"} <= set(per.columns)
     assert np.allclose(per["val_loss"], (per["val_loss_fibsem"] + per["val_loss_sstem"]) / 2)
@@ -170,15 +197,34 @@ def test_lora_trains_only_adapters_and_head_and_adapters_sit_on_attention():
 def test_forest_regime_trains_on_cached_tokens_and_scores(data, tmp_path, monkeypatch):
     monkeypatch.setattr(Backbone, "__call__", lambda *a, **k: (_ for _ in ()).throw(AssertionError("backbone ran")))
     record = train_run(
-        regime="forest", backbone_name="filterbank", train_set="fibsem", datasets=["fibsem"], seed=0, backbone={},
-        head={}, lora={}, training={}, forest={"n_estimators": 20, "max_depth": None, "min_samples_leaf": 1, "tokens_per_tile": 32},
-        tiles={"fibsem": data["fibsem"]["tiles"]}, features={"fibsem": data["fibsem"]["features"]},
-        splits={"fibsem": str(data["root"] / "fibsem.split0.json")}, device=torch.device("cpu"),
-        out_model=tmp_path / "model.pt", out_log=tmp_path / "log.csv", out_run=tmp_path / "run.json",
+        regime="forest",
+        backbone_name="filterbank",
+        train_set="fibsem",
+        datasets=["fibsem"],
+        seed=0,
+        backbone={},
+        head={},
+        lora={},
+        training={},
+        forest={"n_estimators": 20, "max_depth": None, "min_samples_leaf": 1, "tokens_per_tile": 32},
+        tiles={"fibsem": data["fibsem"]["tiles"]},
+        features={"fibsem": data["fibsem"]["features"]},
+        splits={"fibsem": str(data["root"] / "fibsem.split0.json")},
+        device=torch.device("cpu"),
+        out_model=tmp_path / "model.pt",
+        out_log=tmp_path / "log.csv",
+        out_run=tmp_path / "run.json",
     )
     assert record["tokens_sampled"] > 0 and record["trainable_parameters"] == 0
     model = load_segmenter(tmp_path / "model.pt", {})
-    per_image, predictions = evaluate_model(model, "forest", data["fibsem"]["prepared"], data["fibsem"]["tiles"], data["fibsem"]["features"], torch.device("cpu"))
+    per_image, predictions = evaluate_model(
+        model,
+        "forest",
+        data["fibsem"]["prepared"],
+        data["fibsem"]["tiles"],
+        data["fibsem"]["features"],
+        torch.device("cpu"),
+    )
     scores = pooled_scores(per_image)
     assert predictions[0].shape == (128, 128)
     assert scores["fg_iou"] > 0.2, scores
@@ -217,7 +263,9 @@ def test_logged_losses_are_the_means_of_the_batch_losses(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = CachedFeatureSegmenter(in_channels=6, width=8, patch_size=4)
     settings = dict(TRAINING, batch_size=2, max_epochs=2, patience=5)
-    result = trainer.fit(model, train, val, settings, torch.Generator().manual_seed(0), torch.device("cpu"), tmp_path / "ckpt.pt", "fp")
+    result = trainer.fit(
+        model, train, val, settings, torch.Generator().manual_seed(0), torch.device("cpu"), tmp_path / "ckpt.pt", "fp"
+    )
     steps = [(loss, n) for grad, loss, n in seen if grad]
     checks = [(loss, n) for grad, loss, n in seen if not grad]
     assert len(steps) == 6 and len(checks) == 4  # 3 batches of 5 tiles, 2 of 3 tiles, per epoch
@@ -234,7 +282,10 @@ def test_filter_bank_tokens_reach_the_head_standardised_with_training_statistics
     saved = torch.load(tmp_path / "model.pt", map_location="cpu", weights_only=False)
     stats = saved["input_standardisation"]
     train, _, _ = load_training_data(
-        "head", ["fibsem"], {"fibsem": data["fibsem"]["tiles"]}, {"fibsem": data["fibsem"]["features"]},
+        "head",
+        ["fibsem"],
+        {"fibsem": data["fibsem"]["tiles"]},
+        {"fibsem": data["fibsem"]["features"]},
         {"fibsem": str(data["root"] / "fibsem.split0.json")},
     )
     mean, scale = np.array(stats["mean"])[None, :, None, None], np.array(stats["scale"])[None, :, None, None]
@@ -258,7 +309,15 @@ def test_vit_tokens_reach_the_head_as_published():
         torch.testing.assert_close(model.eval()(tokens, (28, 28)), model.head(tokens, (28, 28)))
     assert model.standardiser is None
     with pytest.raises(ValueError, match="a mean and a scale for each of the 6 channels"):
-        build_segmenter("head", {}, HEAD, {}, in_channels=6, patch_size=14, input_standardisation={"mean": [0.0] * 5, "scale": [1.0] * 5})
+        build_segmenter(
+            "head",
+            {},
+            HEAD,
+            {},
+            in_channels=6,
+            patch_size=14,
+            input_standardisation={"mean": [0.0] * 5, "scale": [1.0] * 5},
+        )
 
 
 def test_huge_learning_rate_stops_at_the_first_non_finite_loss_and_writes_no_model(data, tmp_path):

@@ -13,7 +13,16 @@ import pytest
 
 from tests.workflow import REPO, demo_config, scheduled_jobs, snakemake, write_config
 
-STAGES = {"prepare_dataset", "split_validation", "tile_dataset", "cache_features", "train_head", "train_lora", "evaluate", "aggregate"}
+STAGES = {
+    "prepare_dataset",
+    "split_validation",
+    "tile_dataset",
+    "cache_features",
+    "train_head",
+    "train_lora",
+    "evaluate",
+    "aggregate",
+}
 UPSTREAM = {"prepare_dataset", "split_validation", "tile_dataset", "cache_features"}
 
 
@@ -126,7 +135,10 @@ def test_plot_style_change_reruns_only_figures(demo_run, tmp_path):
 
 def test_adding_a_backbone_adds_only_its_jobs(demo_run, tmp_path):
     config = demo_config()
-    config["backbones"]["tinyvit2"] = {**config["backbones"]["tinyvit"], "model_kwargs": {"depth": 2, "embed_dim": 96, "num_heads": 2, "img_size": 112}}
+    config["backbones"]["tinyvit2"] = {
+        **config["backbones"]["tinyvit"],
+        "model_kwargs": {"depth": 2, "embed_dim": 96, "num_heads": 2, "img_size": 112},
+    }
     jobs = scheduled_jobs(snakemake(demo_run, "-n", "-p", configfile=write_config(tmp_path / "c.yaml", config)))
     assert jobs["cache_features"] == 2 and jobs["train_head"] == 6 and jobs["train_lora"] == 6
     assert not {"prepare_dataset", "tile_dataset", "split_validation"} & set(jobs), dict(jobs)
@@ -135,10 +147,23 @@ def test_adding_a_backbone_adds_only_its_jobs(demo_run, tmp_path):
 def _jobs_after_editing(demo_run, tmp_path, module):
     """Dry-run the finished demo from a copy of the repository in which ``module`` was edited."""
     copy = tmp_path / "repo"
-    shutil.copytree(REPO, copy, ignore=shutil.ignore_patterns(".venv", ".git", "results", "resources", ".snakemake", "__pycache__"))
+    shutil.copytree(
+        REPO, copy, ignore=shutil.ignore_patterns(".venv", ".git", "results", "resources", ".snakemake", "__pycache__")
+    )
     with open(copy / module, "a") as handle:
         handle.write("\n# an edit\n")
-    command = [sys.executable, "-m", "snakemake", "-s", str(copy / "Snakefile"), "-d", str(demo_run), "--profile", str(REPO / "profiles/demo"), "-n"]
+    command = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(copy / "Snakefile"),
+        "-d",
+        str(demo_run),
+        "--profile",
+        str(REPO / "profiles/demo"),
+        "-n",
+    ]
     return scheduled_jobs(subprocess.run(command, capture_output=True, text=True))
 
 
@@ -146,11 +171,23 @@ def _jobs_after_editing(demo_run, tmp_path, module):
     ("module", "rerun", "untouched"),
     [
         # aggregate imports metrics directly, evaluate through its own module: both rerun.
-        ("em_foundation/evaluation/metrics.py", {"evaluate", "aggregate", "report_tables", "figure_iou_bars"}, UPSTREAM | {"train_head"}),
+        (
+            "em_foundation/evaluation/metrics.py",
+            {"evaluate", "aggregate", "report_tables", "figure_iou_bars"},
+            UPSTREAM | {"train_head"},
+        ),
         # train imports alignment/features.py through training.run (the head's standardiser).
-        ("em_foundation/alignment/features.py", {"train_head", "train_lora", "evaluate", "tile_dataset"}, {"prepare_dataset"}),
+        (
+            "em_foundation/alignment/features.py",
+            {"train_head", "train_lora", "evaluate", "tile_dataset"},
+            {"prepare_dataset"},
+        ),
         # only the domain analysis imports the probe: its tables, report page and figures rerun.
-        ("em_foundation/analysis/probe.py", {"domain_analysis", "report_tables", "figure_probe"}, UPSTREAM | {"train_head", "evaluate", "aggregate"}),
+        (
+            "em_foundation/analysis/probe.py",
+            {"domain_analysis", "report_tables", "figure_probe"},
+            UPSTREAM | {"train_head", "evaluate", "aggregate"},
+        ),
         # a new module nothing imports reruns nothing.
         ("em_foundation/unused_helper.py", set(), {"all"}),
     ],

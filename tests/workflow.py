@@ -23,7 +23,9 @@ def write_config(path: Path, config: dict) -> Path:
     return path
 
 
-def snakemake(workdir: Path, *args: str, configfile: Path | None = None, check: bool = True, timeout: int = 1800) -> subprocess.CompletedProcess:
+def snakemake(
+    workdir: Path, *args: str, configfile: Path | None = None, check: bool = True, timeout: int = 1800
+) -> subprocess.CompletedProcess:
     """Run snakemake with the demo profile (or a config file that replaces its config)."""
     command = SNAKEMAKE + ["-d", str(workdir), "--profile", str(REPO / "profiles/demo")] + list(args)
     if configfile is not None:  # last: --configfile takes every following word as a file

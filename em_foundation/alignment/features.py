@@ -123,16 +123,25 @@ class DomainStats:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (floats as Python floats; float64 round-trips exactly through json)."""
         return {
-            "dataset": self.dataset, "split": self.split, "n_tokens": int(self.n_tokens), "eps": float(self.eps),
-            "mean": self.mean.tolist(), "std": self.std.tolist(), "extra": self.extra,
+            "dataset": self.dataset,
+            "split": self.split,
+            "n_tokens": int(self.n_tokens),
+            "eps": float(self.eps),
+            "mean": self.mean.tolist(),
+            "std": self.std.tolist(),
+            "extra": self.extra,
         }
 
     @classmethod
     def from_dict(cls, payload: dict[str, Any]) -> "DomainStats":
         return cls(
-            dataset=payload["dataset"], mean=np.asarray(payload["mean"]), std=np.asarray(payload["std"]),
-            n_tokens=int(payload["n_tokens"]), eps=float(payload.get("eps", DEFAULT_EPS)),
-            split=payload.get("split"), extra=dict(payload.get("extra", {})),
+            dataset=payload["dataset"],
+            mean=np.asarray(payload["mean"]),
+            std=np.asarray(payload["std"]),
+            n_tokens=int(payload["n_tokens"]),
+            eps=float(payload.get("eps", DEFAULT_EPS)),
+            split=payload.get("split"),
+            extra=dict(payload.get("extra", {})),
         )
 
 
@@ -163,7 +172,11 @@ def domain_stats(
     for start in range(0, n_tiles, max(1, chunk_tiles)):
         moments.update(np.asarray(tokens[start : start + chunk_tiles]), channel_axis=1)
     return DomainStats(
-        dataset=dataset, mean=moments.mean, std=np.sqrt(moments.variance(ddof=0)), n_tokens=moments.n, eps=eps,
+        dataset=dataset,
+        mean=moments.mean,
+        std=np.sqrt(moments.variance(ddof=0)),
+        n_tokens=moments.n,
+        eps=eps,
         split=split,
     )
 
@@ -204,7 +217,9 @@ class _Rows:
         return np.asarray(self.array[self.index[item]])
 
 
-def _standardise_into(out: np.ndarray, rows: np.ndarray | slice, tokens: Any, stats: DomainStats, chunk_tiles: int) -> None:
+def _standardise_into(
+    out: np.ndarray, rows: np.ndarray | slice, tokens: Any, stats: DomainStats, chunk_tiles: int
+) -> None:
     shape = (1, stats.channels, 1, 1)
     mean, scale = stats.mean.reshape(shape), stats.scale.reshape(shape)
     positions = np.arange(out.shape[0])[rows]
@@ -251,7 +266,9 @@ def standardise_by_source(
         rows = np.flatnonzero(sources == source)
         source_stats = stats[str(source)]
         if source_stats.channels != tokens.shape[1]:
-            raise ValueError(f"statistics of {source!r} have {source_stats.channels} channels, tokens {tokens.shape[1]}")
+            raise ValueError(
+                f"statistics of {source!r} have {source_stats.channels} channels, tokens {tokens.shape[1]}"
+            )
         _standardise_into(out, rows, tokens, source_stats, chunk_tiles)
     return out
 

@@ -89,21 +89,37 @@ def _frechet_table(arrays, groups, seed, n_boot, n_perm, pca_dim, method) -> pd.
             boot = frechet_bootstrap(arrays[a], arrays[b], n_boot=n_boot, **common)
             perm = (
                 frechet_permutation(arrays[a], arrays[b], n_perm=n_perm, **common)
-                if n_perm > 0 else {"null_mean": np.nan, "null_q95": np.nan, "p_value": np.nan}
+                if n_perm > 0
+                else {"null_mean": np.nan, "null_q95": np.nan, "p_value": np.nan}
             )
-            rows.append({
-                "dataset_a": a, "dataset_b": b, "variant": variant,
-                "value": boot["value"], "value_debiased": boot["value_debiased"],
-                "ci_low": boot["ci_low"], "ci_high": boot["ci_high"], "ci_method": boot["interval"],
-                "ci_contains_value": bool(boot["ci_low"] <= boot["value_debiased"] <= boot["ci_high"]),
-                "pct_low": boot["pct_low"], "pct_high": boot["pct_high"],
-                "boot_mean": boot["boot_mean"], "boot_std": boot["boot_std"], "n_boot": n_boot,
-                "null_mean": perm["null_mean"], "null_q95": perm["null_q95"],
-                "p_value": perm["p_value"], "n_perm": n_perm,
-                "n_a": boot["n_x"], "n_b": boot["n_y"],
-                "n_groups_a": boot["n_groups_x"], "n_groups_b": boot["n_groups_y"],
-                "dim": boot["dim"], "feature_dim": arrays[a].shape[1],
-            })
+            rows.append(
+                {
+                    "dataset_a": a,
+                    "dataset_b": b,
+                    "variant": variant,
+                    "value": boot["value"],
+                    "value_debiased": boot["value_debiased"],
+                    "ci_low": boot["ci_low"],
+                    "ci_high": boot["ci_high"],
+                    "ci_method": boot["interval"],
+                    "ci_contains_value": bool(boot["ci_low"] <= boot["value_debiased"] <= boot["ci_high"]),
+                    "pct_low": boot["pct_low"],
+                    "pct_high": boot["pct_high"],
+                    "boot_mean": boot["boot_mean"],
+                    "boot_std": boot["boot_std"],
+                    "n_boot": n_boot,
+                    "null_mean": perm["null_mean"],
+                    "null_q95": perm["null_q95"],
+                    "p_value": perm["p_value"],
+                    "n_perm": n_perm,
+                    "n_a": boot["n_x"],
+                    "n_b": boot["n_y"],
+                    "n_groups_a": boot["n_groups_x"],
+                    "n_groups_b": boot["n_groups_y"],
+                    "dim": boot["dim"],
+                    "feature_dim": arrays[a].shape[1],
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -114,8 +130,7 @@ def _probe_row(names, arrays, groups, pca_dim, n_splits, seed, n_perm) -> dict[s
     if groups is not None and all(k in groups for k in names):
         # Prefix by dataset so that equal image ids in two datasets stay distinct groups.
         g = np.concatenate([np.char.add(f"{k}/", np.asarray(groups[k]).astype(str)) for k in names])
-    res = dataset_probe(x, y, pca_dim=pca_dim, n_splits=n_splits, seed=seed, groups=g,
-                        n_permutations=n_perm)
+    res = dataset_probe(x, y, pca_dim=pca_dim, n_splits=n_splits, seed=seed, groups=g, n_permutations=n_perm)
     pair = len(names) == 2
     return {
         "task": " vs ".join(names) if pair else "all",
@@ -128,15 +143,17 @@ def _probe_row(names, arrays, groups, pca_dim, n_splits, seed, n_perm) -> dict[s
         "roc_auc_mean": res["roc_auc_mean"],
         "roc_auc_std": res["roc_auc_std"],
         "chance_balanced_accuracy": res["chance_balanced_accuracy"],
-        "p_value": res["p_value"], "n_permutations": res["n_permutations"],
-        "n_classes": len(names), "n_total": res["n_total"],
+        "p_value": res["p_value"],
+        "n_permutations": res["n_permutations"],
+        "n_classes": len(names),
+        "n_total": res["n_total"],
         "n_per_class": ";".join(f"{k}={v}" for k, v in res["n_per_class"].items()),
         "n_groups_per_class": (
-            ";".join(f"{k}={v}" for k, v in res["n_groups_per_class"].items())
-            if res["n_groups_per_class"] else None
+            ";".join(f"{k}={v}" for k, v in res["n_groups_per_class"].items()) if res["n_groups_per_class"] else None
         ),
         "n_min": min(res["n_per_class"].values()),
-        "n_splits": res["n_splits"], "pca_components": res["pca_components"],
+        "n_splits": res["n_splits"],
+        "pca_components": res["pca_components"],
     }
 
 
@@ -144,18 +161,25 @@ def _ood_table(arrays, groups, percentile, n_splits, seed) -> pd.DataFrame:
     rows = []
     g = groups or {}
     for ref, qry in itertools.permutations(arrays, 2):
-        res = mahalanobis_ood(arrays[ref], arrays[qry], percentile=percentile,
-                              n_splits=n_splits, seed=seed, reference_groups=g.get(ref))
-        rows.append({
-            "reference": ref, "query": qry,
-            "fraction_flagged": res["fraction_flagged"], "n_flagged": res["n_flagged"],
-            "reference_fraction_flagged": res["reference_fraction_flagged"],
-            "threshold": res["threshold"], "percentile": percentile,
-            "shrinkage": res["shrinkage"],
-            "n_reference": res["n_reference"], "n_query": res["n_query"],
-            "n_groups_reference": _n_groups(groups, ref, res["n_reference"]),
-            "n_groups_query": _n_groups(groups, qry, res["n_query"]),
-        })
+        res = mahalanobis_ood(
+            arrays[ref], arrays[qry], percentile=percentile, n_splits=n_splits, seed=seed, reference_groups=g.get(ref)
+        )
+        rows.append(
+            {
+                "reference": ref,
+                "query": qry,
+                "fraction_flagged": res["fraction_flagged"],
+                "n_flagged": res["n_flagged"],
+                "reference_fraction_flagged": res["reference_fraction_flagged"],
+                "threshold": res["threshold"],
+                "percentile": percentile,
+                "shrinkage": res["shrinkage"],
+                "n_reference": res["n_reference"],
+                "n_query": res["n_query"],
+                "n_groups_reference": _n_groups(groups, ref, res["n_reference"]),
+                "n_groups_query": _n_groups(groups, qry, res["n_query"]),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -164,14 +188,18 @@ def _pca_table(arrays, seed, balance, umap) -> tuple[pd.DataFrame, list[str]]:
     x = np.concatenate(list(arrays.values()))
     y = np.concatenate([np.full(len(v), k, dtype=object) for k, v in arrays.items()]).astype(str)
     coords, evr = pca_2d(x, y, balance=balance)
-    table = pd.DataFrame({
-        "dataset": y,
-        "index": np.concatenate([np.arange(len(v)) for v in arrays.values()]),
-        "pc1": coords[:, 0], "pc2": coords[:, 1],
-        "explained_variance_pc1": evr[0], "explained_variance_pc2": evr[1],
-        "n_dataset": np.concatenate([np.full(len(v), len(v)) for v in arrays.values()]),
-        "balanced_pca": balance,
-    })
+    table = pd.DataFrame(
+        {
+            "dataset": y,
+            "index": np.concatenate([np.arange(len(v)) for v in arrays.values()]),
+            "pc1": coords[:, 0],
+            "pc2": coords[:, 1],
+            "explained_variance_pc1": evr[0],
+            "explained_variance_pc2": evr[1],
+            "n_dataset": np.concatenate([np.full(len(v), len(v)) for v in arrays.values()]),
+            "balanced_pca": balance,
+        }
+    )
     if umap:
         u = umap_2d(x, seed=seed)
         if u is None:
@@ -226,10 +254,12 @@ def analyse_domains(
     """
     arrays = _check(embeddings, groups)
     names = list(arrays)
-    counts = pd.DataFrame([
-        {"dataset": k, "n": len(v), "n_groups": _n_groups(groups, k, len(v)), "dim": v.shape[1]}
-        for k, v in arrays.items()
-    ])
+    counts = pd.DataFrame(
+        [
+            {"dataset": k, "n": len(v), "n_groups": _n_groups(groups, k, len(v)), "dim": v.shape[1]}
+            for k, v in arrays.items()
+        ]
+    )
     probe_rows = [
         _probe_row(list(p), arrays, groups, pca_dim, n_splits, seed, probe_permutations)
         for p in itertools.combinations(names, 2)

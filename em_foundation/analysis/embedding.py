@@ -16,9 +16,7 @@ __all__ = ["pca_2d", "umap_2d"]
 log = logging.getLogger(__name__)
 
 
-def pca_2d(
-    features: np.ndarray, labels: np.ndarray, balance: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
+def pca_2d(features: np.ndarray, labels: np.ndarray, balance: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Project features (n, d) on their first two principal components.
 
     Returns coordinates (n, 2) and the explained-variance ratios (2,) of those components
@@ -55,9 +53,7 @@ def pca_2d(
     return coords, evr
 
 
-def umap_2d(
-    features: np.ndarray, seed: int = 0, n_neighbors: int = 15, min_dist: float = 0.1
-) -> np.ndarray | None:
+def umap_2d(features: np.ndarray, seed: int = 0, n_neighbors: int = 15, min_dist: float = 0.1) -> np.ndarray | None:
     """UMAP coordinates (n, 2), or None with a logged note when umap-learn is not installed.
 
     umap-learn is imported here, not at module import, so that the rest of the analysis
@@ -72,7 +68,9 @@ def umap_2d(
     if len(x) < 3:
         raise ValueError("UMAP needs at least 3 samples")
     reducer = umap.UMAP(
-        n_components=2, n_neighbors=int(min(n_neighbors, len(x) - 1)),
-        min_dist=min_dist, random_state=seed,
+        n_components=2,
+        n_neighbors=int(min(n_neighbors, len(x) - 1)),
+        min_dist=min_dist,
+        random_state=seed,
     )
     return np.asarray(reducer.fit_transform(x))

@@ -112,9 +112,7 @@ def frechet_gaussian(
     sigma1 = np.atleast_2d(np.asarray(sigma1, dtype=np.float64))
     sigma2 = np.atleast_2d(np.asarray(sigma2, dtype=np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size,) * 2:
-        raise ValueError(
-            f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}"
-        )
+        raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
     if method == "sqrtm":
         tr_covmean = _trace_sqrt_product_sqrtm(sigma1, sigma2, eps)
     elif method == "eigh":
@@ -199,9 +197,7 @@ def frechet_distance(
     return frechet_gaussian(mu1, s1, mu2, s2, eps=eps, method=method)
 
 
-def _resample_index(
-    n: int, groups: np.ndarray | None, rng: np.random.Generator
-) -> np.ndarray:
+def _resample_index(n: int, groups: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
     """Row indices of one bootstrap resample: rows, or whole groups (cluster bootstrap)."""
     if groups is None:
         return rng.integers(0, n, size=n)
@@ -250,13 +246,11 @@ def frechet_bootstrap(
     rng = np.random.default_rng(seed)
     reps = np.empty(n_boot, dtype=np.float64)
     for b in range(n_boot):
-        reps[b] = frechet_distance(
-            x[_resample_index(len(x), gx, rng)], y[_resample_index(len(y), gy, rng)], **kw
-        )
+        reps[b] = frechet_distance(x[_resample_index(len(x), gx, rng)], y[_resample_index(len(y), gy, rng)], **kw)
     if interval not in INTERVALS:
         raise ValueError(f"unknown interval {interval!r}; choose one of {INTERVALS}")
     alpha = (100.0 - ci) / 2.0
-    pct_lo, pct_hi = (np.percentile(reps, [alpha, 100.0 - alpha]) if n_boot > 0 else (np.nan, np.nan))
+    pct_lo, pct_hi = np.percentile(reps, [alpha, 100.0 - alpha]) if n_boot > 0 else (np.nan, np.nan)
     boot_mean = float(reps.mean()) if n_boot > 0 else float("nan")
     debiased = max(0.0, 2.0 * value - boot_mean) if n_boot > 0 else float("nan")
     if interval == "basic":
@@ -309,7 +303,7 @@ def frechet_permutation(
     if gx is None or gy is None:
         for p in range(n_perm):
             order = rng.permutation(len(pooled))
-            null[p] = frechet_distance(pooled[order[: len(x)]], pooled[order[len(x):]], **kw)
+            null[p] = frechet_distance(pooled[order[: len(x)]], pooled[order[len(x) :]], **kw)
     else:
         # Tag groups by set so that equal labels in x and y stay distinct clusters.
         tags = np.concatenate([[f"x{g}" for g in gx], [f"y{g}" for g in gy]])

@@ -28,9 +28,7 @@ def mahalanobis_scores(model, x: np.ndarray) -> np.ndarray:
     return np.sqrt(np.clip(model.mahalanobis(np.asarray(x, dtype=np.float64)), 0.0, None))
 
 
-def _oof_reference_scores(
-    reference: np.ndarray, groups: np.ndarray | None, n_splits: int, seed: int
-) -> np.ndarray:
+def _oof_reference_scores(reference: np.ndarray, groups: np.ndarray | None, n_splits: int, seed: int) -> np.ndarray:
     """Each reference sample scored by a model fitted without it (K-fold, grouped if asked).
 
     In-sample distances are optimistic (a point pulls the fitted mean and covariance towards

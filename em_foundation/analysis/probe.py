@@ -130,9 +130,7 @@ def dataset_probe(
         "chance_roc_auc": 0.5,
         "classes": [str(c) for c in classes],
         "n_per_class": {str(c): int(np.sum(y == c)) for c in classes},
-        "n_groups_per_class": (
-            {str(c): int(len(np.unique(g[y == c]))) for c in classes} if g is not None else None
-        ),
+        "n_groups_per_class": ({str(c): int(len(np.unique(g[y == c]))) for c in classes} if g is not None else None),
         "n_total": int(len(y)),
         "n_splits": int(k),
         "pca_components": int(min(comps)),
@@ -158,8 +156,13 @@ def _permutation_p(x, y, g, cv, pca_dim, seed, class_weight, n_permutations, out
     model = make_probe(n_comp, seed=seed, class_weight=class_weight)
     if g is None:
         _, _, p = permutation_test_score(
-            model, x, y, cv=cv, n_permutations=n_permutations,
-            scoring="balanced_accuracy", random_state=seed,
+            model,
+            x,
+            y,
+            cv=cv,
+            n_permutations=n_permutations,
+            scoring="balanced_accuracy",
+            random_state=seed,
         )
         return float(p)
     # Grouped: permute labels across groups (each group carries one label), then re-run CV.

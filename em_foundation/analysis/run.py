@@ -20,10 +20,35 @@ from em_foundation.feature_cache import CheckedTokens
 from em_foundation.io import check_finite, open_h5
 
 CHUNK = 64  # tiles read at once
-FRECHET_SUMMARY = ["view", "dataset_a", "dataset_b", "variant", "value", "value_debiased", "ci_low", "ci_high", "ci_method",
-                   "null_q95", "p_value", "n_a", "n_b", "n_groups_a", "n_groups_b", "dim"]
-PROBE_SUMMARY = ["view", "task", "balanced_accuracy_mean", "balanced_accuracy_std", "roc_auc_mean",
-                 "roc_auc_std", "chance_balanced_accuracy", "n_per_class", "n_groups_per_class"]
+FRECHET_SUMMARY = [
+    "view",
+    "dataset_a",
+    "dataset_b",
+    "variant",
+    "value",
+    "value_debiased",
+    "ci_low",
+    "ci_high",
+    "ci_method",
+    "null_q95",
+    "p_value",
+    "n_a",
+    "n_b",
+    "n_groups_a",
+    "n_groups_b",
+    "dim",
+]
+PROBE_SUMMARY = [
+    "view",
+    "task",
+    "balanced_accuracy_mean",
+    "balanced_accuracy_std",
+    "roc_auc_mean",
+    "roc_auc_std",
+    "chance_balanced_accuracy",
+    "n_per_class",
+    "n_groups_per_class",
+]
 UMAP_COLUMNS = ["backbone", "view", "dataset", "index", "umap1", "umap2"]
 
 
@@ -60,7 +85,9 @@ def token_view(features: str, tiles: str, per_tile: int, max_tokens: int | None,
             n_tiles = len(tokens)
             for start in range(0, n_tiles, CHUNK):
                 state = np.random.SeedSequence([seed, stream, k, start]).generate_state(1)[0]
-                sample, tile = sample_patch_tokens(tokens[start : start + CHUNK], take, seed=int(state), return_index=True)
+                sample, tile = sample_patch_tokens(
+                    tokens[start : start + CHUNK], take, seed=int(state), return_index=True
+                )
                 chunks.append(sample.astype(np.float32))
                 ids.append(np.char.add(f"{split}/", image_index[start + tile].astype(str)))
     return np.concatenate(chunks), np.concatenate(ids), take, h * w
@@ -97,13 +124,19 @@ def analyse_backbone(
         loaded = {d: pooled_view(features[d]) for d in datasets}
         views["pooled"] = ({d: x for d, (x, _) in loaded.items()}, None)
     if "tokens" in opts["views"]:
-        loaded = {d: token_view(features[d], tiles[d], opts["tokens_per_tile"], opts["max_tokens_per_dataset"], opts["seed"], i)
-                  for i, d in enumerate(datasets)}
+        loaded = {
+            d: token_view(
+                features[d], tiles[d], opts["tokens_per_tile"], opts["max_tokens_per_dataset"], opts["seed"], i
+            )
+            for i, d in enumerate(datasets)
+        }
         views["tokens"] = ({d: v[0] for d, v in loaded.items()}, {d: v[1] for d, v in loaded.items()})
         for d, (_, _, take, grid) in loaded.items():
             if take < opts["tokens_per_tile"]:
-                notes.append(f"tokens: sampled {take} per tile from {d}, not {opts['tokens_per_tile']} "
-                             f"(grid of {grid} positions; max_tokens_per_dataset {opts['max_tokens_per_dataset']})")
+                notes.append(
+                    f"tokens: sampled {take} per tile from {d}, not {opts['tokens_per_tile']} "
+                    f"(grid of {grid} positions; max_tokens_per_dataset {opts['max_tokens_per_dataset']})"
+                )
     if after_featstd:
         # The same analysis after per-domain feature standardisation (alignment variant featstd).
         for view, (embeddings, groups) in list(views.items()):
@@ -113,9 +146,17 @@ def analyse_backbone(
         print(f"{view}: " + ", ".join(f"{d} {x.shape}" for d, x in embeddings.items()), flush=True)
         t0 = time.time()
         result = analyse_domains(
-            embeddings, seed=opts["seed"], n_boot=opts["n_boot"], pca_dim=opts["pca_dim"], groups=groups,
-            n_perm=opts["n_perm"], probe_permutations=opts["probe_permutations"], percentile=opts["percentile"],
-            n_splits=opts["n_splits"], balance_pca=opts["balance_pca"], umap=opts["umap"],
+            embeddings,
+            seed=opts["seed"],
+            n_boot=opts["n_boot"],
+            pca_dim=opts["pca_dim"],
+            groups=groups,
+            n_perm=opts["n_perm"],
+            probe_permutations=opts["probe_permutations"],
+            percentile=opts["percentile"],
+            n_splits=opts["n_splits"],
+            balance_pca=opts["balance_pca"],
+            umap=opts["umap"],
         )
         print(f"{view}: analysed in {time.time() - t0:.1f} s", flush=True)
         notes += [f"{view}: {note}" for note in result.pop("notes")]

@@ -52,6 +52,7 @@ def _eigen_2x2(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> tuple[np.ndarray,
 
 def _scale_features(image: np.ndarray, sigma: float) -> list[np.ndarray]:
     """The seven filters of one scale, sharing the derivative filtering between them."""
+
     def gauss(data: np.ndarray, order: tuple[int, int], s: float = sigma) -> np.ndarray:
         return ndimage.gaussian_filter(data, s, order=order, mode="reflect", output=np.float32)
 
@@ -99,7 +100,9 @@ class FilterBankBackbone(Backbone):
 
     family = "filterbank"
 
-    def __init__(self, sigmas: Sequence[float] = DEFAULT_SIGMAS, patch_size: int = FAMILIES["filterbank"].default_patch) -> None:
+    def __init__(
+        self, sigmas: Sequence[float] = DEFAULT_SIGMAS, patch_size: int = FAMILIES["filterbank"].default_patch
+    ) -> None:
         family = FAMILIES["filterbank"]
         super().__init__(mean=family.mean, std=family.std)
         sigmas = tuple(float(s) for s in sigmas)

@@ -38,9 +38,7 @@ def add_lora(backbone: Backbone, rank: int, alpha: float, dropout: float) -> Bac
     adapted = adapted_modules(backbone)
     wrong = [name for name in adapted if not re.fullmatch(targets, name)]
     if not adapted or wrong:
-        raise RuntimeError(
-            f"LoRA landed on unexpected modules of {backbone.family}: {wrong[:5] or 'none at all'}"
-        )
+        raise RuntimeError(f"LoRA landed on unexpected modules of {backbone.family}: {wrong[:5] or 'none at all'}")
     for name, parameter in backbone.named_parameters():
         parameter.requires_grad_("lora_" in name)
     return backbone
@@ -65,7 +63,11 @@ def make_fully_trainable(backbone: Backbone) -> Backbone:
 def trainable_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Only what was trained, so checkpoints stay small and never copy frozen weights."""
     trainable = {name for name, p in module.named_parameters() if p.requires_grad}
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items() if k in trainable or _is_buffer_of_trainable(k, trainable)}
+    return {
+        k: v.detach().cpu().clone()
+        for k, v in module.state_dict().items()
+        if k in trainable or _is_buffer_of_trainable(k, trainable)
+    }
 
 
 def _is_buffer_of_trainable(key: str, trainable: set[str]) -> bool:

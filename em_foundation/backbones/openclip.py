@@ -184,7 +184,9 @@ class SplitAttention(nn.Module):
         if need_weights or attn_mask is not None:
             raise NotImplementedError("SplitAttention supports neither attention weights nor masks")
         batch, length, width = query.shape
-        q, k, v = self.qkv(query).reshape(batch, length, 3, self.num_heads, width // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = (
+            self.qkv(query).reshape(batch, length, 3, self.num_heads, width // self.num_heads).permute(2, 0, 3, 1, 4)
+        )
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(x.transpose(1, 2).reshape(batch, length, width)), None
 
@@ -219,7 +221,7 @@ def visual_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     ``backbone.model.state_dict()`` has them) are mapped back to open_clip's.
     """
     if any(key.startswith("visual.") for key in state):
-        state = {key[len("visual."):]: value for key, value in state.items() if key.startswith("visual.")}
+        state = {key[len("visual.") :]: value for key, value in state.items() if key.startswith("visual.")}
     return {key: value for key, value in to_open_clip_state_dict(state).items() if key not in UNUSED_KEYS}
 
 
@@ -275,14 +277,18 @@ class OpenClipViT(Backbone):
         resolved = resolve_pretrained(spec, hub_source(spec))
         self.identity = f"open_clip:{name}/{tag}|{resolved.identity}"
         cfg = model_config(spec)
-        overrides = {"vision_cfg": cfg["vision_cfg"], **{k: cfg[k] for k in TOP_LEVEL_KWARGS if k in cfg}} if kwargs else {}
+        overrides = (
+            {"vision_cfg": cfg["vision_cfg"], **{k: cfg[k] for k in TOP_LEVEL_KWARGS if k in cfg}} if kwargs else {}
+        )
         try:
             # open_clip's own loader (strict, with its checkpoint conversions) on the cached file.
             model = open_clip.create_model(
                 name, pretrained=str(resolved.path), force_quick_gelu=bool(cfg.get("quick_gelu")), **overrides
             )
         except RuntimeError as error:
-            raise WeightsError(f"weights file {resolved.path} does not fit open_clip {name}: {str(error)[:1500]}") from error
+            raise WeightsError(
+                f"weights file {resolved.path} does not fit open_clip {name}: {str(error)[:1500]}"
+            ) from error
         return model.visual
 
     def _positional_embedding(self, height: int, width: int) -> torch.Tensor:

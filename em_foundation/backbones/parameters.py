@@ -14,8 +14,17 @@ import pandas as pd
 import torch
 
 COLUMNS = [
-    "backbone", "family", "model", "regime", "embed_dim", "patch_size",
-    "backbone_params", "adapter_params", "head_params", "total_params", "trainable_params",
+    "backbone",
+    "family",
+    "model",
+    "regime",
+    "embed_dim",
+    "patch_size",
+    "backbone_params",
+    "adapter_params",
+    "head_params",
+    "total_params",
+    "trainable_params",
     "trainable_fraction",
 ]
 
@@ -80,5 +89,7 @@ def parameter_table(config: dict[str, Any], device: str = "meta") -> pd.DataFram
     rows = []
     for name, spec in config["backbones"].items():
         for regime in regimes_for(config, name):
-            rows.append({"backbone": name, **count_parameters(spec, regime, config["head"]["width"], config["lora"], device)})
+            rows.append(
+                {"backbone": name, **count_parameters(spec, regime, config["head"]["width"], config["lora"], device)}
+            )
     return pd.DataFrame(rows, columns=COLUMNS)

@@ -44,9 +44,24 @@ BACKBONE_PRESETS: dict[str, dict[str, Any]] = {
     "dinov3_b": {"family": "dinov3", "model": "vit_base_patch16_dinov3.lvd1689m"},
     "dinov3_l": {"family": "dinov3", "model": "vit_large_patch16_dinov3.lvd1689m"},  # published
     "dinov3_hplus": {"family": "dinov3", "model": "vit_huge_plus_patch16_dinov3.lvd1689m"},
-    "openclip_b": {"family": "openclip", "model": "ViT-B-16", "options": {"pretrained_tag": "laion2b_s34b_b88k"}, "pooling": "cls"},
-    "openclip_l": {"family": "openclip", "model": "ViT-L-14", "options": {"pretrained_tag": "laion2b_s32b_b82k"}, "pooling": "cls"},  # published
-    "openclip_h": {"family": "openclip", "model": "ViT-H-14", "options": {"pretrained_tag": "laion2b_s32b_b79k"}, "pooling": "cls"},
+    "openclip_b": {
+        "family": "openclip",
+        "model": "ViT-B-16",
+        "options": {"pretrained_tag": "laion2b_s34b_b88k"},
+        "pooling": "cls",
+    },
+    "openclip_l": {
+        "family": "openclip",
+        "model": "ViT-L-14",
+        "options": {"pretrained_tag": "laion2b_s32b_b82k"},
+        "pooling": "cls",
+    },  # published
+    "openclip_h": {
+        "family": "openclip",
+        "model": "ViT-H-14",
+        "options": {"pretrained_tag": "laion2b_s32b_b79k"},
+        "pooling": "cls",
+    },
 }
 
 
@@ -145,8 +160,7 @@ class TimmViT(Backbone):
             if overlay is None:
                 raise
             raise WeightsError(
-                f"weights file {overlay['file']} does not fit {name} ({sorted(kwargs.items())}): "
-                f"{str(error)[:1500]}"
+                f"weights file {overlay['file']} does not fit {name} ({sorted(kwargs.items())}): {str(error)[:1500]}"
             ) from error
         if weights not in ("random", "pretrained"):
             load_weights_strict(self.model, load_state_dict_file(Path(weights)), Path(weights))

@@ -55,6 +55,10 @@ def prepare_dataset(
     with atomic_path(out_report) as report_tmp:
         write_json(report_tmp, report)
         write_prepared(out_h5, splits, attrs)
-    log.info("prepared %s: %s in %.1f s", name,
-             ", ".join(f"{s} {len(v)} slices" for s, v in splits.items()), report["conversion_seconds"])
+    log.info(
+        "prepared %s: %s in %.1f s",
+        name,
+        ", ".join(f"{s} {len(v)} slices" for s, v in splits.items()),
+        report["conversion_seconds"],
+    )
     return report

@@ -91,8 +91,10 @@ def _local_path(url: str, config_keys: str) -> Optional[Path]:
         return Path(url2pathname(parts.path))
     if parts.scheme == "" or len(parts.scheme) == 1:  # a path, or a Windows drive letter
         return Path(url).expanduser()
-    raise DownloadError(f"unsupported URL scheme {parts.scheme!r} in {url}; use https://, http://, "
-                        f"file:// or a local path in {config_keys}")
+    raise DownloadError(
+        f"unsupported URL scheme {parts.scheme!r} in {url}; use https://, http://, "
+        f"file:// or a local path in {config_keys}"
+    )
 
 
 def _copy_local(path: Path, tmp: Path, url: str, expected: Optional[str], config_keys: str) -> str:
@@ -103,8 +105,9 @@ def _copy_local(path: Path, tmp: Path, url: str, expected: Optional[str], config
         raise DownloadError(_failure(url, expected, config_keys, f"cannot read the local file: {err}")) from None
 
 
-def _fetch_with_retries(url: str, tmp: Path, expected: Optional[str], retries: int, backoff: float,
-                        timeout: float, config_keys: str) -> str:
+def _fetch_with_retries(
+    url: str, tmp: Path, expected: Optional[str], retries: int, backoff: float, timeout: float, config_keys: str
+) -> str:
     attempts = max(retries, 0) + 1
     last: Exception | None = None
     for attempt in range(1, attempts + 1):
@@ -136,10 +139,19 @@ def _stream(source: BinaryIO, tmp: Path, total: Optional[int], label: str) -> st
     digest = hashlib.sha256()
     written = 0
     interactive = sys.stderr.isatty()
-    with open(tmp, "wb") as out, tqdm(
-        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=label,
-        file=sys.stderr, mininterval=0.2 if interactive else 10.0, leave=True,
-    ) as bar:
+    with (
+        open(tmp, "wb") as out,
+        tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=label,
+            file=sys.stderr,
+            mininterval=0.2 if interactive else 10.0,
+            leave=True,
+        ) as bar,
+    ):
         for chunk in iter(lambda: source.read(CHUNK_BYTES), b""):
             out.write(chunk)
             digest.update(chunk)
@@ -154,7 +166,10 @@ def _verify(actual: str, expected: Optional[str], url: str, dest: Path, config_k
     if expected is None:
         log.warning(
             "UNVERIFIED download: no sha256 configured for %s. Its sha256 is %s; pin it in %s "
-            "so that a changed or corrupt file is caught next time.", url, actual, config_keys,
+            "so that a changed or corrupt file is caught next time.",
+            url,
+            actual,
+            config_keys,
         )
         return
     if actual != expected:
@@ -162,7 +177,8 @@ def _verify(actual: str, expected: Optional[str], url: str, dest: Path, config_k
             f"checksum mismatch for {dest} (from {url}): expected sha256 {expected}, got {actual}. "
             f"The file was removed. Download again if it was corrupted on the way; if the source "
             f"changed on purpose, check it and update {config_keys}.",
-            expected, actual,
+            expected,
+            actual,
         )
     log.info("sha256 of %s verified: %s", dest.name, actual)
 
@@ -173,4 +189,3 @@ def _failure(url: str, expected: Optional[str], config_keys: str, reason: str) -
         f"If this machine cannot reach the host, fetch the file elsewhere and point {config_keys} "
         f"at the local copy (a path or a file:// URL) and its sha256."
     )
-

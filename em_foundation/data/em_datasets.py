@@ -78,10 +78,12 @@ def find_root(members: Sequence[str], marker: str, dataset: str, archive_name: s
     roots = sorted(roots)
     if len(roots) != 1:
         tops = sorted({m.split("/", 1)[0] for m in members})[:10]
-        problem = (f"no folder {marker!r} in the archive (top-level entries: {tops})" if not roots
-                   else f"several folders {marker!r} in the archive: {roots}")
-        raise IntegrityError(dataset, problem, "check that the archive is this dataset's download",
-                             [archive_name])
+        problem = (
+            f"no folder {marker!r} in the archive (top-level entries: {tops})"
+            if not roots
+            else f"several folders {marker!r} in the archive: {roots}"
+        )
+        raise IntegrityError(dataset, problem, "check that the archive is this dataset's download", [archive_name])
     return roots[0]
 
 
@@ -93,16 +95,21 @@ def numbered_files(members: Sequence[str], folder: str, pattern: str, dataset: s
     """
     found: dict[int, str] = {}
     for member in members:
-        if not member.startswith(folder) or "/" in member[len(folder):]:
+        if not member.startswith(folder) or "/" in member[len(folder) :]:
             continue
-        match = re.fullmatch(pattern, member[len(folder):])
+        match = re.fullmatch(pattern, member[len(folder) :])
         if match is None:
-            raise IntegrityError(dataset, f"unexpected file in {folder} (expected names like {pattern})",
-                                 "remove it or restore the archive as downloaded", [member])
+            raise IntegrityError(
+                dataset,
+                f"unexpected file in {folder} (expected names like {pattern})",
+                "remove it or restore the archive as downloaded",
+                [member],
+            )
         number = int(match.group(1))
         if number in found:
-            raise IntegrityError(dataset, f"two files for slice {number}",
-                                 "remove the duplicate", [found[number], member])
+            raise IntegrityError(
+                dataset, f"two files for slice {number}", "remove the duplicate", [found[number], member]
+            )
         found[number] = member
     return found
 
@@ -116,8 +123,9 @@ def _open_image(archive: zipfile.ZipFile, member: str, dataset: str) -> Image.Im
         image = Image.open(io.BytesIO(data))
         image.load()
     except (OSError, SyntaxError, ValueError) as err:
-        raise IntegrityError(dataset, f"cannot decode the image ({err})",
-                             "download the archive again", [member]) from None
+        raise IntegrityError(
+            dataset, f"cannot decode the image ({err})", "download the archive again", [member]
+        ) from None
     return image
 
 
@@ -137,8 +145,9 @@ def read_tiff_image(archive: zipfile.ZipFile, member: str, dataset: str) -> np.n
     try:
         array = tifffile.imread(io.BytesIO(data))
     except Exception as err:  # tifffile raises a variety of types for a broken file
-        raise IntegrityError(dataset, f"cannot decode the TIFF ({err})",
-                             "download the archive again", [member]) from None
+        raise IntegrityError(
+            dataset, f"cannot decode the TIFF ({err})", "download the archive again", [member]
+        ) from None
     check_image(array, dataset, member)
     return array
 
@@ -163,8 +172,12 @@ def label_classes(
         image = image.convert("RGBA")
     array = np.asarray(image)
     if array.dtype != np.uint8 or array.ndim not in (2, 3):
-        raise IntegrityError(dataset, f"label is {array.dtype} with shape {array.shape} (mode {image.mode}), "
-                             "expected an 8-bit or 1-bit mask", "replace it with the original mask", [member])
+        raise IntegrityError(
+            dataset,
+            f"label is {array.dtype} with shape {array.shape} (mode {image.mode}), expected an 8-bit or 1-bit mask",
+            "replace it with the original mask",
+            [member],
+        )
     if array.ndim == 3:
         colour = array[..., :3] if array.shape[-1] >= 3 else array[..., :1]
         gray = colour[..., 0]
@@ -223,7 +236,16 @@ LUCCHI_OPTIONS = declare_options("lucchi_pp", {"max_stray_fraction": 0.0})
 KASTHURI_OPTIONS = declare_options("kasthuri_pp", {"max_stray_fraction": 0.001, "voxel_size_nm": [3.0, 3.0, 30.0]})
 VNC_OPTIONS = declare_options(
     "vnc",
-    {"n_test": 3, "split_seed": 0, "max_stray_fraction": 0.001, "split": "shuffle", "gap": 0, "n_folds": 5, "fold": 0, "test_start": None},
+    {
+        "n_test": 3,
+        "split_seed": 0,
+        "max_stray_fraction": 0.001,
+        "split": "shuffle",
+        "gap": 0,
+        "n_folds": 5,
+        "fold": 0,
+        "test_start": None,
+    },
 )
 
 
@@ -239,7 +261,10 @@ def _options(spec: Mapping[str, Any], defaults: Mapping[str, Any], converter: st
 
 
 def _casser_layout(
-    archive: Optional[Path], converter: str, image_pattern: str, label_pattern: str,
+    archive: Optional[Path],
+    converter: str,
+    image_pattern: str,
+    label_pattern: str,
     read_label: LabelReader,
 ) -> tuple[dict[str, Split], str, str]:
     """Lucchi++ and Kasthuri++ share one layout: <root>/{Train,Test}_{In,Out}/."""
@@ -250,8 +275,9 @@ def _casser_layout(
         for split, prefix in (("train", "Train"), ("test", "Test")):
             images = numbered_files(members, f"{root}{prefix}_In/", image_pattern, converter)
             labels = numbered_files(members, f"{root}{prefix}_Out/", label_pattern, converter)
-            pairs = pair_by_key(images, labels, converter,
-                                fix="restore the missing file(s): download the archive again")
+            pairs = pair_by_key(
+                images, labels, converter, fix="restore the missing file(s): download the archive again"
+            )
             named = [(str(k), image, label) for k, image, label in pairs]
             splits[split] = read_pairs(zf, named, read_png_image, read_label, converter, split)
         return splits, root, _digest_of(zf, splits, root)
@@ -274,21 +300,22 @@ def convert_lucchi_pp(archive: Optional[Path], spec: Mapping[str, Any]) -> tuple
     other value means a wrong file).
     """
     options = _options(spec, LUCCHI_OPTIONS, "lucchi_pp")
-    splits, root, digest = _casser_layout(archive, "lucchi_pp", r"mask(\d+)\.png", r"(\d+)\.png",
-                                  _label_reader(options["max_stray_fraction"]))
+    splits, root, digest = _casser_layout(
+        archive, "lucchi_pp", r"mask(\d+)\.png", r"(\d+)\.png", _label_reader(options["max_stray_fraction"])
+    )
     return splits, {
         "voxel_size_nm": [5.0, 5.0, 5.0],
         "licence": "none stated in the archive; EPFL CVLab's dataset page and casser.io ask for "
-                   "citation; check their terms before redistributing",
+        "citation; check their terms before redistributing",
         "citation": "Casser V, Kang K, Pfister H, Haehn D. Fast Mitochondria Detection for Connectomics. "
-                    "MIDL 2020, PMLR 121:111-120; Lucchi A, Smith K, Achanta R, Knott G, Fua P. "
-                    "Supervoxel-Based Segmentation of Mitochondria in EM Image Stacks With Learned "
-                    "Shape Features. IEEE TMI 31(2):474-486, 2012",
+        "MIDL 2020, PMLR 121:111-120; Lucchi A, Smith K, Achanta R, Knott G, Fua P. "
+        "Supervoxel-Based Segmentation of Mitochondria in EM Image Stacks With Learned "
+        "Shape Features. IEEE TMI 31(2):474-486, 2012",
         "source_url": "http://www.casser.io/files/lucchi_pp.zip",
         "archive_root": root,
         "content_digest": digest,
         "label_rule": "gray (first channel of RGBA test labels) 255 -> 1, 0 -> 0; other values stop the run "
-                      f"beyond max_stray_fraction={options['max_stray_fraction']}",
+        f"beyond max_stray_fraction={options['max_stray_fraction']}",
         "pairing": "Train_In/maskNNNN.png with Train_Out/N.png by the integer N (same for Test)",
     }
 
@@ -301,26 +328,37 @@ def convert_kasthuri_pp(archive: Optional[Path], spec: Mapping[str, Any]) -> tup
     area, stored as IGNORE_LABEL so that training and metrics skip it.
     """
     options = _options(spec, KASTHURI_OPTIONS, "kasthuri_pp")
-    splits, root, digest = _casser_layout(archive, "kasthuri_pp", r"\D*(\d+)\.png", r"\D*(\d+)\.png",
-                                  _label_reader(options["max_stray_fraction"], ignore_value=2))
+    splits, root, digest = _casser_layout(
+        archive,
+        "kasthuri_pp",
+        r"\D*(\d+)\.png",
+        r"\D*(\d+)\.png",
+        _label_reader(options["max_stray_fraction"], ignore_value=2),
+    )
     return splits, {
         "voxel_size_nm": [float(v) for v in options["voxel_size_nm"]],
         "licence": "none stated in the archive; images from Kasthuri et al. 2015, labels by Casser et al.; "
-                   "cite both and check their terms before redistributing",
+        "cite both and check their terms before redistributing",
         "citation": "Casser V, Kang K, Pfister H, Haehn D. Fast Mitochondria Detection for Connectomics. "
-                    "MIDL 2020, PMLR 121:111-120; Kasthuri N et al. Saturated Reconstruction of a Volume "
-                    "of Neocortex. Cell 162(3):648-661, 2015",
+        "MIDL 2020, PMLR 121:111-120; Kasthuri N et al. Saturated Reconstruction of a Volume "
+        "of Neocortex. Cell 162(3):648-661, 2015",
         "source_url": "http://www.casser.io/files/kasthuri_pp.zip",
         "archive_root": root,
         "content_digest": digest,
         "label_rule": "gray 255 -> 1, 0 -> 0, (2,2,2) -> 255 (ignore); other values stop the run beyond "
-                      f"max_stray_fraction={options['max_stray_fraction']} (binarised at >= 128)",
+        f"max_stray_fraction={options['max_stray_fraction']} (binarised at >= 128)",
         "pairing": "Train_In/X.png with Train_Out/X.png by the integer in the name (same for Test)",
     }
 
 
 def vnc_split(
-    names: Sequence[str], n_test: int, seed: int, split: str = "shuffle", gap: int = 0, n_folds: int = 5, fold: int = 0,
+    names: Sequence[str],
+    n_test: int,
+    seed: int,
+    split: str = "shuffle",
+    gap: int = 0,
+    n_folds: int = 5,
+    fold: int = 0,
     test_start: int | None = None,
 ) -> tuple[list[str], list[str], list[str]]:
     """Train, test and dropped slice names (see data.splits.held_out_block).
@@ -331,8 +369,7 @@ def vnc_split(
     contiguous test block are left out of training.
     """
     if split != "kfold" and not 0 < n_test < len(names):
-        raise ConfigError(f"datasets.<name>.options.n_test must be between 1 and {len(names) - 1}, "
-                          f"got {n_test}")
+        raise ConfigError(f"datasets.<name>.options.n_test must be between 1 and {len(names) - 1}, got {n_test}")
     try:
         return held_out_block(names, n_test, split, seed, gap, n_folds, fold, test_start)
     except ValueError as error:
@@ -354,12 +391,17 @@ def convert_vnc(archive: Optional[Path], spec: Mapping[str, Any]) -> tuple[dict[
         root = find_root(members, "stack1/raw/", dataset, zf.filename or str(archive))
         images = numbered_files(members, f"{root}stack1/raw/", r"(\d+)\.tiff?", dataset)
         labels = numbered_files(members, f"{root}stack1/mitochondria/", r"(\d+)\.png", dataset)
-        pairs = pair_by_key(images, labels, dataset,
-                            fix="restore the missing file(s): download the archive again")
+        pairs = pair_by_key(images, labels, dataset, fix="restore the missing file(s): download the archive again")
         named = {PurePosixPath(image).stem: (PurePosixPath(image).stem, image, label) for _, image, label in pairs}
         train, test, dropped = vnc_split(
-            list(named), int(options["n_test"]), int(options["split_seed"]), str(options["split"]), int(options["gap"]),
-            int(options["n_folds"]), int(options["fold"]), options["test_start"],
+            list(named),
+            int(options["n_test"]),
+            int(options["split_seed"]),
+            str(options["split"]),
+            int(options["gap"]),
+            int(options["n_folds"]),
+            int(options["fold"]),
+            options["test_start"],
         )
         read_label = _label_reader(float(options["max_stray_fraction"]))
         splits = {
@@ -387,12 +429,12 @@ def convert_vnc(archive: Optional[Path], spec: Mapping[str, Any]) -> tuple[dict[
         "voxel_size_nm": [4.6, 4.6, 45.0],
         "licence": "CC BY-NC-SA 3.0",
         "citation": "Gerhard S, Funke J, Martel J, Cardona A, Fetter R. Segmented anisotropic ssTEM dataset "
-                    "of neural tissue. figshare 2013, doi:10.6084/m9.figshare.856713",
+        "of neural tissue. figshare 2013, doi:10.6084/m9.figshare.856713",
         "source_url": "https://github.com/unidesigner/groundtruth-drosophila-vnc",
         "archive_root": root,
         "content_digest": digest,
         "label_rule": "1-bit masks: > 0 -> 1; 8-bit masks: >= 128 -> 1 (stray values between 0 and 255 "
-                      f"tolerated up to max_stray_fraction={options['max_stray_fraction']} per slice)",
+        f"tolerated up to max_stray_fraction={options['max_stray_fraction']} per slice)",
         "pairing": "stack1/raw/NN.tif with stack1/mitochondria/NN.png by NN",
         "split": split_info,
         "split_seed": int(options["split_seed"]),

@@ -52,17 +52,20 @@ class IntegrityError(ValueError):
 def open_zip(archive: Optional[Path], dataset: str) -> zipfile.ZipFile:
     """Open the archive, turning a missing or truncated download into a clear error."""
     if archive is None:
-        raise IntegrityError(dataset, "no archive was given to the converter",
-                             "set datasets.<name>.url (and .sha256) so the download rule fetches it")
+        raise IntegrityError(
+            dataset,
+            "no archive was given to the converter",
+            "set datasets.<name>.url (and .sha256) so the download rule fetches it",
+        )
     archive = Path(archive)
     if not archive.is_file():
-        raise IntegrityError(dataset, "the archive does not exist", "run the download rule again",
-                             [str(archive)])
+        raise IntegrityError(dataset, "the archive does not exist", "run the download rule again", [str(archive)])
     try:
         return zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, EOFError, OSError) as err:
         raise IntegrityError(
-            dataset, f"the archive is not a readable zip file ({err}); it is probably truncated or corrupt",
+            dataset,
+            f"the archive is not a readable zip file ({err}); it is probably truncated or corrupt",
             "delete it and download it again; check datasets.<name>.sha256 against the source",
             [str(archive)],
         ) from None
@@ -74,7 +77,8 @@ def read_member(archive: zipfile.ZipFile, member: str, dataset: str) -> bytes:
         return archive.read(member)
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as err:
         raise IntegrityError(
-            dataset, f"the archive member cannot be read ({err}); the archive is corrupt",
+            dataset,
+            f"the archive member cannot be read ({err}); the archive is corrupt",
             "delete the archive and download it again",
             [f"{archive.filename}:{member}"],
         ) from None
@@ -90,7 +94,7 @@ def content_digest(archive: zipfile.ZipFile, members: Iterable[str], root: str) 
     digest = hashlib.sha256()
     for member in sorted(members):
         info = archive.getinfo(member)
-        digest.update(f"{member[len(root):]}\t{info.CRC:08x}\t{info.file_size}\n".encode())
+        digest.update(f"{member[len(root) :]}\t{info.CRC:08x}\t{info.file_size}\n".encode())
     return digest.hexdigest()
 
 
@@ -116,7 +120,8 @@ def pair_by_key(
         raise IntegrityError(
             dataset,
             f"{' and '.join(parts)} ({len(images)} images, {len(labels)} labels)",
-            fix, unlabelled + imageless,
+            fix,
+            unlabelled + imageless,
         )
     if not images:
         raise IntegrityError(dataset, "no image-label pairs found", fix)
@@ -126,30 +131,34 @@ def pair_by_key(
 def check_image(image: np.ndarray, dataset: str, member: str) -> None:
     if image.ndim != 2 or image.dtype != np.uint8:
         raise IntegrityError(
-            dataset, f"image is {image.dtype} with shape {image.shape}, expected 8-bit grayscale (H, W)",
-            "replace it with the original 8-bit grayscale slice", [member],
+            dataset,
+            f"image is {image.dtype} with shape {image.shape}, expected 8-bit grayscale (H, W)",
+            "replace it with the original 8-bit grayscale slice",
+            [member],
         )
 
 
-def check_same_shape(image: np.ndarray, label: np.ndarray, dataset: str, image_member: str,
-                     label_member: str) -> None:
+def check_same_shape(image: np.ndarray, label: np.ndarray, dataset: str, image_member: str, label_member: str) -> None:
     if image.shape != label.shape:
         raise IntegrityError(
-            dataset, f"label shape {label.shape} differs from image shape {image.shape}",
-            "replace the label with the original mask of that slice", [image_member, label_member],
+            dataset,
+            f"label shape {label.shape} differs from image shape {image.shape}",
+            "replace the label with the original mask of that slice",
+            [image_member, label_member],
         )
 
 
-def stack_slices(arrays: Sequence[np.ndarray], members: Sequence[str], dataset: str,
-                 split: str) -> np.ndarray:
+def stack_slices(arrays: Sequence[np.ndarray], members: Sequence[str], dataset: str, split: str) -> np.ndarray:
     """Stack a split's slices; slices of different shapes name the odd ones out."""
     shapes = [a.shape for a in arrays]
     common = max(set(shapes), key=shapes.count)
     odd = [f"{m} {s}" for m, s in zip(members, shapes) if s != common]
     if odd:
         raise IntegrityError(
-            dataset, f"split {split!r}: slices differ in shape (most are {common})",
-            "replace the odd slice(s) with the originals", odd,
+            dataset,
+            f"split {split!r}: slices differ in shape (most are {common})",
+            "replace the odd slice(s) with the originals",
+            odd,
         )
     return np.stack(arrays)
 
@@ -157,8 +166,9 @@ def stack_slices(arrays: Sequence[np.ndarray], members: Sequence[str], dataset: 
 # --- label values ---------------------------------------------------------------------
 
 
-def check_label_values(values: np.ndarray, documented: np.ndarray, dataset: str, member: str,
-                       rule: str, max_stray_fraction: float) -> None:
+def check_label_values(
+    values: np.ndarray, documented: np.ndarray, dataset: str, member: str, rule: str, max_stray_fraction: float
+) -> None:
     """Stop if more pixels than allowed break the documented label encoding.
 
     ``documented`` marks pixels whose value the converter's rule names exactly (0 and 255,
@@ -214,14 +224,17 @@ def check_splits(dataset: str, splits: Mapping[str, Split], bounds: Sequence[flo
             raise IntegrityError(dataset, f"split {split_name!r} is empty", "check the archive's layout")
         if len(set(split.names)) != len(split.names):
             duplicates = sorted({n for n in split.names if split.names.count(n) > 1})
-            raise IntegrityError(dataset, f"split {split_name!r} has duplicate slice names",
-                                 "remove the duplicate files", duplicates)
+            raise IntegrityError(
+                dataset, f"split {split_name!r} has duplicate slice names", "remove the duplicate files", duplicates
+            )
         counts = label_counts(split.labels)
         bad_values = sorted(set(counts) - set(VALID_LABELS))
         if bad_values or split.labels.dtype != np.uint8:
             raise IntegrityError(
-                dataset, f"split {split_name!r}: labels are {split.labels.dtype} with values {bad_values} "
-                f"outside {list(VALID_LABELS)}", "fix the converter's binarisation",
+                dataset,
+                f"split {split_name!r}: labels are {split.labels.dtype} with values {bad_values} "
+                f"outside {list(VALID_LABELS)}",
+                "fix the converter's binarisation",
             )
         fractions, _ = foreground_fractions(split)
         outside = [

@@ -37,9 +37,7 @@ class Split:
 
     def __post_init__(self) -> None:
         if self.raw.shape != self.labels.shape or self.raw.ndim != 3:
-            raise ValueError(
-                f"raw {self.raw.shape} and labels {self.labels.shape} must both be (N, H, W)"
-            )
+            raise ValueError(f"raw {self.raw.shape} and labels {self.labels.shape} must both be (N, H, W)")
         if len(self.names) != len(self.raw):
             raise ValueError(f"{len(self.names)} names for {len(self.raw)} slices")
         if not self.sources:
@@ -58,8 +56,17 @@ def write_prepared(path: str | Path, splits: dict[str, Split], attrs: dict[str, 
             for split_name, split in splits.items():
                 group = handle.create_group(split_name)
                 chunks = (1, *split.raw.shape[1:])
-                create_dataset(group, "raw", data=split.raw.astype(np.uint8), chunks=chunks, compression="gzip", compression_opts=1)
-                create_dataset(group, "labels", data=split.labels.astype(np.uint8), chunks=chunks, compression="gzip", compression_opts=1)
+                create_dataset(
+                    group, "raw", data=split.raw.astype(np.uint8), chunks=chunks, compression="gzip", compression_opts=1
+                )
+                create_dataset(
+                    group,
+                    "labels",
+                    data=split.labels.astype(np.uint8),
+                    chunks=chunks,
+                    compression="gzip",
+                    compression_opts=1,
+                )
                 group.create_dataset("names", data=np.array(split.names, dtype=object), dtype=h5py.string_dtype())
                 group.create_dataset("sources", data=np.array(split.sources, dtype=object), dtype=h5py.string_dtype())
 

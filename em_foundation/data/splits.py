@@ -25,7 +25,13 @@ def section_order(names: Sequence[str]) -> list[str]:
 
 
 def held_out_block(
-    names: Sequence[str], n_held: int, mode: str, seed: int = 0, gap: int = 0, n_folds: int = 5, fold: int = 0,
+    names: Sequence[str],
+    n_held: int,
+    mode: str,
+    seed: int = 0,
+    gap: int = 0,
+    n_folds: int = 5,
+    fold: int = 0,
     start: int | None = None,
 ) -> tuple[list[str], list[str], list[str]]:
     """(kept, held out, dropped) section names, each in stack order.
@@ -48,7 +54,9 @@ def held_out_block(
         return [s for s in ordered if s not in held], [s for s in ordered if s in held], []
     if mode == "kfold":
         if not 2 <= n_folds <= n or not 0 <= fold < n_folds:
-            raise ValueError(f"kfold needs 2 <= n_folds <= {n} sections and 0 <= fold < n_folds, got n_folds={n_folds}, fold={fold}")
+            raise ValueError(
+                f"kfold needs 2 <= n_folds <= {n} sections and 0 <= fold < n_folds, got n_folds={n_folds}, fold={fold}"
+            )
         blocks = np.array_split(np.arange(n), n_folds)
         first, last = int(blocks[fold][0]), int(blocks[fold][-1]) + 1
     else:
@@ -57,7 +65,7 @@ def held_out_block(
         if not 0 <= first < last <= n:
             raise ValueError(f"a contiguous block of {n_held} sections from index {first} does not fit {n} sections")
     held = ordered[first:last]
-    dropped = ordered[max(0, first - gap):first] + ordered[last:last + gap]
+    dropped = ordered[max(0, first - gap) : first] + ordered[last : last + gap]
     kept = [s for s in ordered if s not in set(held) | set(dropped)]
     if not kept:
         raise ValueError(f"nothing left to train on: {n} sections, {len(held)} held out, gap {gap} on each side")
@@ -90,4 +98,12 @@ def validation_split(
     train = [n for n in names if n not in set(val) | set(dropped)]
     if not train:
         raise ValueError(f"no training slices left: {len(names)} slices, {n_val} for validation, gap {gap}")
-    return {"seed": seed, "fraction": fraction, "mode": mode, "gap": gap, "train": train, "val": val, "dropped": dropped}
+    return {
+        "seed": seed,
+        "fraction": fraction,
+        "mode": mode,
+        "gap": gap,
+        "train": train,
+        "val": val,
+        "dropped": dropped,
+    }

@@ -283,9 +283,7 @@ def _lamellae(mito: _Mito, u: np.ndarray, v: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- scene: small things
 
 
-def _disc_field(
-    shape: tuple[int, int], centres: np.ndarray, radii: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+def _disc_field(shape: tuple[int, int], centres: np.ndarray, radii: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Signed distance to the nearest disc's rim (negative inside), drawn disc by disc."""
     signed = np.full(shape, np.inf, dtype=np.float32)
     for (cy, cx), r in zip(centres, radii):
@@ -322,9 +320,7 @@ def _vesicle_centres(
     return centres[keep], radii[keep]
 
 
-def _dense_bodies(
-    rng: np.random.Generator, shape: tuple[int, int], style: DomainStyle, free: np.ndarray
-) -> np.ndarray:
+def _dense_bodies(rng: np.random.Generator, shape: tuple[int, int], style: DomainStyle, free: np.ndarray) -> np.ndarray:
     """Darkness of a few dense organelles (lysosome-like): as dark as mitochondria but
     featureless, so that a global intensity threshold cannot tell them apart."""
     scale = style.object_scale
@@ -392,7 +388,9 @@ def _imaging(rng: np.random.Generator, scene: np.ndarray, style: DomainStyle) ->
     return np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)
 
 
-def generate_image(domain: str, height: int, width: int, seed: int, index: int, stream: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def generate_image(
+    domain: str, height: int, width: int, seed: int, index: int, stream: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Image ``index`` of the (domain, seed, stream) sequence and its mask, both (H, W) uint8."""
     style = _style(domain)
     rng = _image_rng(domain, seed, stream, index)

@@ -33,9 +33,7 @@ class TileGrid:
 
     @classmethod
     def for_shape(cls, height: int, width: int, tile: int, overlap: int) -> "TileGrid":
-        positions = tuple(
-            (y, x) for y in tile_starts(height, tile, overlap) for x in tile_starts(width, tile, overlap)
-        )
+        positions = tuple((y, x) for y in tile_starts(height, tile, overlap) for x in tile_starts(width, tile, overlap))
         return cls(height, width, tile, positions)
 
     @property

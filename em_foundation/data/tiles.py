@@ -94,7 +94,12 @@ def intensity_table(
     pooled histogram matched to the reference dataset's training slices. Images only, never
     labels. None for raw.
     """
-    from em_foundation.alignment import histogram_matching_table, intensity_bounds, percentile_normalise, reference_quantiles
+    from em_foundation.alignment import (
+        histogram_matching_table,
+        intensity_bounds,
+        percentile_normalise,
+        reference_quantiles,
+    )
 
     kind = intensity.removesuffix("-trans")
     if kind == "raw":
@@ -128,7 +133,9 @@ def tile_dataset(
     # applied to every split, so no statistic of the test images shapes their own input.
     # Transductive ('-trans'): each split normalised by its own statistics.
     transductive = intensity.endswith("-trans")
-    shared = None if transductive else intensity_table(read_split(prepared, "train").raw, intensity, reference, percentiles)
+    shared = (
+        None if transductive else intensity_table(read_split(prepared, "train").raw, intensity, reference, percentiles)
+    )
     counts = {}
     digest = hashlib.sha256()
     with atomic_path(out, suffix=".h5") as tmp, h5py.File(tmp, "w") as handle:
@@ -155,18 +162,35 @@ def tile_dataset(
                 tile, overlap = max(shape), 0
             n_per_image = len(raw) // len(split)
             group = handle.create_group(split_name)
-            group.attrs.update({
-                "mode": view["mode"], "intensity": intensity, "height": height,
-                "intensity_statistics": "none" if intensity == "raw" else ("own split" if transductive else "train split"), "width": width, "tile": tile, "overlap": overlap,
-                "tile_height": raw.shape[1], "tile_width": raw.shape[2],
-            })
+            group.attrs.update(
+                {
+                    "mode": view["mode"],
+                    "intensity": intensity,
+                    "height": height,
+                    "intensity_statistics": "none"
+                    if intensity == "raw"
+                    else ("own split" if transductive else "train split"),
+                    "width": width,
+                    "tile": tile,
+                    "overlap": overlap,
+                    "tile_height": raw.shape[1],
+                    "tile_width": raw.shape[2],
+                }
+            )
             chunks = (1, *raw.shape[1:])
             create_dataset(group, "raw", data=raw, chunks=chunks, compression="gzip", compression_opts=1)
             create_dataset(group, "labels", data=labels, chunks=chunks, compression="gzip", compression_opts=1)
             create_dataset(group, "image_index", data=np.repeat(np.arange(len(split), dtype=np.int32), n_per_image))
             create_dataset(group, "positions", data=positions)
             group.create_dataset("names", data=np.array(split.names, dtype=object), dtype=h5py.string_dtype())
-            for part in (split_name, raw, labels, positions, "\n".join(split.names), json.dumps(dict(group.attrs), sort_keys=True, default=str)):
+            for part in (
+                split_name,
+                raw,
+                labels,
+                positions,
+                "\n".join(split.names),
+                json.dumps(dict(group.attrs), sort_keys=True, default=str),
+            ):
                 digest.update(part.encode() if isinstance(part, str) else np.ascontiguousarray(part).tobytes())
             counts[split_name] = len(raw)
         handle.attrs["view"] = view_name or ""

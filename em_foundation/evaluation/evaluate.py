@@ -16,7 +16,13 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from em_foundation.alignment import adapt_batchnorm, domain_stats_from_cache, iterate_batches, segmenter_forward, standardise
+from em_foundation.alignment import (
+    adapt_batchnorm,
+    domain_stats_from_cache,
+    iterate_batches,
+    segmenter_forward,
+    standardise,
+)
 from em_foundation.data.prepared import read_split
 from em_foundation.data.tiles import TileSet, read_tiles
 from em_foundation.evaluation.metrics import Counts, confusion, scores
@@ -74,7 +80,11 @@ def evaluate_model(
         else:
             inputs = tile_set.raw if options["transductive"] else read_tiles(tiles, "train").raw
         to_tensor = torch.from_numpy if cached else to_unit_float
-        model = adapt_batchnorm(model, iterate_batches(inputs, batch_size, lambda chunk: to_tensor(np.ascontiguousarray(chunk))), segmenter_forward)
+        model = adapt_batchnorm(
+            model,
+            iterate_batches(inputs, batch_size, lambda chunk: to_tensor(np.ascontiguousarray(chunk))),
+            segmenter_forward,
+        )
     rows, predictions = [], []
     for image in tqdm(range(len(truth)), desc="evaluate", unit="slice"):
         indices = tile_set.tiles_of(image)
@@ -82,9 +92,13 @@ def evaluate_model(
         probability = predict_image(model, inputs, tile_set, batch_size, device)
         prediction = (probability >= 0.5).astype(np.uint8)
         if prediction.shape != truth.labels[image].shape:
-            raise AssertionError(f"prediction {prediction.shape} is not at native resolution {truth.labels[image].shape}")
+            raise AssertionError(
+                f"prediction {prediction.shape} is not at native resolution {truth.labels[image].shape}"
+            )
         counts = confusion(prediction, truth.labels[image])
-        rows.append({"image": truth.names[image], "height": prediction.shape[0], "width": prediction.shape[1], **scores(counts)})
+        rows.append(
+            {"image": truth.names[image], "height": prediction.shape[0], "width": prediction.shape[1], **scores(counts)}
+        )
         predictions.append(prediction)
     return pd.DataFrame(rows), predictions
 

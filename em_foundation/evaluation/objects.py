@@ -36,7 +36,18 @@ from skimage.segmentation import relabel_sequential
 from em_foundation.data.prepared import IGNORE_LABEL
 
 MATCH_IOU = 0.5
-COLUMNS = ("obj_precision", "obj_recall", "obj_f1", "obj_matched_iou", "pq", "count_error", "n_true_objects", "n_pred_objects", "obj_splits", "obj_merges")
+COLUMNS = (
+    "obj_precision",
+    "obj_recall",
+    "obj_f1",
+    "obj_matched_iou",
+    "pq",
+    "count_error",
+    "n_true_objects",
+    "n_pred_objects",
+    "obj_splits",
+    "obj_merges",
+)
 
 
 @dataclass
@@ -82,7 +93,8 @@ def object_counts(prediction: np.ndarray, truth: np.ndarray, min_size: int = 0) 
     # overlap[t, p] in pixels, from the pairs that really touch (sparse: objects are small)
     both = (true_labels > 0) & (pred_labels > 0)
     overlap = coo_matrix(
-        (np.ones(int(both.sum()), dtype=np.int64), (true_labels[both] - 1, pred_labels[both] - 1)), shape=(n_true, n_pred)
+        (np.ones(int(both.sum()), dtype=np.int64), (true_labels[both] - 1, pred_labels[both] - 1)),
+        shape=(n_true, n_pred),
     ).toarray()
     true_area = np.bincount(true_labels.ravel(), minlength=n_true + 1)[1:]
     pred_area = np.bincount(pred_labels.ravel(), minlength=n_pred + 1)[1:]
@@ -98,7 +110,9 @@ def object_counts(prediction: np.ndarray, truth: np.ndarray, min_size: int = 0) 
     return ObjectCounts(int(hits.sum()), n_true, n_pred, float(matched[hits].sum()), splits, merges)
 
 
-def stack_counts(predictions: list[np.ndarray], truths: list[np.ndarray], min_size: int = 0, three_d: bool = False) -> ObjectCounts:
+def stack_counts(
+    predictions: list[np.ndarray], truths: list[np.ndarray], min_size: int = 0, three_d: bool = False
+) -> ObjectCounts:
     """Pooled counts over slices: each slice on its own (2-D), or the slices as one volume (3-D)."""
     if three_d:
         return object_counts(np.stack(predictions), np.stack(truths), min_size)

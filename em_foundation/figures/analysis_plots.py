@@ -81,11 +81,21 @@ def pca_scatter(pca: pd.DataFrame, counts: pd.DataFrame | None = None) -> plt.Fi
                     continue
                 ns.append(len(rows))
                 if counts is not None:
-                    match = counts[(counts["backbone"] == backbone) & (counts["view"] == view) & (counts["dataset"] == dataset)]
+                    match = counts[
+                        (counts["backbone"] == backbone) & (counts["view"] == view) & (counts["dataset"] == dataset)
+                    ]
                     if len(match):
                         images.append(int(match["n_groups"].iloc[0]))
-                ax.scatter(rows["pc1"], rows["pc2"], s=2 if many else 10, alpha=0.3 if many else 0.8,
-                           linewidths=0, rasterized=many, label=dataset, **style[dataset])
+                ax.scatter(
+                    rows["pc1"],
+                    rows["pc2"],
+                    s=2 if many else 10,
+                    alpha=0.3 if many else 0.8,
+                    linewidths=0,
+                    rasterized=many,
+                    label=dataset,
+                    **style[dataset],
+                )
             ev1, ev2 = panel["explained_variance_pc1"].iloc[0], panel["explained_variance_pc2"].iloc[0]
             ax.set_xlabel(f"PC1 ({ev1:.0%} var.)")
             ax.set_ylabel(f"PC2 ({ev2:.0%} var.)")
@@ -138,8 +148,9 @@ def frechet_matrix(frechet: pd.DataFrame, variant: str | None = None) -> plt.Fig
     vmax = max(2.0, finite.max()) if len(finite) else 2.0
     norm = LogNorm(vmin=vmin, vmax=vmax)
     size = 0.75 * k + 0.9
-    figure, axes = _grid(len(views), len(backbones), max(2.0, size), max(1.9, size), max_width=MAX_WIDTH - 0.4,
-                         layout="constrained")  # the colour bar's label can reach past the canvas
+    figure, axes = _grid(
+        len(views), len(backbones), max(2.0, size), max(1.9, size), max_width=MAX_WIDTH - 0.4, layout="constrained"
+    )  # the colour bar's label can reach past the canvas
     figure.get_layout_engine().set(h_pad=0.08, hspace=0.06)  # keep tick labels off the next row's titles
     image = None
     for i, view in enumerate(views):
@@ -163,7 +174,7 @@ def frechet_matrix(frechet: pd.DataFrame, variant: str | None = None) -> plt.Fig
                     text = f"{row.value:.3g}"
                 if has_null:
                     text += f"\n{ratio:.1f}× null"
-                for (r, c) in ((a, b), (b, a)):
+                for r, c in ((a, b), (b, a)):
                     light = norm(ratio) > 0.55 if np.isfinite(ratio) and ratio > 0 else True
                     ax.text(c, r, text, ha="center", va="center", fontsize=5.5, color="black" if light else "white")
                 labels[row.dataset_a] = f"{row.dataset_a}\nn={_counts_text(row.n_a, row.n_groups_a)}"
@@ -188,8 +199,11 @@ def frechet_matrix(frechet: pd.DataFrame, variant: str | None = None) -> plt.Fig
         if has_null and len(ticks) >= 2:  # plain numbers, not 2×10^0
             bar.set_ticks(ticks, labels=[f"{t:g}" for t in ticks])
             bar.minorticks_off()
-    how = ("bootstrap bias-corrected (2·FD − mean of bootstrap FDs), basic bootstrap 95 % interval; plain FD below"
-           if basic else "plain FD, bootstrap percentile 95 % interval")
+    how = (
+        "bootstrap bias-corrected (2·FD − mean of bootstrap FDs), basic bootstrap 95 % interval; plain FD below"
+        if basic
+        else "plain FD, bootstrap percentile 95 % interval"
+    )
     figure.suptitle(f"Fréchet distance ({variant.replace('_', '-')}): {how}", fontsize=7)
     return figure
 
@@ -217,8 +231,16 @@ def probe_accuracy(probe: pd.DataFrame) -> plt.Figure:
             rows = [probe[(probe["backbone"] == b) & (probe["task"] == t) & (probe["view"] == view)] for b, t in groups]
             means = np.array([r[f"{metric}_mean"].iloc[0] if len(r) else np.nan for r in rows])
             stds = np.array([r[f"{metric}_std"].fillna(0).iloc[0] if len(r) else 0.0 for r in rows])
-            ax.bar(x + (v - (len(views) - 1) / 2) * width, means, width, yerr=stds, capsize=1.5,
-                   color=f"C{v}", label=VIEW_LABEL.get(view, view), error_kw={"lw": 0.8})
+            ax.bar(
+                x + (v - (len(views) - 1) / 2) * width,
+                means,
+                width,
+                yerr=stds,
+                capsize=1.5,
+                color=f"C{v}",
+                label=VIEW_LABEL.get(view, view),
+                error_kw={"lw": 0.8},
+            )
         chance = probe["chance_balanced_accuracy"].max() if metric == "balanced_accuracy" else 0.5
         ax.axhline(chance, color="black", ls="--", lw=0.8, label="chance")
         ticks = []
@@ -258,8 +280,13 @@ def paired_comparison(summary: pd.DataFrame, training_sets: dict[str, list[str]]
         raise ValueError("no test set has both a single-dataset and a multi-dataset training set")
     models = list(dict.fromkeys(zip(summary["backbone"], summary["regime"])))
     unions = list(dict.fromkeys(u for t in test_sets for u in _paired_sets(training_sets, t)[1]))
-    figure, axes = plt.subplots(1, len(test_sets), squeeze=False, sharey=True,
-                                figsize=(min(MAX_WIDTH, 0.8 + len(test_sets) * (0.9 + 0.55 * len(models))), 2.6))
+    figure, axes = plt.subplots(
+        1,
+        len(test_sets),
+        squeeze=False,
+        sharey=True,
+        figsize=(min(MAX_WIDTH, 0.8 + len(test_sets) * (0.9 + 0.55 * len(models))), 2.6),
+    )
     seeds = []
     for ax, test_set in zip(axes[0], test_sets):
         single, multi = _paired_sets(training_sets, test_set)
@@ -268,7 +295,10 @@ def paired_comparison(summary: pd.DataFrame, training_sets: dict[str, list[str]]
         panel = summary[summary["test_set"] == test_set]
         means = {}
         for k, train_set in enumerate(shown):
-            rows = [panel[(panel["backbone"] == b) & (panel["regime"] == r) & (panel["train_set"] == train_set)] for b, r in models]
+            rows = [
+                panel[(panel["backbone"] == b) & (panel["regime"] == r) & (panel["train_set"] == train_set)]
+                for b, r in models
+            ]
             mean = np.array([row[f"{metric}_mean"].iloc[0] if len(row) else np.nan for row in rows])
             std = np.array([row[f"{metric}_std"].fillna(0).iloc[0] if len(row) else 0.0 for row in rows])
             seeds += [int(row[f"{metric}_n"].iloc[0]) for row in rows if len(row)]
@@ -284,15 +314,26 @@ def paired_comparison(summary: pd.DataFrame, training_sets: dict[str, list[str]]
                 ax.text(m, 1.01, text, ha="center", va="bottom", fontsize=6)
         ax.set_xticks(np.arange(len(models)), [f"{b}\n{r}" for b, r in models], fontsize=6)
         ax.set_ylim(0, 1.0)
-        ax.set_title(f"test set: {test_set}   (Δ = {' / '.join(multi)} − {shown[0]})", pad=12 + 7 * (len(multi) - 1), fontsize=7)
+        ax.set_title(
+            f"test set: {test_set}   (Δ = {' / '.join(multi)} − {shown[0]})", pad=12 + 7 * (len(multi) - 1), fontsize=7
+        )
     axes[0][0].set_ylabel("foreground IoU (mean over seeds)" if metric == "fg_iou" else f"{metric} (mean)")
-    n_text = f"{min(seeds)}" if seeds and min(seeds) == max(seeds) else f"{min(seeds, default=0)}–{max(seeds, default=0)}"
+    n_text = (
+        f"{min(seeds)}" if seeds and min(seeds) == max(seeds) else f"{min(seeds, default=0)}–{max(seeds, default=0)}"
+    )
     handles = [plt.Rectangle((0, 0), 1, 1, color="C0", label="trained on the test set's own dataset")]
-    handles += [plt.Rectangle((0, 0), 1, 1, color=f"C{1 + k}", label=f"trained on {u} ({' + '.join(training_sets[u])})")
-                for k, u in enumerate(unions)]
+    handles += [
+        plt.Rectangle((0, 0), 1, 1, color=f"C{1 + k}", label=f"trained on {u} ({' + '.join(training_sets[u])})")
+        for k, u in enumerate(unions)
+    ]
     handles += interval_legend()
-    figure.legend(handles=handles, loc="lower center", ncol=min(len(handles), 3), bbox_to_anchor=(0.5, 0.0),
-                  title=f"n = {n_text} seeds per bar", title_fontsize=6)
+    figure.legend(
+        handles=handles,
+        loc="lower center",
+        ncol=min(len(handles), 3),
+        bbox_to_anchor=(0.5, 0.0),
+        title=f"n = {n_text} seeds per bar",
+        title_fontsize=6,
+    )
     figure.tight_layout(rect=(0, 0.2, 1, 1))
     return figure
-

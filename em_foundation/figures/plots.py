@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import matplotlib.pyplot as plt
 
 
 def _model_label(backbone: str, regime: str) -> str:
@@ -33,8 +33,10 @@ def draw_intervals(ax, x: np.ndarray, means, stds, intervals: np.ndarray, width:
 
 
 def interval_legend() -> list:
-    return [plt.Line2D([], [], color="black", lw=0.8, label="± sd over seeds"),
-            plt.Line2D([], [], color="0.45", lw=0.8, label="95 % interval over test images")]
+    return [
+        plt.Line2D([], [], color="black", lw=0.8, label="± sd over seeds"),
+        plt.Line2D([], [], color="0.45", lw=0.8, label="95 % interval over test images"),
+    ]
 
 
 def iou_bars(summary: pd.DataFrame, metric: str = "fg_iou") -> plt.Figure:
@@ -47,12 +49,17 @@ def iou_bars(summary: pd.DataFrame, metric: str = "fg_iou") -> plt.Figure:
     test_sets = sorted(summary["test_set"].unique())
     train_sets = list(dict.fromkeys(summary["train_set"]))
     models = list(dict.fromkeys(zip(summary["backbone"], summary["regime"])))
-    figure, axes = plt.subplots(1, len(test_sets), sharey=True, squeeze=False, figsize=(max(3.4, 2.3 * len(test_sets)), 2.6))
+    figure, axes = plt.subplots(
+        1, len(test_sets), sharey=True, squeeze=False, figsize=(max(3.4, 2.3 * len(test_sets)), 2.6)
+    )
     width = 0.8 / len(train_sets)
     for ax, test_set in zip(axes[0], test_sets):
         panel = summary[summary["test_set"] == test_set]
         for k, train_set in enumerate(train_sets):
-            rows = [panel[(panel["backbone"] == b) & (panel["regime"] == r) & (panel["train_set"] == train_set)] for b, r in models]
+            rows = [
+                panel[(panel["backbone"] == b) & (panel["regime"] == r) & (panel["train_set"] == train_set)]
+                for b, r in models
+            ]
             means = [row[f"{metric}_mean"].iloc[0] if len(row) else np.nan for row in rows]
             stds = [row[f"{metric}_std"].fillna(0).iloc[0] if len(row) else 0 for row in rows]
             x = np.arange(len(models)) + (k - (len(train_sets) - 1) / 2) * width
@@ -77,17 +84,23 @@ def cross_domain_matrix(summary: pd.DataFrame, metric: str = "fg_iou") -> plt.Fi
     models = list(dict.fromkeys(zip(summary["backbone"], summary["regime"])))
     n_cols = min(3, len(models))
     n_rows = int(np.ceil(len(models) / n_cols))
-    figure, axes = plt.subplots(n_rows, n_cols, squeeze=False, figsize=(2.2 * n_cols + 0.8, 2.1 * n_rows), layout="constrained")
+    figure, axes = plt.subplots(
+        n_rows, n_cols, squeeze=False, figsize=(2.2 * n_cols + 0.8, 2.1 * n_rows), layout="constrained"
+    )
     train_sets = list(dict.fromkeys(summary["train_set"]))
     test_sets = sorted(summary["test_set"].unique())
     image = None
     for ax, (backbone, regime) in zip(axes.flat, models):
         cell = summary[(summary["backbone"] == backbone) & (summary["regime"] == regime)]
+
         def pivot(column):
             if column not in cell:
                 return np.full((len(train_sets), len(test_sets)), np.nan)
-            return cell.pivot_table(index="train_set", columns="test_set", values=column, dropna=False).reindex(
-                index=train_sets, columns=test_sets).to_numpy()
+            return (
+                cell.pivot_table(index="train_set", columns="test_set", values=column, dropna=False)
+                .reindex(index=train_sets, columns=test_sets)
+                .to_numpy()
+            )
 
         matrix, spread, low, high = (pivot(f"{metric}_{stat}") for stat in ("mean", "std", "ci_low", "ci_high"))
         image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
@@ -104,7 +117,7 @@ def cross_domain_matrix(summary: pd.DataFrame, metric: str = "fg_iou") -> plt.Fi
             ax.set_ylabel("training set")
         ax.set_title(f"{backbone} / {regime}")
         ax.grid(False)
-    for ax in axes.flat[len(models):]:
+    for ax in axes.flat[len(models) :]:
         ax.axis("off")
     if image is not None:
         figure.colorbar(image, ax=axes, shrink=0.8, label="foreground IoU (mean over seeds)")
@@ -118,7 +131,12 @@ def qualitative_panel(examples: list[dict]) -> plt.Figure:
     Each example is {"dataset", "image", "truth", "predictions": {label: mask}}.
     """
     n_pred = max(len(example["predictions"]) for example in examples)
-    figure, axes = plt.subplots(len(examples), 2 + n_pred, squeeze=False, figsize=(min(7.0, 1.4 * (2 + n_pred)), 1.45 * len(examples) * min(1.0, 7.0 / (1.4 * (2 + n_pred)))))
+    figure, axes = plt.subplots(
+        len(examples),
+        2 + n_pred,
+        squeeze=False,
+        figsize=(min(7.0, 1.4 * (2 + n_pred)), 1.45 * len(examples) * min(1.0, 7.0 / (1.4 * (2 + n_pred)))),
+    )
     for index, (row, example) in enumerate(zip(axes, examples)):
         row[0].imshow(example["image"], cmap="gray")
         row[0].set_ylabel(example["dataset"])
@@ -134,7 +152,7 @@ def qualitative_panel(examples: list[dict]) -> plt.Figure:
             ax.set_yticks([])
             ax.grid(False)
             ax.spines[:].set_visible(False)
-        for ax in row[2 + len(example["predictions"]):]:
+        for ax in row[2 + len(example["predictions"]) :]:
             ax.axis("off")
     figure.tight_layout()
     return figure
@@ -149,7 +167,14 @@ def learning_curves(logs: pd.DataFrame) -> plt.Figure:
         panel = logs[(logs["backbone"] == backbone) & (logs["regime"] == regime)]
         for k, ((train_set, seed), run) in enumerate(panel.groupby(["train_set", "seed"], sort=True)):
             colour = f"C{sorted(panel['train_set'].unique()).index(train_set)}"
-            ax.plot(run["epoch"], run["val_loss"], color=colour, lw=0.8, alpha=0.8, label=train_set if seed == panel[panel["train_set"] == train_set]["seed"].min() else None)
+            ax.plot(
+                run["epoch"],
+                run["val_loss"],
+                color=colour,
+                lw=0.8,
+                alpha=0.8,
+                label=train_set if seed == panel[panel["train_set"] == train_set]["seed"].min() else None,
+            )
         ax.set_title(f"{backbone} / {regime}")
         ax.set_xlabel("epoch")
     axes[0][0].set_ylabel("validation soft-Dice loss")
@@ -166,8 +191,12 @@ def alignment_comparison(summary: pd.DataFrame, metric: str = "fg_iou") -> plt.F
     models = list(dict.fromkeys(zip(single["backbone"], single["regime"])))
     test_sets = sorted(single["test_set"].unique())
     variants = [a for a in dict.fromkeys(single["alignment"]) if a != "none"]
-    bars = ["single-dataset"] + [f"{m} / none" for m in multi_sets] + [f"{m} / {a}" for m in multi_sets for a in variants]
-    figure, axes = plt.subplots(1, len(models), squeeze=False, sharey=True, figsize=(min(7.0, max(3.4, 2.4 * len(models))), 2.8))
+    bars = (
+        ["single-dataset"] + [f"{m} / none" for m in multi_sets] + [f"{m} / {a}" for m in multi_sets for a in variants]
+    )
+    figure, axes = plt.subplots(
+        1, len(models), squeeze=False, sharey=True, figsize=(min(7.0, max(3.4, 2.4 * len(models))), 2.8)
+    )
     width = 0.8 / len(bars)
     for ax, (backbone, regime) in zip(axes[0], models):
         cell = single[(single["backbone"] == backbone) & (single["regime"] == regime)]
@@ -175,18 +204,33 @@ def alignment_comparison(summary: pd.DataFrame, metric: str = "fg_iou") -> plt.F
             values, errors = [], []
             for test_set in test_sets:
                 if bar == "single-dataset":
-                    rows = cell[(cell["train_set"] == test_set) & (cell["test_set"] == test_set) & (cell["alignment"] == "none")]
+                    rows = cell[
+                        (cell["train_set"] == test_set) & (cell["test_set"] == test_set) & (cell["alignment"] == "none")
+                    ]
                 else:
                     train_set, alignment = bar.split(" / ")
-                    rows = cell[(cell["train_set"] == train_set) & (cell["test_set"] == test_set) & (cell["alignment"] == alignment)]
+                    rows = cell[
+                        (cell["train_set"] == train_set)
+                        & (cell["test_set"] == test_set)
+                        & (cell["alignment"] == alignment)
+                    ]
                 values.append(rows[f"{metric}_mean"].iloc[0] if len(rows) else np.nan)
                 errors.append(rows[f"{metric}_std"].fillna(0).iloc[0] if len(rows) else 0)
-            ax.bar(np.arange(len(test_sets)) + (k - (len(bars) - 1) / 2) * width, values, width, yerr=errors, capsize=1, label=bar)
+            ax.bar(
+                np.arange(len(test_sets)) + (k - (len(bars) - 1) / 2) * width,
+                values,
+                width,
+                yerr=errors,
+                capsize=1,
+                label=bar,
+            )
         ax.set_xticks(np.arange(len(test_sets)), test_sets)
         ax.set_xlabel("test set (source)")
         ax.set_title(f"{backbone} / {regime}")
         ax.set_ylim(0, 1)
     axes[0][0].set_ylabel("foreground IoU (mean ± sd)")
-    figure.legend(*axes[0][0].get_legend_handles_labels(), loc="upper center", ncol=min(4, len(bars)), bbox_to_anchor=(0.5, 1.12))
+    figure.legend(
+        *axes[0][0].get_legend_handles_labels(), loc="upper center", ncol=min(4, len(bars)), bbox_to_anchor=(0.5, 1.12)
+    )
     figure.tight_layout()
     return figure

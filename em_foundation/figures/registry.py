@@ -30,7 +30,9 @@ def _pca(inputs: Inputs, params: dict[str, Any]) -> plt.Figure:
 
 
 def _qualitative(inputs: Inputs, params: dict[str, Any]) -> plt.Figure:
-    return plots.qualitative_panel(qualitative_examples(list(inputs["prepared"]), list(inputs["predictions"]), params["panels"]))
+    return plots.qualitative_panel(
+        qualitative_examples(list(inputs["prepared"]), list(inputs["predictions"]), params["panels"])
+    )
 
 
 FIGURES: dict[str, Callable[[Inputs, dict[str, Any]], plt.Figure]] = {
@@ -63,7 +65,13 @@ def qualitative_examples(prepared: list[str], predictions: list[str], panels: li
         if test_set not in examples:
             source = next(p for p in prepared if p.endswith(f"/{test_set}.h5"))
             truth = read_split(source, "test")
-            examples[test_set] = {"dataset": test_set, "names": truth.names, "raw": truth.raw, "labels": truth.labels, "predictions": {}}
+            examples[test_set] = {
+                "dataset": test_set,
+                "names": truth.names,
+                "raw": truth.raw,
+                "labels": truth.labels,
+                "predictions": {},
+            }
         with open_h5(path) as handle:
             if not len(handle):
                 continue
@@ -75,7 +83,14 @@ def qualitative_examples(prepared: list[str], predictions: list[str], panels: li
         if "slice" not in example:
             continue
         index = example["names"].index(example["slice"])
-        result.append({"dataset": example["dataset"], "image": example["raw"][index], "truth": example["labels"][index], "predictions": example["predictions"]})
+        result.append(
+            {
+                "dataset": example["dataset"],
+                "image": example["raw"][index],
+                "truth": example["labels"][index],
+                "predictions": example["predictions"],
+            }
+        )
     if not result:
         raise ValueError("no saved predictions to show; set evaluation.save_predictions >= 1")
     return result

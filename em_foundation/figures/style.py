@@ -17,7 +17,9 @@ from em_foundation.io import atomic_path  # noqa: E402
 def use_style(name: str = "paper") -> None:
     path = resources.files("em_foundation.figures").joinpath(f"{name}.mplstyle")
     if not path.is_file():
-        raise FileNotFoundError(f"figure style {name!r} not found at {path}; set figures.style to 'paper' or add the file")
+        raise FileNotFoundError(
+            f"figure style {name!r} not found at {path}; set figures.style to 'paper' or add the file"
+        )
     plt.style.use(str(path))
 
 

@@ -54,7 +54,9 @@ class ForestSegmenter(nn.Module):
         return torch.log(grid.clamp_min(1e-6)).to(tokens.device)
 
 
-def fit_forest(tokens: np.ndarray, labels: np.ndarray, patch_size: int, forest: dict[str, Any], seed: int, threads: int = 1) -> tuple[RandomForestClassifier, int]:
+def fit_forest(
+    tokens: np.ndarray, labels: np.ndarray, patch_size: int, forest: dict[str, Any], seed: int, threads: int = 1
+) -> tuple[RandomForestClassifier, int]:
     """Fit on a seeded sample of labelled tokens; returns the forest and the sample size."""
     rng = np.random.default_rng(seed)
     targets = token_labels(labels, patch_size)
@@ -67,8 +69,11 @@ def fit_forest(tokens: np.ndarray, labels: np.ndarray, patch_size: int, forest: 
         features.append(flat_tokens[chosen])
         classes.append(flat_targets[chosen])
     model = RandomForestClassifier(
-        n_estimators=forest["n_estimators"], max_depth=forest["max_depth"], min_samples_leaf=forest["min_samples_leaf"],
-        random_state=seed, n_jobs=threads,
+        n_estimators=forest["n_estimators"],
+        max_depth=forest["max_depth"],
+        min_samples_leaf=forest["min_samples_leaf"],
+        random_state=seed,
+        n_jobs=threads,
     )
     x, y = np.concatenate(features).astype(np.float32), np.concatenate(classes)
     model.fit(x, y)
@@ -76,9 +81,21 @@ def fit_forest(tokens: np.ndarray, labels: np.ndarray, patch_size: int, forest: 
 
 
 def train_forest_run(
-    *, backbone_name: str, train_set: str, datasets: list[str], seed: int, forest: dict[str, Any],
-    train, val, patch_size: int, data_record: dict[str, Any], threads: int, alignment: str = "none",
-    out_model: Path, out_log: Path, out_run: Path,
+    *,
+    backbone_name: str,
+    train_set: str,
+    datasets: list[str],
+    seed: int,
+    forest: dict[str, Any],
+    train,
+    val,
+    patch_size: int,
+    data_record: dict[str, Any],
+    threads: int,
+    alignment: str = "none",
+    out_model: Path,
+    out_log: Path,
+    out_run: Path,
 ) -> dict[str, Any]:
     started = time.perf_counter()
     seed_everything(seed)
@@ -90,16 +107,53 @@ def train_forest_run(
             logits = segmenter(torch.from_numpy(data.inputs), tuple(data.labels.shape[-2:]))
         return float(soft_dice_loss(logits, torch.from_numpy(data.labels)))
 
-    history = pd.DataFrame([{"epoch": 1, "train_loss": loss_of(train), "val_loss": loss_of(val), "lr": float("nan"), "improved": True, "seconds": time.perf_counter() - started}])
-    snapshot = {"regime": "forest", "backbone_name": backbone_name, "train_set": train_set, "datasets": datasets, "seed": seed, "forest": forest, "head": None, "lora": None, "alignment": alignment}
+    history = pd.DataFrame(
+        [
+            {
+                "epoch": 1,
+                "train_loss": loss_of(train),
+                "val_loss": loss_of(val),
+                "lr": float("nan"),
+                "improved": True,
+                "seconds": time.perf_counter() - started,
+            }
+        ]
+    )
+    snapshot = {
+        "regime": "forest",
+        "backbone_name": backbone_name,
+        "train_set": train_set,
+        "datasets": datasets,
+        "seed": seed,
+        "forest": forest,
+        "head": None,
+        "lora": None,
+        "alignment": alignment,
+    }
     with atomic_path(out_model, suffix=".pt") as tmp:
-        torch.save({"regime": "forest", "forest": model, "patch_size": patch_size, "in_channels": int(train.inputs.shape[1]), "config": snapshot}, tmp)
+        torch.save(
+            {
+                "regime": "forest",
+                "forest": model,
+                "patch_size": patch_size,
+                "in_channels": int(train.inputs.shape[1]),
+                "config": snapshot,
+            },
+            tmp,
+        )
     write_csv(history, out_log)
     record = {
         **{k: snapshot[k] for k in ("regime", "backbone_name", "train_set", "datasets", "seed", "alignment")},
-        "balanced": False, "best_epoch": 1, "best_val_loss": float(history["val_loss"].iloc[0]), "epochs_run": 1,
-        "stop_reason": "fitted", "resumed_from_epoch": 0, "tokens_sampled": n_samples, "trainable_parameters": 0,
-        "data": data_record, "seconds": time.perf_counter() - started,
+        "balanced": False,
+        "best_epoch": 1,
+        "best_val_loss": float(history["val_loss"].iloc[0]),
+        "epochs_run": 1,
+        "stop_reason": "fitted",
+        "resumed_from_epoch": 0,
+        "tokens_sampled": n_samples,
+        "trainable_parameters": 0,
+        "data": data_record,
+        "seconds": time.perf_counter() - started,
     }
     write_json(out_run, record)
     return record

@@ -60,13 +60,22 @@ def load_training_data(
             inputs = tile_set.raw
         for part, mask in (("train", is_train), ("val", is_val)):
             parts[part].append((inputs[mask], tile_set.labels[mask], np.full(mask.sum(), dataset)))
-        record[dataset] = {"val_slices": split["val"], "dropped_slices": split.get("dropped", []),
-                           "train_tiles": int(is_train.sum()), "val_tiles": int(is_val.sum())}
+        record[dataset] = {
+            "val_slices": split["val"],
+            "dropped_slices": split.get("dropped", []),
+            "train_tiles": int(is_train.sum()),
+            "val_tiles": int(is_val.sum()),
+        }
     to_tensor = _tokens_to_tensor if regime in CACHED_REGIMES else to_unit_float
 
     def merge(chunks):
         inputs, labels, sources = zip(*chunks)
-        return TrainingData(_concatenate_padded(inputs, 0), _concatenate_padded(labels, IGNORE_LABEL), np.concatenate(sources), to_tensor=to_tensor)
+        return TrainingData(
+            _concatenate_padded(inputs, 0),
+            _concatenate_padded(labels, IGNORE_LABEL),
+            np.concatenate(sources),
+            to_tensor=to_tensor,
+        )
 
     return merge(parts["train"]), merge(parts["val"]), record
 
@@ -82,7 +91,8 @@ def _concatenate_padded(arrays, fill) -> np.ndarray:
     width = max(a.shape[-1] for a in arrays)
     padded = [
         np.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, height - a.shape[-2]), (0, width - a.shape[-1])], constant_values=fill)
-        if a.shape[-2:] != (height, width) else a
+        if a.shape[-2:] != (height, width)
+        else a
         for a in arrays
     ]
     return np.concatenate(padded)
@@ -98,13 +108,15 @@ def resume_fingerprint(
     """What a checkpoint must share with this run to be resumed: its config, the tiles it
     trains on (view and content digest), the validation split's contents, the backbone's
     weights identity and the rule's code digest. Any difference starts the run afresh."""
-    return fingerprint_of({
-        **snapshot,
-        "tiles": {d: tiles_provenance(path) for d, path in sorted(tiles.items())},
-        "splits": {d: read_json(path) for d, path in sorted(splits.items())},
-        "weights_identity": weights_identity,
-        "code": code,
-    })
+    return fingerprint_of(
+        {
+            **snapshot,
+            "tiles": {d: tiles_provenance(path) for d, path in sorted(tiles.items())},
+            "splits": {d: read_json(path) for d, path in sorted(splits.items())},
+            "weights_identity": weights_identity,
+            "code": code,
+        }
+    )
 
 
 def train_run(
@@ -139,9 +151,17 @@ def train_run(
     aligned = parse_alignment(alignment)
     balanced = bool(training.get("balanced_sampling", False) or aligned["balanced"]) and len(datasets) > 1
     snapshot = {
-        "regime": regime, "backbone_name": backbone_name, "train_set": train_set, "datasets": datasets,
-        "seed": seed, "backbone": backbone, "head": head, "lora": lora if regime == "lora" else None,
-        "training": training, "balanced": balanced, "alignment": alignment,
+        "regime": regime,
+        "backbone_name": backbone_name,
+        "train_set": train_set,
+        "datasets": datasets,
+        "seed": seed,
+        "backbone": backbone,
+        "head": head,
+        "lora": lora if regime == "lora" else None,
+        "training": training,
+        "balanced": balanced,
+        "alignment": alignment,
     }
     generator = seed_everything(seed)
     train, val, data_record = load_training_data(regime, datasets, tiles, features, splits, aligned["feature_std"])
@@ -150,9 +170,20 @@ def train_run(
 
         patch_size = int(read_cache_attrs(features[datasets[0]])["patch_size"])
         return train_forest_run(
-            backbone_name=backbone_name, train_set=train_set, datasets=datasets, seed=seed, forest=forest or {},
-            train=train, val=val, patch_size=patch_size, data_record=data_record, threads=threads, alignment=alignment,
-            out_model=out_model, out_log=out_log, out_run=out_run,
+            backbone_name=backbone_name,
+            train_set=train_set,
+            datasets=datasets,
+            seed=seed,
+            forest=forest or {},
+            train=train,
+            val=val,
+            patch_size=patch_size,
+            data_record=data_record,
+            threads=threads,
+            alignment=alignment,
+            out_model=out_model,
+            out_log=out_log,
+            out_run=out_run,
         )
     in_channels = patch_size = input_standardisation = None
     if regime == "head":
@@ -169,7 +200,9 @@ def train_run(
     weights_identity = snapshot.get("weights_identity") or getattr(getattr(model, "backbone", None), "identity", None)
     fingerprint = resume_fingerprint(snapshot, tiles, splits, weights_identity, code)
     try:
-        result = fit(model, train, val, training, generator, device, checkpoint, fingerprint, balanced, stop_after_epochs)
+        result = fit(
+            model, train, val, training, generator, device, checkpoint, fingerprint, balanced, stop_after_epochs
+        )
     except NonFiniteLoss as error:
         # Nothing of a diverged run is worth resuming from; a rerun with a new lr starts afresh.
         checkpoint.unlink(missing_ok=True)
@@ -180,13 +213,23 @@ def train_run(
             f"(now {training['grad_clip']}) and rerun."
         ) from None
     with atomic_path(out_model, suffix=".pt") as tmp:
-        torch.save({
-            "regime": regime, "in_channels": in_channels, "patch_size": patch_size, "input_standardisation": input_standardisation,
-            "state": result.best_state, "config": snapshot,
-        }, tmp)
+        torch.save(
+            {
+                "regime": regime,
+                "in_channels": in_channels,
+                "patch_size": patch_size,
+                "input_standardisation": input_standardisation,
+                "state": result.best_state,
+                "config": snapshot,
+            },
+            tmp,
+        )
     write_csv(result.history, out_log)
     record = {
-        **{k: snapshot[k] for k in ("regime", "backbone_name", "train_set", "datasets", "seed", "balanced", "alignment")},
+        **{
+            k: snapshot[k]
+            for k in ("regime", "backbone_name", "train_set", "datasets", "seed", "balanced", "alignment")
+        },
         "best_epoch": result.best_epoch,
         "best_val_loss": result.best_val_loss,
         "epochs_run": int(len(result.history)),
@@ -211,7 +254,12 @@ def load_segmenter(model_path: Path, backbone: dict[str, Any]) -> torch.nn.Modul
         return ForestSegmenter(saved["forest"]).eval()
     config = saved["config"]
     model = build_segmenter(
-        saved["regime"], backbone, config["head"], config["lora"] or {}, saved["in_channels"], saved["patch_size"],
+        saved["regime"],
+        backbone,
+        config["head"],
+        config["lora"] or {},
+        saved["in_channels"],
+        saved["patch_size"],
         saved.get("input_standardisation"),
     )
     result = model.load_state_dict(saved["state"], strict=False)

@@ -33,7 +33,9 @@ def epoch_batches(sources: np.ndarray, batch_size: int, generator: torch.Generat
     for name, pool in pools.items():
         needed = n_batches * per_source
         repeats = math.ceil(needed / len(pool))
-        streams[name] = np.concatenate([pool[torch.randperm(len(pool), generator=generator).numpy()] for _ in range(repeats)])[:needed]
+        streams[name] = np.concatenate(
+            [pool[torch.randperm(len(pool), generator=generator).numpy()] for _ in range(repeats)]
+        )[:needed]
     return [
         np.concatenate([streams[name][b * per_source : (b + 1) * per_source] for name in names])
         for b in range(n_batches)

@@ -28,15 +28,21 @@ class CachedFeatureSegmenter(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int, width: int, patch_size: int,
-        input_mean: Sequence[float] | None = None, input_scale: Sequence[float] | None = None,
+        self,
+        in_channels: int,
+        width: int,
+        patch_size: int,
+        input_mean: Sequence[float] | None = None,
+        input_scale: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         self.head = DeconvHead(in_channels, width, up_blocks=up_blocks_for(patch_size))
         self.standardiser: FeatureStandardiser | None = None
         if input_mean is not None:
             if input_scale is None or len(input_mean) != in_channels or len(input_scale) != in_channels:
-                raise ValueError(f"input standardisation needs a mean and a scale for each of the {in_channels} channels")
+                raise ValueError(
+                    f"input standardisation needs a mean and a scale for each of the {in_channels} channels"
+                )
             self.standardiser = FeatureStandardiser(input_mean, input_scale)
 
     def forward(self, tokens: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
@@ -89,4 +95,3 @@ def build_segmenter(
     if "backbone" in spec.trains:
         backbone = make_fully_trainable(backbone)
     return BackboneSegmenter(backbone, head["width"])
-

@@ -169,7 +169,15 @@ def fit(
     model.to(device)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(parameters, training)
-    state: dict[str, Any] = {"epoch": 0, "best_val": math.inf, "best_epoch": 0, "bad_epochs": 0, "history": [], "best_state": None, "drawn": {}}
+    state: dict[str, Any] = {
+        "epoch": 0,
+        "best_val": math.inf,
+        "best_epoch": 0,
+        "bad_epochs": 0,
+        "history": [],
+        "best_state": None,
+        "drawn": {},
+    }
     resumed_from = 0
     if checkpoint.exists():
         saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
@@ -185,7 +193,13 @@ def fit(
             print(f"ignoring {checkpoint}: it belongs to another configuration", flush=True)
     stop_reason = "max_epochs"
     epochs_this_process = 0
-    progress = tqdm(range(state["epoch"], training["max_epochs"]), desc="epochs", unit="epoch", initial=state["epoch"], total=training["max_epochs"])
+    progress = tqdm(
+        range(state["epoch"], training["max_epochs"]),
+        desc="epochs",
+        unit="epoch",
+        initial=state["epoch"],
+        total=training["max_epochs"],
+    )
     for epoch in progress:
         if state["bad_epochs"] >= training["patience"]:
             stop_reason = "early_stopping"
@@ -203,7 +217,9 @@ def fit(
         train_loss = torch.stack(losses).double().mean().item() if losses else math.nan
         if not math.isfinite(train_loss):
             raise NonFiniteLoss(epoch + 1, "training", train_loss)
-        val_loss, per_source = validation_losses(model, val, training["batch_size"], device, training.get("val_loss", "pooled"))
+        val_loss, per_source = validation_losses(
+            model, val, training["batch_size"], device, training.get("val_loss", "pooled")
+        )
         if not math.isfinite(val_loss):
             raise NonFiniteLoss(epoch + 1, "validation", val_loss)
         improved = val_loss < state["best_val"]
@@ -213,13 +229,27 @@ def fit(
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
         state["history"].append(
-            {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "lr": optimizer.param_groups[0]["lr"], "improved": improved,
-             "seconds": time.perf_counter() - started, **{f"val_loss_{name}": loss for name, loss in per_source.items()}}
+            {
+                "epoch": epoch + 1,
+                "train_loss": train_loss,
+                "val_loss": val_loss,
+                "lr": optimizer.param_groups[0]["lr"],
+                "improved": improved,
+                "seconds": time.perf_counter() - started,
+                **{f"val_loss_{name}": loss for name, loss in per_source.items()},
+            }
         )
         progress.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
         _save_checkpoint(
             checkpoint,
-            {"fingerprint": fingerprint, "model": _trainable_state(model), "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "state": state},
+            {
+                "fingerprint": fingerprint,
+                "model": _trainable_state(model),
+                "optimizer": optimizer.state_dict(),
+                "generator": generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "state": state,
+            },
         )
         epochs_this_process += 1
         if stop_after_epochs is not None and epochs_this_process >= stop_after_epochs:
