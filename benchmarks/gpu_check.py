@@ -40,6 +40,7 @@ import yaml
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.common import COLUMNS, Table  # noqa: F401 (COLUMNS: the table's columns, for callers)
 from em_foundation.backbones import build_backbone
 from em_foundation.data.prepared import Split, write_prepared
 from em_foundation.data.tiles import read_tiles, tile_dataset
@@ -48,7 +49,6 @@ from em_foundation.training.segmenter import CachedFeatureSegmenter, build_segme
 from em_foundation.training.trainer import make_optimizer, train_step
 
 REPO = Path(__file__).resolve().parents[1]
-COLUMNS = ["benchmark", "backbone", "setting", "value", "unit", "n_repeats", "note"]
 NO_CUDA = "no CUDA device: nothing measured (run this on a GPU node; --device cpu runs the path on a CPU)"
 
 # Dense bf16 tensor-core peaks (no sparsity) from NVIDIA's data sheets, matched in order
@@ -195,23 +195,12 @@ def run_check(check: Check, root: Path) -> pd.DataFrame:
     settings = published()
     if check.head_width:
         settings["head"]["width"] = check.head_width
-    rows: list[dict[str, Any]] = []
+    table = Table()
     label = check.model
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
 
     def add(benchmark: str, setting: str, value: float, unit: str, n: int, note: str = "") -> None:
-        rows.append(
-            dict(
-                benchmark=benchmark,
-                backbone=label,
-                setting=setting,
-                value=float(value),
-                unit=unit,
-                n_repeats=n,
-                note=note,
-            )
-        )
-        print(f"  {benchmark:<8} {setting:<44} {value:>12.4g} {unit:<8} {note}", flush=True)
+        table.add(benchmark, label, setting, value, unit, n, note)
 
     print(
         f"gpu_check on {name}, torch {torch.__version__}, {check.model} ({check.precision}), {check.n_tiles} tiles of {check.tile}²",
@@ -302,7 +291,7 @@ def run_check(check: Check, root: Path) -> pd.DataFrame:
         f"{trainable} trainable parameters; fp32 as fit runs it",
     )
     add("lora", "peak GPU memory", peak_mib(device), "MiB", 1, "torch.cuda.max_memory_allocated")
-    return pd.DataFrame(rows, columns=COLUMNS)
+    return table.frame()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,31 +64,32 @@ def test_intensity_views_normalise_the_tiles(data, tmp_path):
     assert np.allclose(quantiles, np.percentile(reference, [10, 50, 90]), atol=6)
 
 
-def test_featstd_and_adabn_change_the_paired_model_and_its_scores(data, tmp_path):
-    def train(alignment):
-        out = tmp_path / alignment
-        out.mkdir()
-        return train_run(
-            regime="head",
-            backbone_name="filterbank",
-            train_set="paired",
-            datasets=["fibsem", "sstem"],
-            seed=0,
-            backbone={},
-            head=HEAD,
-            lora={},
-            training=TRAINING,
-            alignment=alignment,
-            tiles={d: data[d]["tiles"] for d in ("fibsem", "sstem")},
-            features={d: data[d]["features"] for d in ("fibsem", "sstem")},
-            splits={d: str(data["root"] / f"{d}.split0.json") for d in ("fibsem", "sstem")},
-            device=torch.device("cpu"),
-            out_model=out / "model.pt",
-            out_log=out / "log.csv",
-            out_run=out / "run.json",
-        )
+def train_paired(data, out, alignment="none"):
+    """The filter-bank head on the paired demo domains, written to ``out``."""
+    out.mkdir()
+    return train_run(
+        regime="head",
+        backbone_name="filterbank",
+        train_set="paired",
+        datasets=["fibsem", "sstem"],
+        seed=0,
+        backbone={},
+        head=HEAD,
+        lora={},
+        training=TRAINING,
+        alignment=alignment,
+        tiles={d: data[d]["tiles"] for d in ("fibsem", "sstem")},
+        features={d: data[d]["features"] for d in ("fibsem", "sstem")},
+        splits={d: str(data["root"] / f"{d}.split0.json") for d in ("fibsem", "sstem")},
+        device=torch.device("cpu"),
+        out_model=out / "model.pt",
+        out_log=out / "log.csv",
+        out_run=out / "run.json",
+    )
 
-    plain, standardised = train("none"), train("featstd-balanced")
+
+def test_featstd_and_adabn_change_the_paired_model_and_its_scores(data, tmp_path):
+    plain, standardised = train_paired(data, tmp_path / "none"), train_paired(data, tmp_path / "fs", "featstd-balanced")
     assert standardised["alignment"] == "featstd-balanced" and standardised["balanced"]
     assert plain["best_val_loss"] != standardised["best_val_loss"]
     model = load_segmenter(tmp_path / "none/model.pt", {})
@@ -177,25 +178,7 @@ def test_featstd_and_adabn_use_training_split_statistics_unless_transductive(dat
     import h5py
 
     out = tmp_path / "model"
-    out.mkdir()
-    train_run(
-        regime="head",
-        backbone_name="filterbank",
-        train_set="paired",
-        datasets=["fibsem", "sstem"],
-        seed=0,
-        backbone={},
-        head=HEAD,
-        lora={},
-        training=TRAINING,
-        tiles={d: data[d]["tiles"] for d in ("fibsem", "sstem")},
-        features={d: data[d]["features"] for d in ("fibsem", "sstem")},
-        splits={d: str(data["root"] / f"{d}.split0.json") for d in ("fibsem", "sstem")},
-        device=torch.device("cpu"),
-        out_model=out / "model.pt",
-        out_log=out / "log.csv",
-        out_run=out / "run.json",
-    )
+    train_paired(data, out)
     model = load_segmenter(out / "model.pt", {})
     sstem = data["sstem"]
     shifted = tmp_path / "shifted.h5"
