@@ -100,6 +100,27 @@ FAMILIES: dict[str, Family] = {
             default_model="ViT-L-14",
             options={"pretrained_tag": str, "init_seed": int},
         ),
+        Family(
+            name="sam",
+            builder="sam:build",
+            default_patch=16,
+            regimes=("head", "lora", "fullft", "forest"),
+            # SAM's pixel mean/std on the 0-255 scale are ImageNet's constants x 255: on
+            # [0, 1] inputs its own normalisation is ImageNet's (backbones/sam.SAM_PIXEL_MEAN).
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            # SAM's weights from timm's hub, or micro-sam's EM models (options.micro_sam) from
+            # the URL and xxh128 checksum micro-sam's registry publishes.
+            hub="sam:hub_source",
+            lora_targets=r".*blocks\.\d+\.attn\.(qkv|proj)",
+            default_model="samvit_base_patch16.sa1b",
+            options={"init_seed": int, "features": str, "micro_sam": str},
+            note=(
+                "SAM ViT-B/L/H image encoders (timm samvit_*_patch16) and micro-sam's EM-organelles models of the "
+                "same architectures; features after the neck by default. SAM2's Hiera encoders are not a family "
+                "yet (see README)"
+            ),
+        ),
     )
 }
 
