@@ -117,8 +117,26 @@ FAMILIES: dict[str, Family] = {
             options={"init_seed": int, "features": str, "micro_sam": str},
             note=(
                 "SAM ViT-B/L/H image encoders (timm samvit_*_patch16) and micro-sam's EM-organelles models of the "
-                "same architectures; features after the neck by default. SAM2's Hiera encoders are not a family "
-                "yet (see README)"
+                "same architectures; features after the neck by default"
+            ),
+        ),
+        Family(
+            name="sam2",
+            builder="sam2:build",
+            default_patch=16,
+            regimes=("head", "lora", "fullft", "forest"),
+            # SAM2 normalises [0, 1] pixels with ImageNet's constants.
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            hub="sam2:hub_source",
+            # Hiera's MultiScaleAttention: fused qkv and output proj (the block's own stage-change
+            # ``blocks.N.proj`` is not attention and is not matched).
+            lora_targets=r".*blocks\.\d+\.attn\.(qkv|proj)",
+            default_model="sam2_hiera_base_plus.fb_r896",
+            options={"init_seed": int},
+            note=(
+                "SAM2's Hiera trunk (timm sam2_hiera_*): the stride-16 stage is the patch grid, the stride-32 stage "
+                "is dropped; inputs padded to a multiple of 32 and the grid cropped back"
             ),
         ),
     )

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from em_foundation.backbones import build_backbone
 from em_foundation.backbones import sam as sam_module
-from em_foundation.backbones.base import IMAGENET_MEAN, IMAGENET_STD
+from em_foundation.backbones.base import IMAGENET_MEAN, IMAGENET_STD, seeded_init
 from em_foundation.backbones.hub import WeightsError, fetch_weights, file_checksum, hub_environment
 from em_foundation.backbones.lora import adapted_modules, add_lora, make_fully_trainable, trainable_state_dict
 from em_foundation.backbones.sam import BACKBONE_PRESETS, MICRO_SAM_MODELS, SAM_PIXEL_MEAN, SAM_PIXEL_STD
@@ -351,3 +351,65 @@ def test_module_table_and_family_row_agree():
     assert row.builder == "sam:build" and row.hub == "sam:hub_source" and row.default_patch == 16
     assert set(row.options) == {"init_seed", "features", "micro_sam"}
     assert sam_module.FEATURES[0] == "neck"  # the default
+
+
+# ----------------------------------------------------------------------------- SAM2 (Hiera)
+
+HIERA = {
+    "family": "sam2",
+    "model": "sam2_hiera_tiny.fb_r896",
+    "weights": "random",
+    "model_kwargs": {"embed_dim": 16, "num_heads": 1},  # stages (1, 2, 7, 2): blocks 3-9 at stride 16
+}
+
+
+def hiera(**changes) -> dict:
+    spec = copy.deepcopy(HIERA)
+    spec.update(changes)
+    return spec
+
+
+@pytest.mark.parametrize("size", [(448, 448), (752, 1008)])
+def test_sam2_stride_16_stage_is_the_grid(size):
+    import timm
+
+    backbone = build_backbone(hiera())
+    assert backbone.patch_size == 16 == patch_size_of(hiera())
+    assert len(backbone.model.blocks) == 10 and backbone.embed_dim == 64  # the stride-32 stage is gone
+    x = images(*size, batch=1)
+    with torch.no_grad():
+        grid = backbone(x).grid
+    assert grid.shape == (1, 64, size[0] // 16, size[1] // 16)
+    if size == (448, 448):  # a multiple of 32: nothing padded, so timm's whole trunk gives the same stage
+        with torch.no_grad(), seeded_init(0):
+            full = timm.create_model(
+                "sam2_hiera_tiny.fb_r896", pretrained=False, num_classes=0, embed_dim=16, num_heads=1
+            )
+        full.eval()
+        with torch.no_grad():
+            stage = full.forward_intermediates(backbone.normalise(x), indices=[2], intermediates_only=True)[0]
+        torch.testing.assert_close(grid, stage)
+
+
+def test_sam2_layers_lora_and_weights_file(tmp_path):
+    backbone = build_backbone(hiera())
+    multi = build_backbone(hiera(layers=[-3, -1]))
+    assert multi.embed_dim == 128 and multi.block_indices == [7, 9]
+    with pytest.raises(ValueError, match="outside"):
+        build_backbone(hiera(layers=[-8]))  # the stride-16 stage has 7 blocks
+    with pytest.raises(ValueError, match="no class token"):
+        build_backbone(hiera(pooling="cls"))
+    adapted = add_lora(build_backbone(hiera()), rank=4, alpha=8, dropout=0.0)
+    names = adapted_modules(adapted)
+    assert len(names) == 20 and all(ATTENTION.fullmatch(name) for name in names)
+    path = tmp_path / "hiera.safetensors"
+    save_file({k: v.contiguous() for k, v in backbone.model.state_dict().items()}, str(path))
+    loaded = build_backbone(hiera(weights=str(path), options={"init_seed": 5}))
+    x = images(64, 96, batch=1)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).grid, backbone(x).grid)
+    state = dict(backbone.model.state_dict())
+    state["blocks.11.attn.qkv.weight"] = torch.zeros(1)  # a block of the dropped stride-32 stage
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    with pytest.raises(WeightsError, match=r"blocks\.11\.attn\.qkv\.weight"):
+        build_backbone(hiera(weights=str(path)))
