@@ -100,6 +100,45 @@ FAMILIES: dict[str, Family] = {
             default_model="ViT-L-14",
             options={"pretrained_tag": str, "init_seed": int},
         ),
+        Family(
+            name="sam",
+            builder="sam:build",
+            default_patch=16,
+            regimes=("head", "lora", "fullft", "forest"),
+            # SAM's pixel mean/std on the 0-255 scale are ImageNet's constants x 255: on
+            # [0, 1] inputs its own normalisation is ImageNet's (backbones/sam.SAM_PIXEL_MEAN).
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            # SAM's weights from timm's hub, or micro-sam's EM models (options.micro_sam) from
+            # the URL and xxh128 checksum micro-sam's registry publishes.
+            hub="sam:hub_source",
+            lora_targets=r".*blocks\.\d+\.attn\.(qkv|proj)",
+            default_model="samvit_base_patch16.sa1b",
+            options={"init_seed": int, "features": str, "micro_sam": str},
+            note=(
+                "SAM ViT-B/L/H image encoders (timm samvit_*_patch16) and micro-sam's EM-organelles models of the "
+                "same architectures; features after the neck by default"
+            ),
+        ),
+        Family(
+            name="sam2",
+            builder="sam2:build",
+            default_patch=16,
+            regimes=("head", "lora", "fullft", "forest"),
+            # SAM2 normalises [0, 1] pixels with ImageNet's constants.
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            hub="sam2:hub_source",
+            # Hiera's MultiScaleAttention: fused qkv and output proj (the block's own stage-change
+            # ``blocks.N.proj`` is not attention and is not matched).
+            lora_targets=r".*blocks\.\d+\.attn\.(qkv|proj)",
+            default_model="sam2_hiera_base_plus.fb_r896",
+            options={"init_seed": int},
+            note=(
+                "SAM2's Hiera trunk (timm sam2_hiera_*): the stride-16 stage is the patch grid, the stride-32 stage "
+                "is dropped; inputs padded to a multiple of 32 and the grid cropped back"
+            ),
+        ),
     )
 }
 

@@ -154,4 +154,10 @@ def test_extended_preset_adds_only_the_study_beyond():
     same = ("datasets", "training_sets", "seeds", "head", "lora", "training")
     for key in same:
         assert extended[key] == published[key], key
-    assert {k: v for k, v in extended["backbones"].items() if k != "filterbank"} == published["backbones"]
+    beyond = ("filterbank", "samB", "usamB")
+    assert {k: v for k, v in extended["backbones"].items() if k not in beyond} == published["backbones"]
+    # General versus EM-pretrained: one architecture, SAM's weights against micro-sam's EM fine-tuning.
+    sam, usam = extended["backbones"]["samB"], extended["backbones"]["usamB"]
+    assert sam["family"] == usam["family"] == "sam"
+    assert sam["model"].split(".")[0] == usam["model"] == "samvit_base_patch16"
+    assert usam["options"]["micro_sam"] == "vit_b_em_organelles" and "micro_sam" not in sam["options"]

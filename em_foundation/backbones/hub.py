@@ -90,6 +90,9 @@ class HubSource:
     filenames: tuple[str, ...] = ()  # candidates, preferred first
     url: str | None = None  # plain URL (older open_clip tags without a hub repository)
     label: str = ""  # model (and tag) the source belongs to, for messages
+    # "xxh128:<hex>" or "sha256:<hex>" as the publisher lists it (micro-sam's registry): a URL
+    # source with a checksum is fetched by ``fetch_checked_url`` and verified on every read
+    checksum: str | None = None
 
 
 def hub_source(spec: dict[str, Any]) -> HubSource:
@@ -114,7 +117,8 @@ class ResolvedFile:
     def identity(self) -> str:
         if self.source.repo_id:
             return f"hf:{self.source.repo_id}@{self.commit or self.revision or 'unknown'}/{self.filename}"
-        return f"url:{self.source.url}"
+        checksum = f"#{self.source.checksum}" if self.source.checksum else ""
+        return f"url:{self.source.url}{checksum}"
 
 
 def snapshot_commit(path: Path) -> str | None:
@@ -173,6 +177,8 @@ def _resolve_url(spec: dict[str, Any], source: HubSource, settings: HubSettings)
         raise WeightsError(
             f"{source.label} is published at a plain URL ({source.url}), which has no revisions; remove `revision`"
         )
+    if source.checksum:
+        return _resolve_checked_url(source, settings)
     cache = (settings.torch_home or Path.home() / ".cache") / "open_clip"
     target = cache / os.path.basename(source.url or "")
     if settings.offline:
@@ -183,6 +189,85 @@ def _resolve_url(spec: dict[str, Any], source: HubSource, settings: HubSettings)
 
         path = Path(download_pretrained_from_url(source.url, cache_dir=str(cache)))
     return ResolvedFile(path, source, path.name, None, None)
+
+
+def file_checksum(path: Path, algorithm: str) -> str:
+    """Hex digest of a file with ``xxh128`` (micro-sam's, pooch's) or ``sha256``."""
+    if algorithm == "xxh128":
+        import xxhash
+
+        digest: Any = xxhash.xxh128()
+    elif algorithm == "sha256":
+        import hashlib
+
+        digest = hashlib.sha256()
+    else:
+        raise WeightsError(f"checksum algorithm {algorithm!r} is not xxh128 or sha256")
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_checksum(path: Path, checksum: str, url: str | None = None) -> None:
+    """``checksum`` ("algorithm:hex") of ``path``, or a WeightsError naming both digests."""
+    algorithm, _, expected = checksum.partition(":")
+    actual = file_checksum(path, algorithm)
+    if actual != expected.lower():
+        raise WeightsError(
+            f"checksum mismatch for {path}{f' (from {url})' if url else ''}: expected {checksum}, got "
+            f"{algorithm}:{actual}; delete the file and run fetch_weights again"
+        )
+
+
+def fetch_checked_url(url: str, checksum: str, target: Path) -> Path:
+    """Download ``url`` to ``target``, keeping it only if it has the published ``checksum``.
+
+    The bytes land under a temporary name (em_foundation.data.download: retries, file://
+    and plain paths for mirrors) and are renamed only after the check, so a changed or
+    truncated upstream file never sits in the cache.
+    """
+    import logging
+
+    from em_foundation.data.download import DownloadError, download
+
+    partial = target.with_name(target.name + ".unverified")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    quiet = logging.getLogger("em_foundation.data.download")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its "no sha256 configured" warning: the checksum is checked below
+    try:
+        download(url, None, partial, config_keys="the checksum table of the backbone's builder module")
+    except DownloadError as error:
+        raise WeightsError(str(error)) from None
+    finally:
+        quiet.setLevel(level)
+    try:
+        verify_checksum(partial, checksum, url)
+    except WeightsError:
+        partial.unlink()
+        raise
+    partial.replace(target)
+    return target
+
+
+def _resolve_checked_url(source: HubSource, settings: HubSettings) -> ResolvedFile:
+    """A file published at a URL with a checksum: fetched once online, read (and verified) offline."""
+    from urllib.parse import urlsplit
+
+    name = os.path.basename(urlsplit(source.url or "").path) or "weights.pt"
+    target = (settings.torch_home or Path.home() / ".cache") / "checkpoints" / source.label / name
+    checksum = str(source.checksum)
+    if not target.is_file():
+        if settings.offline:
+            raise WeightsError(
+                f"pretrained weights of {source.label} ({source.url}) are not in the weights cache ({target}); "
+                "run the fetch_weights rule on a machine with internet first (snakemake --until fetch_weights), "
+                "or copy the file there"
+            )
+        fetch_checked_url(str(source.url), checksum, target)
+    verify_checksum(target, checksum, source.url)
+    return ResolvedFile(target, source, name, None, None)
 
 
 # ----------------------------------------------------------------------------- fetch rule
@@ -222,6 +307,7 @@ def fetch_weights(spec: dict[str, Any], cache_dir: str | os.PathLike) -> dict[st
         source="hub" if resolved.source.repo_id else "url",
         repo_id=resolved.source.repo_id,
         url=resolved.source.url,
+        checksum=resolved.source.checksum,
         revision_resolved=resolved.commit,
         identity=resolved.identity,
         files=[_file_record(resolved.path, name=resolved.filename)],

@@ -1,0 +1,144 @@
+"""SAM2's Hiera image encoder (trunk) through timm (``sam2_hiera_{tiny,small,base_plus,large}``).
+
+Hiera is hierarchical: a stride-4 convolutional stem, then four stages at strides 4, 8, 16
+and 32, each halving the grid by pooling its queries. The stride-16 stage is the patch
+grid here (``patch_size`` 16, as SAM's ViT and DINOv3): it holds most of the blocks
+(ViT-like depth: 7, 11, 16 or 36 of them) and its grid matches the other families' at
+patch 16. The stride-32 stage is removed, so it is neither counted nor trained; SAM2's FPN
+neck is not part of timm's trunk, so the features are the trunk's tokens.
+
+``layers`` index the blocks of the stride-16 stage (negative from its end; default its
+last block), so multi-level features share one grid. Preprocessing is SAM2's: ImageNet's
+mean/std on [0, 1] pixels. Hiera's positional embedding is a global embedding resampled to
+the grid plus a window embedding tiled over it, which needs the stem's grid to be a
+multiple of the first window (8 tokens): inputs are padded at the bottom and right to a
+multiple of 32 pixels (SAM2 pads to its 1024 square the same way) and the grid is cropped
+back to H/16 x W/16, so any multiple of 16 is accepted.
+
+Weights: ``pretrained`` (timm's hub copy of SAM2's trunk: ``.fb_r896`` SAM2, ``_2pt1``
+SAM2.1), ``random`` (``options.init_seed``) or a file with the trunk in timm's names (this
+backbone's ``model.state_dict()``), loaded strictly.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from em_foundation.backbones.base import Backbone, BackboneOutput, normalisation_constants, seeded_init
+from em_foundation.backbones.checkpoint import WeightsError, load_state_dict_file, load_weights_strict, require_file
+from em_foundation.backbones.hub import HubSource, resolve_pretrained
+from em_foundation.backbones.timm_vit import check_patch_size, resolve_layers
+from em_foundation.families import family_of
+from em_foundation.io import file_sha256
+
+GRID_STRIDE = 16
+
+BACKBONE_PRESETS: dict[str, dict[str, Any]] = {
+    "sam2_t": {"family": "sam2", "model": "sam2_hiera_tiny.fb_r896"},
+    "sam2_s": {"family": "sam2", "model": "sam2_hiera_small.fb_r896"},
+    "sam2_bplus": {"family": "sam2", "model": "sam2_hiera_base_plus.fb_r896"},
+    "sam2_l": {"family": "sam2", "model": "sam2_hiera_large.fb_r1024"},
+}
+
+
+def _model_name(spec: dict[str, Any]) -> str:
+    return spec.get("model") or family_of(spec["family"]).default_model
+
+
+def hub_source(spec: dict[str, Any]) -> HubSource:
+    """The hub repository timm loads the SAM2 trunk's weights from."""
+    import timm
+
+    name = _model_name(spec)
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:  # older timm raise on unknown names, newer return None
+        cfg = None
+    if cfg is None or not getattr(cfg, "hf_hub_id", None):
+        raise WeightsError(
+            f"timm has no hub weights for {name!r}; SAM2 trunks: "
+            + ", ".join(p["model"] for p in BACKBONE_PRESETS.values())
+            + " (and their _2pt1 SAM2.1 tags)"
+        )
+    filenames = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else ("model.safetensors", "pytorch_model.bin")
+    return HubSource(repo_id=cfg.hf_hub_id.split("@")[0], filenames=filenames, label=name)
+
+
+class Sam2Hiera(Backbone):
+    """SAM2's Hiera trunk: tokens of chosen blocks of the stride-16 stage as a (C, H/16, W/16) grid."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        import timm
+
+        family = family_of(spec["family"])
+        mean, std = normalisation_constants(spec.get("normalisation"), family.mean, family.std)
+        super().__init__(mean, std)
+        self.family = family.name
+        if (spec.get("pooling") or "mean") != "mean":
+            raise ValueError("SAM2's Hiera has no class token: set pooling: mean (the grid's average)")
+        name = _model_name(spec)
+        weights = spec.get("weights") or "pretrained"
+        kwargs = dict(spec.get("model_kwargs") or {})
+        init_seed = None
+        overlay = None
+        if weights == "random":
+            init_seed = int((spec.get("options") or {}).get("init_seed", 0))
+            self.identity = f"random-init:{name}:seed={init_seed}:{sorted(kwargs.items())}"
+        elif weights == "pretrained":
+            resolved = resolve_pretrained(spec, hub_source(spec))
+            overlay = {"file": str(resolved.path)}
+            self.identity = f"timm:{name}|{resolved.identity}"
+        else:
+            path = require_file(Path(weights))
+            self.identity = f"file:{path.name}:sha256={file_sha256(path)}"
+        try:
+            with seeded_init(init_seed):
+                model = timm.create_model(
+                    name, pretrained=overlay is not None, pretrained_cfg_overlay=overlay, num_classes=0, **kwargs
+                )
+        except RuntimeError as error:
+            if overlay is None:
+                raise
+            raise WeightsError(f"weights file {overlay['file']} does not fit {name}: {str(error)[:1500]}") from error
+        stages = [info["reduction"] for info in model.feature_info]
+        if GRID_STRIDE not in stages:
+            raise ValueError(f"{name} has no stride-{GRID_STRIDE} stage (stage strides {stages})")
+        stage = stages.index(GRID_STRIDE)
+        first = model.stage_ends[stage - 1] + 1 if stage else 0
+        last = model.stage_ends[stage]
+        # Drop the stride-32 stage and the classifier head (its norm has parameters): unused.
+        model.blocks = model.blocks[: last + 1]
+        model.head = nn.Identity()
+        if weights not in ("random", "pretrained"):
+            state = {k: v for k, v in load_state_dict_file(Path(weights)).items()}
+            load_weights_strict(model, state, Path(weights))
+        self.model = model
+        self.patch_size = GRID_STRIDE
+        check_patch_size(spec, self.patch_size)
+        self.layers = list(spec.get("layers") or [-1])
+        self.block_indices = [first + i for i in resolve_layers(self.layers, last - first + 1)]
+        self.embed_dim = int(model.blocks[last].dim_out) * len(self.block_indices)
+        stem_stride = int(model.patch_embed.proj.stride[0])
+        self.pad_to = math.lcm(GRID_STRIDE, stem_stride * int(model.window_spec[0]))
+        self.pooling = "mean"
+
+    def forward(self, images: torch.Tensor) -> BackboneOutput:
+        x = self.normalise(images)
+        height, width = x.shape[-2:]
+        x = F.pad(x, (0, -width % self.pad_to, 0, -height % self.pad_to))
+        grids = self.model.forward_intermediates(
+            x, indices=self.block_indices, coarse=False, stop_early=True, intermediates_only=True
+        )
+        grid = torch.cat(grids, dim=1)[..., : height // GRID_STRIDE, : width // GRID_STRIDE]
+        return BackboneOutput(grid=grid, pooled=grid.mean(dim=(2, 3)))
+
+
+def build(spec: dict[str, Any]) -> Backbone:
+    """Builder of the sam2 family (em_foundation.families)."""
+    return Sam2Hiera(spec)
