@@ -368,12 +368,18 @@ def _check_references(config: dict[str, Any], source: str) -> None:
         raise ConfigError(f"{source}: alignment.reference {reference!r} is not under datasets")
     tile, overlap = config["tiling"]["tile_size"], config["tiling"]["overlap"]
     if config["tiling"]["mode"] == "resize":
+        if config["tiling"].get("pixel_size_nm") is not None:
+            raise ConfigError(
+                f"{source}: tiling.pixel_size_nm applies to tile mode only (resize mode rescales every slice to "
+                "longest_edge anyway); set tiling.mode: tile or tiling.pixel_size_nm: null"
+            )
         return
     if overlap >= tile:
         raise ConfigError(f"{source}: tiling.overlap ({overlap}) must be smaller than tiling.tile_size ({tile})")
     for name, dataset in config["datasets"].items():
         options = dataset.get("options") or {}
-        if dataset["converter"] == "synthetic" and "height" in options and "width" in options:
+        resampled = config["tiling"].get("pixel_size_nm") is not None  # checked on the resampled slices instead
+        if dataset["converter"] == "synthetic" and "height" in options and "width" in options and not resampled:
             check_tile_fits(tile, int(options["height"]), int(options["width"]), f"dataset {name!r}", source)
     from em_foundation.grid import patch_size_of
 

@@ -105,6 +105,8 @@ def view_of(config: dict[str, Any], backbone: str, intensity: str = "raw") -> st
     tiling = config["tiling"]
     if tiling["mode"] == "tile":
         geometry = f"tile{tiling['tile_size']}o{tiling['overlap']}"
+        if tiling.get("pixel_size_nm"):  # resampled to a common pixel size: tiles live beside the native ones
+            geometry += f"nm{float(tiling['pixel_size_nm']):g}"
     else:
         patch = patch_size_of(config["backbones"][backbone])
         geometry = f"resize{resized_edge(tiling['longest_edge'], patch)}p{patch}"
@@ -116,9 +118,16 @@ def parse_view(view: str) -> dict[str, Any]:
     intensity = intensity or "raw"
     if intensity not in INTENSITY_VIEWS:
         raise ValueError(f"unknown intensity normalisation {intensity!r} in tile view {view!r}")
-    tile = re.fullmatch(r"tile(\d+)o(\d+)", geometry)
+    tile = re.fullmatch(r"tile(\d+)o(\d+)(?:nm(\d+(?:\.\d+)?))?", geometry)
     if tile:
-        return {"mode": "tile", "tile_size": int(tile.group(1)), "overlap": int(tile.group(2)), "intensity": intensity}
+        return {
+            "mode": "tile",
+            "tile_size": int(tile.group(1)),
+            "overlap": int(tile.group(2)),
+            "intensity": intensity,
+            # None: the dataset's native pixel size; else every dataset is resampled to this many nm per pixel
+            "pixel_size_nm": float(tile.group(3)) if tile.group(3) else None,
+        }
     resize = re.fullmatch(r"resize(\d+)p(\d+)", geometry)
     if resize:
         return {

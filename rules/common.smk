@@ -22,7 +22,7 @@ wildcard_constraints:
     test_set="[A-Za-z0-9]+",
     regime="[a-z]+",
     seed=r"\d+",
-    view=r"(tile\d+o\d+|resize\d+p\d+)(-percentile|-histmatch)?(-trans)?",
+    view=r"(tile\d+o\d+(nm\d+(\.\d+)?)?|resize\d+p\d+)(-percentile|-histmatch)?(-trans)?",
     intensity="(percentile|histmatch)(-trans)?",
     alignment=r"none|[a-z]+(-[a-z]+)*",
 
