@@ -63,3 +63,16 @@ def test_resampled_tiles_go_back_to_the_native_grid(prepared, tmp_path):
     native = tmp_path / "native.h5"
     tile_dataset(path, native, view=parse_view("tile32o8"), view_name="tile32o8")
     assert len(read_tiles(native, "test").raw) > len(tile_set.raw)  # more tiles at the finer native size
+
+
+def test_kasthuri_of_the_extended_config_prepares_with_its_pixel_size(tmp_path):
+    """The extended config's Kasthuri++ entry, on an archive written in the real layout: 3 nm, ignore honoured."""
+    from em_foundation.config import load_config
+    from tests.test_em_datasets import kasthuri_archive
+    from tests.workflow import REPO
+
+    spec = load_config(REPO / "profiles/extended/workflow_config.yaml")["datasets"]["kasthuri"]
+    archive, _ = kasthuri_archive(tmp_path / "kasthuri_pp.zip")
+    report = prepare_dataset("kasthuri", spec, archive, tmp_path / "k.h5", tmp_path / "k.integrity.json")
+    assert pixel_size_of(tmp_path / "k.h5") == (3.0, 3.0) and report["pixel_size_nm"] == [3.0, 3.0]
+    assert report["splits"]["train"]["label_counts"]["255"] > 0  # the unlabelled (2,2,2) areas

@@ -151,7 +151,11 @@ def test_extended_preset_adds_only_the_study_beyond():
     assert extended["tiling"]["mode"] == "tile"
     assert set(extended["regimes"]) == {"head", "lora", "fullft", "forest"}
     assert "filterbank" in extended["backbones"] and len(extended["alignment"]["variants"]) > 1
-    same = ("datasets", "training_sets", "seeds", "head", "lora", "training")
+    same = ("seeds", "head", "lora", "training")
     for key in same:
         assert extended[key] == published[key], key
+    # Kasthuri++ joins as a third domain; the two published datasets are unchanged.
+    assert {k: v for k, v in extended["datasets"].items() if k != "kasthuri"} == published["datasets"]
+    assert extended["datasets"]["kasthuri"]["converter"] == "kasthuri_pp"
+    assert {k: v for k, v in extended["training_sets"].items() if k != "kasthuri"} == published["training_sets"]
     assert {k: v for k, v in extended["backbones"].items() if k != "filterbank"} == published["backbones"]
