@@ -197,7 +197,20 @@ def validate_config(
         raise ConfigError(f"{source}: {error}") from None
     _check_grid(config, source, warn)
     _check_weights(config, source)
+    _check_predict(config, source)
     return config
+
+
+def _check_predict(config: dict[str, Any], source: str) -> None:
+    """A wrong model named in ``predict`` stops the run at start-up, not after training."""
+    if not config["predict"]["images"]:
+        return
+    from em_foundation.grid import predict_run
+
+    try:
+        predict_run(config)
+    except ValueError as error:
+        raise ConfigError(f"{source}: {error}") from None
 
 
 def _check_grid(config: dict[str, Any], source: str, warn: Callable[[str], None]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 # Views of the families and regimes tables, importable from here as before.
@@ -263,3 +264,39 @@ def fold_names(config: dict[str, Any]) -> dict[str, list]:
         if len(ks) == 1 and name.endswith(f"{FOLD}{next(iter(ks))}"):
             folds[name] = [name.removesuffix(f"{FOLD}{next(iter(ks))}"), ks.pop()]
     return folds
+
+
+def predict_run(config: dict[str, Any]) -> dict[str, Any]:
+    """The model the ``predict`` target applies: the config's ``predict`` block with its defaults filled in.
+
+    Defaults are the first backbone, the first regime that backbone runs, the first training
+    set and the first seed, so that ``predict={images: ...}`` alone names a trained model.
+    """
+    block = config.get("predict") or {}
+    backbone = block.get("backbone") or next(iter(config["backbones"]))
+    if backbone not in config["backbones"]:
+        raise ValueError(f"predict.backbone {backbone!r} is not under backbones ({', '.join(config['backbones'])})")
+    family = config["backbones"][backbone]["family"]
+    runnable = [r for r in config["regimes"] if r in FAMILY_REGIMES[family]]
+    regime = block.get("regime") or (runnable[0] if runnable else None)
+    if regime not in runnable:
+        raise ValueError(f"predict.regime {regime!r}: backbone {backbone!r} runs {', '.join(runnable) or 'nothing'}")
+    train_set = block.get("train_set") or next(iter(config["training_sets"]))
+    if train_set not in config["training_sets"]:
+        raise ValueError(f"predict.train_set {train_set!r} is not under training_sets")
+    seed = block.get("seed")
+    seed = config["seeds"][0] if seed is None else int(seed)
+    if block.get("model") is None and seed not in config["seeds"]:
+        raise ValueError(f"predict.seed {seed} is not under seeds {config['seeds']} (or give predict.model)")
+    images = block.get("images")
+    name = block.get("name") or (Path(str(images).split(":")[0]).stem if images else "unset")
+    return {
+        "backbone": backbone,
+        "regime": regime,
+        "train_set": train_set,
+        "alignment": "none",
+        "seed": seed,
+        "model": block.get("model"),
+        "images": images,
+        "name": name,
+    }

@@ -4,6 +4,7 @@
 # here rather than beside its rule, so the input functions follow below in sections named
 # after the rule file that uses them, in the order the Snakefile includes those files.
 from pathlib import Path
+from types import SimpleNamespace
 
 from em_foundation import grid
 from em_foundation.provenance import code_digest as _code_digest
@@ -234,3 +235,30 @@ def qualitative_runs():
             if run.train_set == train_set and run.seed == seed and run.alignment == "none":
                 chosen.append((test_set, run))
     return chosen
+
+
+# ---------------------------------------------------------------- rules/predict.smk
+
+PREDICT = grid.predict_run(config)
+
+
+def predict_inputs(w):
+    """The model (trained by the workflow unless predict.model names a file) and the images."""
+    if not PREDICT["images"]:
+        raise ValueError(
+            "the predict target needs images: --config 'predict={images: path/to/folder_or_stack.tif}' "
+            "(see README, 'Your own data')"
+        )
+    run = {key: PREDICT[key] for key in ("backbone", "regime", "train_set", "alignment", "seed")}
+    inputs = {"model": PREDICT["model"] or model_path("model.pt", regime=run["regime"]).format(**run)}
+    images = (
+        PREDICT["images"].split(":")[0]
+        if ".h5:" in PREDICT["images"] or ".zarr:" in PREDICT["images"]
+        else PREDICT["images"]
+    )
+    inputs["images"] = images
+    if config["predict"]["pixel_size_nm"] is None:
+        inputs["prepared"] = prepared_path(config["training_sets"][run["train_set"]][0])
+    if REGIMES[run["regime"]].cached or REGIMES[run["regime"]].trains_backbone:
+        inputs["weights"] = weights_input(SimpleNamespace(backbone=run["backbone"]))
+    return inputs
