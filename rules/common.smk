@@ -243,7 +243,11 @@ PREDICT = grid.predict_run(config)
 
 
 def predict_inputs(w):
-    """The model (trained by the workflow unless predict.model names a file) and the images."""
+    """The model (trained by the workflow unless predict.model names a file).
+
+    The images are a parameter, not an input: the script reads them and names a missing one,
+    and a dry run works before they are copied over.
+    """
     if not PREDICT["images"]:
         raise ValueError(
             "the predict target needs images: --config 'predict={images: path/to/folder_or_stack.tif}' "
@@ -251,12 +255,6 @@ def predict_inputs(w):
         )
     run = {key: PREDICT[key] for key in ("backbone", "regime", "train_set", "alignment", "seed")}
     inputs = {"model": PREDICT["model"] or model_path("model.pt", regime=run["regime"]).format(**run)}
-    images = (
-        PREDICT["images"].split(":")[0]
-        if ".h5:" in PREDICT["images"] or ".zarr:" in PREDICT["images"]
-        else PREDICT["images"]
-    )
-    inputs["images"] = images
     if config["predict"]["pixel_size_nm"] is None:
         inputs["prepared"] = prepared_path(config["training_sets"][run["train_set"]][0])
     if REGIMES[run["regime"]].cached or REGIMES[run["regime"]].trains_backbone:
