@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -82,3 +83,24 @@ def test_predict_target_on_new_images(tmp_path):
     assert "predicting 2 image(s)" in log and "a: [70, 90], foreground" in log, log[-2000:]
     assert "rule predict" in result.stdout + result.stderr
     assert not list(tmp_path.glob("results/predictions/*.part"))
+    # the same model named by its file: nothing is trained again, and the maps are the same
+    model = "results/models/filterbank/head/fibsem/none/seed0/model.pt"
+    again = snakemake(
+        tmp_path,
+        "predict",
+        "--config",
+        f"predict={{images: new, pixel_size_nm: [5.0, 5.0], model: {model}, name: again}}",
+        configfile=configfile,
+    )
+    assert "rule train_head" not in again.stdout + again.stderr
+    np.testing.assert_array_equal(
+        tifffile.imread(tmp_path / "results/predictions/again/a_probability.tif"),
+        tifffile.imread(out / "a_probability.tif"),
+    )
+
+
+def test_common_pixel_size_gives_views_of_their_own(tmp_path):
+    """A dry run of the demo at 5 nm: the tiles' view carries the size, and the wildcards accept it."""
+    result = snakemake(tmp_path, "-n", "--config", "tiling={pixel_size_nm: 5.0}")
+    views = set(re.findall(r"results/tiles/([^/\s]+)/", result.stdout + result.stderr))
+    assert views == {"tile112o16nm5"}, views
