@@ -273,22 +273,28 @@ def predict_run(config: dict[str, Any]) -> dict[str, Any]:
     set and the first seed, so that ``predict={images: ...}`` alone names a trained model.
     """
     block = config.get("predict") or {}
+    images = block.get("images")
+    problems = []
     backbone = block.get("backbone") or next(iter(config["backbones"]))
     if backbone not in config["backbones"]:
-        raise ValueError(f"predict.backbone {backbone!r} is not under backbones ({', '.join(config['backbones'])})")
+        problems.append(f"predict.backbone {backbone!r} is not under backbones ({', '.join(config['backbones'])})")
+        backbone = next(iter(config["backbones"]))
     family = config["backbones"][backbone]["family"]
     runnable = [r for r in config["regimes"] if r in FAMILY_REGIMES[family]]
-    regime = block.get("regime") or (runnable[0] if runnable else None)
+    regime = block.get("regime") or (runnable[0] if runnable else config["regimes"][0])
     if regime not in runnable:
-        raise ValueError(f"predict.regime {regime!r}: backbone {backbone!r} runs {', '.join(runnable) or 'nothing'}")
+        problems.append(f"predict.regime {regime!r}: backbone {backbone!r} runs {', '.join(runnable) or 'nothing'}")
     train_set = block.get("train_set") or next(iter(config["training_sets"]))
     if train_set not in config["training_sets"]:
-        raise ValueError(f"predict.train_set {train_set!r} is not under training_sets")
+        problems.append(f"predict.train_set {train_set!r} is not under training_sets")
+        train_set = next(iter(config["training_sets"]))
     seed = block.get("seed")
     seed = config["seeds"][0] if seed is None else int(seed)
     if block.get("model") is None and seed not in config["seeds"]:
-        raise ValueError(f"predict.seed {seed} is not under seeds {config['seeds']} (or give predict.model)")
-    images = block.get("images")
+        problems.append(f"predict.seed {seed} is not under seeds {config['seeds']} (or give predict.model)")
+    # Without images the target is not in use: the defaults only name its (unused) output.
+    if problems and images:
+        raise ValueError("; ".join(problems))
     name = block.get("name") or (Path(str(images).split(":")[0]).stem if images else "unset")
     return {
         "backbone": backbone,

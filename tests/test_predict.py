@@ -104,3 +104,15 @@ def test_common_pixel_size_gives_views_of_their_own(tmp_path):
     result = snakemake(tmp_path, "-n", "--config", "tiling={pixel_size_nm: 5.0}")
     views = set(re.findall(r"results/tiles/([^/\s]+)/", result.stdout + result.stderr))
     assert views == {"tile112o16nm5"}, views
+
+
+def test_a_wrong_model_in_predict_stops_at_start_up_and_an_unused_block_never_does():
+    from em_foundation.config import ConfigError, validate_config
+    from em_foundation.grid import predict_run
+
+    config = tiny_config()
+    config["predict"] = {"images": "new", "regime": "lora"}
+    with pytest.raises(ConfigError, match="predict.regime 'lora': backbone 'filterbank' runs head"):
+        validate_config(config)
+    config["predict"] = {"regime": "lora"}  # no images: the target is not in use
+    assert predict_run(validate_config(config))["name"] == "unset"
