@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 import tifffile
+import torch
 from PIL import Image
 
 from em_foundation.data.tile_grid import stitch_tiles
@@ -116,3 +117,33 @@ def test_a_wrong_model_in_predict_stops_at_start_up_and_an_unused_block_never_do
         validate_config(config)
     config["predict"] = {"regime": "lora"}  # no images: the target is not in use
     assert predict_run(validate_config(config))["name"] == "unset"
+
+
+class Brightness(torch.nn.Module):
+    """A stand-in model with a known answer: foreground probability = sigmoid(20 * (pixel - 0.5))."""
+
+    def forward(self, pixels: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+        x = 10.0 * (pixels - 0.5)
+        return torch.cat([-x, x], dim=1)
+
+
+@pytest.mark.parametrize("view, resampled", [("tile32o8", False), ("tile32o8nm10", True)])
+def test_predict_images_maps_back_to_the_native_grid(tmp_path, view, resampled):
+    """Exact at native resolution; at half resolution only the block edges may differ."""
+    from em_foundation.predict import predict_images
+
+    rng = np.random.default_rng(2)
+    image = np.kron(rng.integers(0, 2, (5, 6)) * 200 + 20, np.ones((16, 16))).astype(np.uint8)[:70, :90]
+    out = tmp_path / "out"
+    result = predict_images(Brightness(), None, [("x", image)], parse_view(view), out, (5.0, 5.0), torch.device("cpu"))
+    probability = tifffile.imread(out / "x_probability.tif")
+    expected = 1 / (1 + np.exp(-20 * (image / 255.0 - 0.5)))
+    mask = tifffile.imread(out / "x_mask.tif")
+    assert probability.shape == mask.shape == image.shape
+    if resampled:
+        assert np.abs(probability - expected).mean() < 0.05
+        assert ((mask == 255) == (image > 127)).mean() > 0.95
+    else:
+        np.testing.assert_allclose(probability, expected, atol=1e-5)
+        np.testing.assert_array_equal(mask == 255, image > 127)
+    assert result["images"][0]["foreground_fraction"] == pytest.approx((mask == 255).mean())
