@@ -239,12 +239,11 @@ def test_duplicate_file(in_tmp):
 
 
 def test_empty_foreground(in_tmp):
+    """Masks that are all background (or a foreground value that never occurs) stop the run."""
     images, labels = volumes()
     tifffile.imwrite(in_tmp / "raw.tif", images)
-    tifffile.imwrite(in_tmp / "mito.tif", labels)
-    spec = volume_spec(images="raw.tif", labels="mito.tif", test_slices="6:8", foreground=[9], ignore_value=None)
-    # values 1..3 are outside [9]: reported first; with labels all 0 the split has no foreground at all
     tifffile.imwrite(in_tmp / "mito.tif", np.zeros_like(labels))
+    spec = volume_spec(images="raw.tif", labels="mito.tif", test_slices="6:8", foreground=[9])
     assert_fails_cleanly(in_tmp, "mine", spec, None, "split 'train' has no foreground pixel", "options.foreground")
 
 

@@ -6,7 +6,7 @@ One file per dataset, at native resolution::
     /<split>/labels   uint8 (N, H, W)   0 background, 1 mitochondria, 255 ignore (unlabelled)
     /<split>/names    str (N,)          slice name, e.g. "12"
     /<split>/sources  str (N,)          source files the slice came from ("image|label")
-    attrs             dataset, converter, voxel_size_nm, licence, citation, url, sha256, ...
+    attrs             dataset, converter, voxel_size_nm, pixel_size_nm (y, x), licence, citation, url, sha256, ...
 
 Splits are ``train`` and ``test``. Keeping names and sources beside the arrays lets a
 reader check the image-label pairing instead of trusting file order.
