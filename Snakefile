@@ -77,6 +77,7 @@ include: "rules/evaluate.smk"
 include: "rules/tables.smk"
 include: "rules/analysis.smk"
 include: "rules/figures.smk"
+include: "rules/predict.smk"
 
 
 localrules:

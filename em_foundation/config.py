@@ -197,7 +197,20 @@ def validate_config(
         raise ConfigError(f"{source}: {error}") from None
     _check_grid(config, source, warn)
     _check_weights(config, source)
+    _check_predict(config, source)
     return config
+
+
+def _check_predict(config: dict[str, Any], source: str) -> None:
+    """A wrong model named in ``predict`` stops the run at start-up, not after training."""
+    if not config["predict"]["images"]:
+        return
+    from em_foundation.grid import predict_run
+
+    try:
+        predict_run(config)
+    except ValueError as error:
+        raise ConfigError(f"{source}: {error}") from None
 
 
 def _check_grid(config: dict[str, Any], source: str, warn: Callable[[str], None]) -> None:
@@ -368,12 +381,18 @@ def _check_references(config: dict[str, Any], source: str) -> None:
         raise ConfigError(f"{source}: alignment.reference {reference!r} is not under datasets")
     tile, overlap = config["tiling"]["tile_size"], config["tiling"]["overlap"]
     if config["tiling"]["mode"] == "resize":
+        if config["tiling"].get("pixel_size_nm") is not None:
+            raise ConfigError(
+                f"{source}: tiling.pixel_size_nm applies to tile mode only (resize mode rescales every slice to "
+                "longest_edge anyway); set tiling.mode: tile or tiling.pixel_size_nm: null"
+            )
         return
     if overlap >= tile:
         raise ConfigError(f"{source}: tiling.overlap ({overlap}) must be smaller than tiling.tile_size ({tile})")
     for name, dataset in config["datasets"].items():
         options = dataset.get("options") or {}
-        if dataset["converter"] == "synthetic" and "height" in options and "width" in options:
+        resampled = config["tiling"].get("pixel_size_nm") is not None  # checked on the resampled slices instead
+        if dataset["converter"] == "synthetic" and "height" in options and "width" in options and not resampled:
             check_tile_fits(tile, int(options["height"]), int(options["width"]), f"dataset {name!r}", source)
     from em_foundation.grid import patch_size_of
 

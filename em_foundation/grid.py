@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 # Views of the families and regimes tables, importable from here as before.
@@ -105,6 +106,8 @@ def view_of(config: dict[str, Any], backbone: str, intensity: str = "raw") -> st
     tiling = config["tiling"]
     if tiling["mode"] == "tile":
         geometry = f"tile{tiling['tile_size']}o{tiling['overlap']}"
+        if tiling.get("pixel_size_nm"):  # resampled to a common pixel size: tiles live beside the native ones
+            geometry += f"nm{float(tiling['pixel_size_nm']):g}"
     else:
         patch = patch_size_of(config["backbones"][backbone])
         geometry = f"resize{resized_edge(tiling['longest_edge'], patch)}p{patch}"
@@ -116,9 +119,16 @@ def parse_view(view: str) -> dict[str, Any]:
     intensity = intensity or "raw"
     if intensity not in INTENSITY_VIEWS:
         raise ValueError(f"unknown intensity normalisation {intensity!r} in tile view {view!r}")
-    tile = re.fullmatch(r"tile(\d+)o(\d+)", geometry)
+    tile = re.fullmatch(r"tile(\d+)o(\d+)(?:nm(\d+(?:\.\d+)?))?", geometry)
     if tile:
-        return {"mode": "tile", "tile_size": int(tile.group(1)), "overlap": int(tile.group(2)), "intensity": intensity}
+        return {
+            "mode": "tile",
+            "tile_size": int(tile.group(1)),
+            "overlap": int(tile.group(2)),
+            "intensity": intensity,
+            # None: the dataset's native pixel size; else every dataset is resampled to this many nm per pixel
+            "pixel_size_nm": float(tile.group(3)) if tile.group(3) else None,
+        }
     resize = re.fullmatch(r"resize(\d+)p(\d+)", geometry)
     if resize:
         return {
@@ -254,3 +264,45 @@ def fold_names(config: dict[str, Any]) -> dict[str, list]:
         if len(ks) == 1 and name.endswith(f"{FOLD}{next(iter(ks))}"):
             folds[name] = [name.removesuffix(f"{FOLD}{next(iter(ks))}"), ks.pop()]
     return folds
+
+
+def predict_run(config: dict[str, Any]) -> dict[str, Any]:
+    """The model the ``predict`` target applies: the config's ``predict`` block with its defaults filled in.
+
+    Defaults are the first backbone, the first regime that backbone runs, the first training
+    set and the first seed, so that ``predict={images: ...}`` alone names a trained model.
+    """
+    block = config.get("predict") or {}
+    images = block.get("images")
+    problems = []
+    backbone = block.get("backbone") or next(iter(config["backbones"]))
+    if backbone not in config["backbones"]:
+        problems.append(f"predict.backbone {backbone!r} is not under backbones ({', '.join(config['backbones'])})")
+        backbone = next(iter(config["backbones"]))
+    family = config["backbones"][backbone]["family"]
+    runnable = [r for r in config["regimes"] if r in FAMILY_REGIMES[family]]
+    regime = block.get("regime") or (runnable[0] if runnable else config["regimes"][0])
+    if regime not in runnable:
+        problems.append(f"predict.regime {regime!r}: backbone {backbone!r} runs {', '.join(runnable) or 'nothing'}")
+    train_set = block.get("train_set") or next(iter(config["training_sets"]))
+    if train_set not in config["training_sets"]:
+        problems.append(f"predict.train_set {train_set!r} is not under training_sets")
+        train_set = next(iter(config["training_sets"]))
+    seed = block.get("seed")
+    seed = config["seeds"][0] if seed is None else int(seed)
+    if block.get("model") is None and seed not in config["seeds"]:
+        problems.append(f"predict.seed {seed} is not under seeds {config['seeds']} (or give predict.model)")
+    # Without images the target is not in use: the defaults only name its (unused) output.
+    if problems and images:
+        raise ValueError("; ".join(problems))
+    name = block.get("name") or (Path(str(images).split(":")[0]).stem if images else "unset")
+    return {
+        "backbone": backbone,
+        "regime": regime,
+        "train_set": train_set,
+        "alignment": "none",
+        "seed": seed,
+        "model": block.get("model"),
+        "images": images,
+        "name": name,
+    }

@@ -4,6 +4,7 @@
 # here rather than beside its rule, so the input functions follow below in sections named
 # after the rule file that uses them, in the order the Snakefile includes those files.
 from pathlib import Path
+from types import SimpleNamespace
 
 from em_foundation import grid
 from em_foundation.provenance import code_digest as _code_digest
@@ -22,7 +23,7 @@ wildcard_constraints:
     test_set="[A-Za-z0-9]+",
     regime="[a-z]+",
     seed=r"\d+",
-    view=r"(tile\d+o\d+|resize\d+p\d+)(-percentile|-histmatch)?(-trans)?",
+    view=r"(tile\d+o\d+(nm\d+(\.\d+)?)?|resize\d+p\d+)(-percentile|-histmatch)?(-trans)?",
     intensity="(percentile|histmatch)(-trans)?",
     alignment=r"none|[a-z]+(-[a-z]+)*",
 
@@ -234,3 +235,28 @@ def qualitative_runs():
             if run.train_set == train_set and run.seed == seed and run.alignment == "none":
                 chosen.append((test_set, run))
     return chosen
+
+
+# ---------------------------------------------------------------- rules/predict.smk
+
+PREDICT = grid.predict_run(config)
+
+
+def predict_inputs(w):
+    """The model (trained by the workflow unless predict.model names a file).
+
+    The images are a parameter, not an input: the script reads them and names a missing one,
+    and a dry run works before they are copied over.
+    """
+    if not PREDICT["images"]:
+        raise ValueError(
+            "the predict target needs images: --config 'predict={images: path/to/folder_or_stack.tif}' "
+            "(see README, 'Your own data')"
+        )
+    run = {key: PREDICT[key] for key in ("backbone", "regime", "train_set", "alignment", "seed")}
+    inputs = {"model": PREDICT["model"] or model_path("model.pt", regime=run["regime"]).format(**run)}
+    if config["predict"]["pixel_size_nm"] is None:
+        inputs["prepared"] = prepared_path(config["training_sets"][run["train_set"]][0])
+    if REGIMES[run["regime"]].cached or REGIMES[run["regime"]].trains_backbone:
+        inputs["weights"] = weights_input(SimpleNamespace(backbone=run["backbone"]))
+    return inputs

@@ -135,7 +135,7 @@ def test_unknown_converter_is_named_with_the_registered_ones():
     config["datasets"]["fibsem"]["converter"] = "synthetc"
     with pytest.raises(
         ConfigError,
-        match=r"datasets\.fibsem\.converter: unknown converter 'synthetc'; registered: kasthuri_pp, lucchi_pp, synthetic, vnc",
+        match=r"datasets\.fibsem\.converter: unknown converter 'synthetc'; registered: folder, kasthuri_pp, lucchi_pp, synthetic, vnc, volume",
     ):
         validate_config(config)
 

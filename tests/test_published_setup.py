@@ -151,7 +151,7 @@ def test_extended_preset_adds_only_the_study_beyond():
     assert extended["tiling"]["mode"] == "tile"
     assert set(extended["regimes"]) == {"head", "lora", "fullft", "forest"}
     assert "filterbank" in extended["backbones"] and len(extended["alignment"]["variants"]) > 1
-    same = ("datasets", "training_sets", "seeds", "head", "lora", "training")
+    same = ("seeds", "head", "lora", "training")
     for key in same:
         assert extended[key] == published[key], key
     beyond = ("filterbank", "samB", "usamB")
@@ -161,3 +161,7 @@ def test_extended_preset_adds_only_the_study_beyond():
     assert sam["family"] == usam["family"] == "sam"
     assert sam["model"].split(".")[0] == usam["model"] == "samvit_base_patch16"
     assert usam["options"]["micro_sam"] == "vit_b_em_organelles" and "micro_sam" not in sam["options"]
+    # Kasthuri++ joins as a third domain; the two published datasets are unchanged.
+    assert {k: v for k, v in extended["datasets"].items() if k != "kasthuri"} == published["datasets"]
+    assert extended["datasets"]["kasthuri"]["converter"] == "kasthuri_pp"
+    assert {k: v for k, v in extended["training_sets"].items() if k != "kasthuri"} == published["training_sets"]

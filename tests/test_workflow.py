@@ -53,6 +53,7 @@ def test_extended_preset_dry_run_tiles_at_native_resolution(tmp_path):
     jobs = scheduled_jobs(result)
     assert set(re.findall(r"results/tiles/(tile448o64)[/-]", result.stdout + result.stderr)) == {"tile448o64"}
     assert jobs["train_fullft"] and jobs["train_forest"] and jobs["train_head"] > 3 * 3 * 5
+    assert re.search(r"prepared/kasthuri\.h5", result.stdout + result.stderr), "Kasthuri++ is the third domain"
 
 
 def test_bad_config_stops_with_the_key_named(tmp_path):

@@ -42,6 +42,10 @@ def prepare_dataset(
         raise err.for_dataset(name) from None
     except ConfigError as err:
         raise ConfigError(str(err).replace("datasets.<name>.", f"datasets.{name}.")) from None
+    # Every dataset records its in-plane pixel size (y, x) in nm: generic converters from
+    # options.pixel_size_nm, the others from their voxel size.
+    if "pixel_size_nm" not in attrs and "voxel_size_nm" in attrs:
+        attrs = {**attrs, "pixel_size_nm": [float(v) for v in list(attrs["voxel_size_nm"])[:2]]}
     archive_sha256 = file_sha256(archive) if archive is not None else None
     report = build_report(name, spec, splits, attrs, archive, archive_sha256)
     report["conversion_seconds"] = round(time.perf_counter() - started, 3)

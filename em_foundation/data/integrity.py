@@ -284,6 +284,8 @@ def build_report(
         "content_digest": attrs.get("content_digest"),
         "url": spec.get("url"),
         "label_rule": attrs.get("label_rule"),
+        "pixel_size_nm": attrs.get("pixel_size_nm"),
+        "intensity_stretch": attrs.get("intensity_stretch", {"applied": False}),
         "foreground_fraction_bounds": list(spec.get("foreground_fraction", [0.0, 1.0])),
         "split_info": attrs.get("split"),
         "splits": {},

@@ -6,7 +6,7 @@ One file per dataset, at native resolution::
     /<split>/labels   uint8 (N, H, W)   0 background, 1 mitochondria, 255 ignore (unlabelled)
     /<split>/names    str (N,)          slice name, e.g. "12"
     /<split>/sources  str (N,)          source files the slice came from ("image|label")
-    attrs             dataset, converter, voxel_size_nm, licence, citation, url, sha256, ...
+    attrs             dataset, converter, voxel_size_nm, pixel_size_nm (y, x), licence, citation, url, sha256, ...
 
 Splits are ``train`` and ``test``. Keeping names and sources beside the arrays lets a
 reader check the image-label pairing instead of trusting file order.
@@ -87,3 +87,18 @@ def read_split(path: str | Path, split: str) -> Split:
 def read_attrs(path: str | Path) -> dict[str, Any]:
     with open_h5(path) as handle:
         return {key: (value.item() if hasattr(value, "item") else value) for key, value in handle.attrs.items()}
+
+
+def pixel_size_of(prepared_path: str | Path) -> tuple[float, float]:
+    """The in-plane pixel size (y, x) in nm that a prepared dataset records.
+
+    Files prepared before ``pixel_size_nm`` was recorded fall back on their ``voxel_size_nm``.
+    Object metrics use it to report sizes in nm rather than pixels.
+    """
+    attrs = read_attrs(prepared_path)
+    for key in ("pixel_size_nm", "voxel_size_nm"):
+        if key in attrs:
+            value = attrs[key]
+            values = json.loads(value) if isinstance(value, str) else list(value)
+            return float(values[0]), float(values[1])
+    raise KeyError(f"{prepared_path}: records no pixel size (attrs: {', '.join(sorted(attrs))}); prepare it again")

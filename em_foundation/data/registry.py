@@ -15,7 +15,7 @@ from em_foundation.registry import Registry
 CONVERTERS: Registry[tuple[dict[str, Split], dict[str, Any]]] = Registry("dataset converter")
 
 # Modules that register converters; imported on first use.
-_CONVERTER_MODULES = ("em_foundation.data.synthetic", "em_foundation.data.em_datasets")
+_CONVERTER_MODULES = ("em_foundation.data.synthetic", "em_foundation.data.em_datasets", "em_foundation.data.generic")
 
 # Each converter's ``options`` and their defaults, declared beside the converter, so that the
 # config check at start-up names a wrong key or value instead of the job failing hours later.

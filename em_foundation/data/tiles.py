@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from em_foundation.config import check_tile_fits
-from em_foundation.data.prepared import read_split
+from em_foundation.data.prepared import pixel_size_of, read_split
 from em_foundation.data.tile_grid import TileGrid, extract_tiles, stitch_tiles
 from em_foundation.io import atomic_path, create_dataset, decode, file_sha256, open_h5
 
@@ -64,10 +64,16 @@ class TileSet:
     tile: int
     overlap: int
     mode: str = "tile"
+    # The grid the tiles were cut from when the slices were resampled to another pixel size
+    # (tiling.pixel_size_nm); None: the native grid.
+    grid_height: int | None = None
+    grid_width: int | None = None
 
     @property
     def grid(self) -> TileGrid:
-        return TileGrid.for_shape(self.height, self.width, self.tile, self.overlap)
+        return TileGrid.for_shape(
+            self.grid_height or self.height, self.grid_width or self.width, self.tile, self.overlap
+        )
 
     @property
     def tile_shape(self) -> tuple[int, int]:
@@ -82,7 +88,26 @@ class TileSet:
             tensor = torch.from_numpy(np.asarray(tile_values, dtype=np.float32)).reshape(1, -1, *self.tile_shape)
             native = F.interpolate(tensor, size=(self.height, self.width), mode="bilinear", align_corners=False)
             return native.reshape(*np.shape(tile_values)[1:-2], self.height, self.width).numpy()
-        return stitch_tiles(tile_values, self.grid, self.overlap)
+        stitched = stitch_tiles(tile_values, self.grid, self.overlap)
+        if stitched.shape[-2:] == (self.height, self.width):
+            return stitched
+        # resampled tiles: the stitched map goes back to the native grid, where evaluation happens
+        tensor = torch.from_numpy(np.asarray(stitched, dtype=np.float32)).reshape(1, -1, *stitched.shape[-2:])
+        native = F.interpolate(tensor, size=(self.height, self.width), mode="bilinear", align_corners=False)
+        return native.reshape(*stitched.shape[:-2], self.height, self.width).numpy()
+
+
+def resample_split(
+    raw: np.ndarray, labels: np.ndarray, native_nm: tuple[float, float], target_nm: float
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """Slices resampled from their native pixel size to ``target_nm`` (bicubic images, nearest labels).
+
+    A VFM sees an organelle at a size in pixels that depends on the pixel size; a common
+    pixel size makes datasets imaged at different resolutions look alike in that respect.
+    """
+    height, width = raw.shape[1:]
+    shape = (max(1, round(height * native_nm[0] / target_nm)), max(1, round(width * native_nm[1] / target_nm)))
+    return resize_images(raw, shape, "bicubic"), resize_images(labels, shape, "nearest"), shape
 
 
 def intensity_table(
@@ -147,10 +172,15 @@ def tile_dataset(
             if table is not None:
                 split.raw = table[split.raw]
             height, width = split.raw.shape[1:]
+            grid_shape = (height, width)
+            if view.get("pixel_size_nm"):
+                split.raw, split.labels, grid_shape = resample_split(
+                    split.raw, split.labels, pixel_size_of(prepared), float(view["pixel_size_nm"])
+                )
             if view["mode"] == "tile":
                 tile, overlap = view["tile_size"], view["overlap"]
-                check_tile_fits(tile, height, width, f"{prepared} ({split_name})", "tiling")
-                grid = TileGrid.for_shape(height, width, tile, overlap)
+                check_tile_fits(tile, *grid_shape, f"{prepared} ({split_name})", "tiling")
+                grid = TileGrid.for_shape(*grid_shape, tile, overlap)
                 raw = np.concatenate([extract_tiles(image, grid) for image in split.raw])
                 labels = np.concatenate([extract_tiles(label, grid) for label in split.labels])
                 positions = np.tile(np.array(grid.positions, dtype=np.int32), (len(split), 1))
@@ -175,8 +205,13 @@ def tile_dataset(
                     "overlap": overlap,
                     "tile_height": raw.shape[1],
                     "tile_width": raw.shape[2],
+                    "grid_height": grid_shape[0],
+                    "grid_width": grid_shape[1],
                 }
             )
+            if view.get("pixel_size_nm"):
+                group.attrs["native_pixel_size_nm"] = json.dumps(list(pixel_size_of(prepared)))
+                group.attrs["pixel_size_nm"] = float(view["pixel_size_nm"])
             chunks = (1, *raw.shape[1:])
             create_dataset(group, "raw", data=raw, chunks=chunks, compression="gzip", compression_opts=1)
             create_dataset(group, "labels", data=labels, chunks=chunks, compression="gzip", compression_opts=1)
@@ -222,4 +257,6 @@ def read_tiles(path: str | Path, split: str, with_pixels: bool = True) -> TileSe
             tile=int(attrs["tile"]),
             overlap=int(attrs["overlap"]),
             mode=str(attrs.get("mode", "tile")),
+            grid_height=int(attrs["grid_height"]) if "grid_height" in attrs else None,
+            grid_width=int(attrs["grid_width"]) if "grid_width" in attrs else None,
         )

@@ -1,0 +1,164 @@
+"""Apply a trained model to unlabelled images: a probability map, a mask and a quick-look overlay per image.
+
+The images (a folder of 2-D PNG/TIFF files or a stack, read by the same readers as the
+generic converters) are cut into the inputs the model was trained on (the config's tiling
+view), predicted, and stitched back to their native resolution. Non-8-bit images get the
+generic converters' percentile stretch, fitted on the images given. Cached-feature regimes
+(head, forest) run the frozen backbone on the fly, as the feature cache did.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import tifffile
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from em_foundation.data.generic import (
+    IMAGE_SUFFIXES,
+    read_plane,
+    read_volume,
+    stretch_to_uint8,
+)
+from em_foundation.data.tile_grid import TileGrid, extract_tiles
+from em_foundation.data.tiles import TileSet, resample_split, resize_images, resized_shape
+from em_foundation.evaluation.evaluate import predict_image
+from em_foundation.feature_cache import _autocast, to_unit_float
+
+OVERLAY_EDGE = 512  # longest edge of the quick-look PNG
+
+
+def read_unlabelled(source: str | Path) -> list[tuple[str, np.ndarray]]:
+    """(name, 2-D image) pairs from a folder (file stems) or a stack (slice numbers)."""
+    path = Path(source)
+    if path.is_dir() and path.suffix != ".zarr":
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise FileNotFoundError(f"predict.images: no {', '.join(IMAGE_SUFFIXES)} files in {path}")
+        return [(p.stem, read_plane(p, "predict")) for p in files]
+    stack = read_volume(Path.cwd(), str(source), "predict", "images")
+    return [(str(z), image) for z, image in enumerate(stack)]
+
+
+def tile_image(image: np.ndarray, view: dict[str, Any], pixel_size_nm: Optional[tuple[float, float]]) -> TileSet:
+    """One uint8 slice cut into the inputs of ``view``, exactly as tile_dataset cuts a prepared slice."""
+    height, width = image.shape
+    raw = image[None]
+    grid_shape = (height, width)
+    if view.get("pixel_size_nm"):
+        raw, _, grid_shape = resample_split(raw, np.zeros_like(raw), pixel_size_nm, float(view["pixel_size_nm"]))
+    if view["mode"] == "tile":
+        tile, overlap = view["tile_size"], view["overlap"]
+        grid = TileGrid.for_shape(*grid_shape, tile, overlap)
+        tiles = extract_tiles(raw[0], grid)
+        positions = np.array(grid.positions, dtype=np.int32)
+    else:
+        shape = resized_shape(height, width, view["longest_edge"], view["patch_size"])
+        tiles = resize_images(raw, shape, "bicubic")
+        positions = np.zeros((1, 2), dtype=np.int32)
+        tile, overlap = max(shape), 0
+    return TileSet(
+        raw=tiles,
+        labels=np.zeros_like(tiles),
+        image_index=np.zeros(len(tiles), dtype=np.int32),
+        positions=positions,
+        names=["image"],
+        height=height,
+        width=width,
+        tile=tile,
+        overlap=overlap,
+        mode=view["mode"],
+        grid_height=grid_shape[0],
+        grid_width=grid_shape[1],
+    )
+
+
+def model_inputs(tile_set: TileSet, backbone: Optional[torch.nn.Module], batch: int, device: torch.device):
+    """Pixels for backbone regimes; float16 tokens from the frozen backbone for cached ones (as cached)."""
+    pixels = to_unit_float(tile_set.raw)
+    if backbone is None:
+        return pixels
+    tokens = []
+    with torch.inference_mode(), _autocast(device):
+        for start in range(0, len(pixels), batch):
+            tokens.append(backbone(pixels[start : start + batch].to(device)).grid.to(torch.float16).cpu())
+    return torch.cat(tokens)
+
+
+def write_tiff(path: Path, array: np.ndarray, pixel_size_nm: tuple[float, float]) -> None:
+    """ImageJ TIFF whose resolution carries the pixel size in nm (Fiji shows it)."""
+    tifffile.imwrite(
+        path,
+        array,
+        imagej=True,
+        resolution=(1.0 / pixel_size_nm[1], 1.0 / pixel_size_nm[0]),
+        metadata={"unit": "nm"},
+    )
+
+
+def overlay(image: np.ndarray, mask: np.ndarray) -> Image.Image:
+    """Gray image with the mask in translucent red, at most OVERLAY_EDGE pixels on its longest side."""
+    rgb = np.repeat(image[..., None], 3, axis=-1).astype(np.float32)
+    rgb[mask > 0] = 0.55 * rgb[mask > 0] + 0.45 * np.array([255.0, 0.0, 0.0])
+    picture = Image.fromarray(rgb.round().astype(np.uint8))
+    picture.thumbnail((OVERLAY_EDGE, OVERLAY_EDGE))
+    return picture
+
+
+def predict_images(
+    model: torch.nn.Module,
+    backbone: Optional[torch.nn.Module],
+    images: list[tuple[str, np.ndarray]],
+    view: dict[str, Any],
+    out_dir: Path,
+    pixel_size_nm: tuple[float, float],
+    device: torch.device,
+    batch_size: int = 8,
+    threshold: float = 0.5,
+    record: Optional[dict[str, Any]] = None,
+) -> dict[str, Any]:
+    """Write <name>_probability.tif, <name>_mask.tif (0/255) and <name>_overlay.png per image, and a summary.
+
+    Everything is written into a temporary folder renamed onto ``out_dir`` at the end, so an
+    interrupted run leaves no folder Snakemake would take for finished.
+    """
+    names = [name for name, _ in images]
+    eight_bit, _, stretch = stretch_to_uint8([image for _, image in images], [], "predict", names)
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model = model.to(device).eval()
+    if backbone is not None:
+        backbone = backbone.to(device).eval()
+    summary = []
+    try:
+        for name, image in tqdm(list(zip(names, eight_bit)), desc="predict", unit="image"):
+            tile_set = tile_image(image, view, pixel_size_nm)
+            inputs = model_inputs(tile_set, backbone, batch_size, device)
+            probability = predict_image(model, inputs, tile_set, batch_size, device).astype(np.float32)
+            mask = (probability >= threshold).astype(np.uint8) * 255
+            write_tiff(tmp / f"{name}_probability.tif", probability, pixel_size_nm)
+            write_tiff(tmp / f"{name}_mask.tif", mask, pixel_size_nm)
+            overlay(image, mask).save(tmp / f"{name}_overlay.png")
+            summary.append({"image": name, "shape": list(image.shape), "foreground_fraction": float((mask > 0).mean())})
+        result = {
+            **(record or {}),
+            "pixel_size_nm": list(pixel_size_nm),
+            "threshold": threshold,
+            "intensity_stretch": stretch,
+            "images": summary,
+        }
+        (tmp / "predictions.json").write_text(json.dumps(result, indent=2))
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result

@@ -1,0 +1,149 @@
+"""The target `predict`: a trained model on unlabelled images, through the workflow (tiny config)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+from em_foundation.data.tile_grid import stitch_tiles
+from em_foundation.grid import parse_view
+from em_foundation.predict import read_unlabelled, tile_image, write_tiff
+from tests.workflow import demo_config, snakemake, write_config
+
+
+def tiny_config() -> dict:
+    """One synthetic domain, the filter-bank head, one seed, two epochs: the cheapest trained model."""
+    config = demo_config()
+    config["datasets"] = {
+        "fibsem": {
+            **config["datasets"]["fibsem"],
+            "options": {"domain": "fibsem", "n_train": 4, "n_test": 2, "height": 64, "width": 64, "seed": 1},
+        }
+    }
+    config["training_sets"] = {"fibsem": ["fibsem"]}
+    config["backbones"] = {"filterbank": config["backbones"]["filterbank"]}
+    config.update(regimes=["head"], seeds=[0], tiling={"tile_size": 32, "overlap": 8})
+    config["training"].update(max_epochs=2, patience=1)
+    return config
+
+
+def test_tile_image_covers_the_slice_and_stitches_back():
+    image = np.random.default_rng(0).integers(0, 256, (50, 70), dtype=np.uint8)
+    tile_set = tile_image(image, parse_view("tile32o8"), (5.0, 5.0))
+    np.testing.assert_allclose(stitch_tiles(tile_set.raw.astype(np.float32), tile_set.grid, 8), image, atol=1e-4)
+    resampled = tile_image(image, parse_view("tile32o8nm10"), (5.0, 5.0))
+    assert (resampled.grid_height, resampled.grid_width) == (25, 35)
+    assert resampled.to_native(resampled.raw.astype(np.float32)).shape == (50, 70)
+
+
+def test_read_unlabelled_stack_and_tiff_pixel_size(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    stack = np.random.default_rng(1).integers(0, 4096, (3, 20, 24), dtype=np.uint16)
+    tifffile.imwrite("stack.tif", stack, photometric="minisblack")
+    images = read_unlabelled("stack.tif")
+    assert [name for name, _ in images] == ["0", "1", "2"]
+    np.testing.assert_array_equal(images[2][1], stack[2])
+    write_tiff(tmp_path / "m.tif", np.zeros((20, 24), np.float32), (4.0, 5.0))
+    with tifffile.TiffFile(tmp_path / "m.tif") as tif:
+        page = tif.pages[0]
+        x, y = page.tags["XResolution"].value, page.tags["YResolution"].value
+        assert x[1] / x[0] == pytest.approx(5.0) and y[1] / y[0] == pytest.approx(4.0)
+        assert tif.imagej_metadata["unit"] == "nm"
+
+
+@pytest.mark.slow
+def test_predict_target_on_new_images(tmp_path):
+    """snakemake predict: trains the tiny model, then writes maps, masks and overlays at native size."""
+    folder = tmp_path / "new"
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    Image.fromarray(rng.integers(0, 256, (70, 90), dtype=np.uint8)).save(folder / "a.png")
+    tifffile.imwrite(folder / "b.tif", rng.integers(0, 256, (64, 64), dtype=np.uint8))
+    configfile = write_config(tmp_path / "tiny.yaml", tiny_config())
+    result = snakemake(
+        tmp_path, "predict", "--config", "predict={images: new, pixel_size_nm: [5.0, 5.0]}", configfile=configfile
+    )
+    out = tmp_path / "results/predictions/new"
+    for name, shape in (("a", (70, 90)), ("b", (64, 64))):
+        probability = tifffile.imread(out / f"{name}_probability.tif")
+        mask = tifffile.imread(out / f"{name}_mask.tif")
+        assert probability.shape == mask.shape == shape
+        assert 0 <= probability.min() and probability.max() <= 1 and set(np.unique(mask)) <= {0, 255}
+        np.testing.assert_array_equal(mask == 255, probability >= 0.5)
+        assert Image.open(out / f"{name}_overlay.png").size == (shape[1], shape[0])
+    summary = json.loads((out / "predictions.json").read_text())
+    assert summary["backbone"] == "filterbank" and summary["regime"] == "head" and summary["seed"] == 0
+    assert summary["pixel_size_nm"] == [5.0, 5.0]
+    log = (tmp_path / "results/logs/predict/new.log").read_text()
+    assert "predicting 2 image(s)" in log and "a: [70, 90], foreground" in log, log[-2000:]
+    assert "rule predict" in result.stdout + result.stderr
+    assert not list(tmp_path.glob("results/predictions/*.part"))
+    # the same model named by its file: nothing is trained again, and the maps are the same
+    model = "results/models/filterbank/head/fibsem/none/seed0/model.pt"
+    again = snakemake(
+        tmp_path,
+        "predict",
+        "--config",
+        f"predict={{images: new, pixel_size_nm: [5.0, 5.0], model: {model}, name: again}}",
+        configfile=configfile,
+    )
+    assert "rule train_head" not in again.stdout + again.stderr
+    np.testing.assert_array_equal(
+        tifffile.imread(tmp_path / "results/predictions/again/a_probability.tif"),
+        tifffile.imread(out / "a_probability.tif"),
+    )
+
+
+def test_common_pixel_size_gives_views_of_their_own(tmp_path):
+    """A dry run of the demo at 5 nm: the tiles' view carries the size, and the wildcards accept it."""
+    result = snakemake(tmp_path, "-n", "--config", "tiling={pixel_size_nm: 5.0}")
+    views = set(re.findall(r"results/tiles/([^/\s]+)/", result.stdout + result.stderr))
+    assert views == {"tile112o16nm5"}, views
+
+
+def test_a_wrong_model_in_predict_stops_at_start_up_and_an_unused_block_never_does():
+    from em_foundation.config import ConfigError, validate_config
+    from em_foundation.grid import predict_run
+
+    config = tiny_config()
+    config["predict"] = {"images": "new", "regime": "lora"}
+    with pytest.raises(ConfigError, match="predict.regime 'lora': backbone 'filterbank' runs head"):
+        validate_config(config)
+    config["predict"] = {"regime": "lora"}  # no images: the target is not in use
+    assert predict_run(validate_config(config))["name"] == "unset"
+
+
+class Brightness(torch.nn.Module):
+    """A stand-in model with a known answer: foreground probability = sigmoid(20 * (pixel - 0.5))."""
+
+    def forward(self, pixels: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+        x = 10.0 * (pixels - 0.5)
+        return torch.cat([-x, x], dim=1)
+
+
+@pytest.mark.parametrize("view, resampled", [("tile32o8", False), ("tile32o8nm10", True)])
+def test_predict_images_maps_back_to_the_native_grid(tmp_path, view, resampled):
+    """Exact at native resolution; at half resolution only the block edges may differ."""
+    from em_foundation.predict import predict_images
+
+    rng = np.random.default_rng(2)
+    image = np.kron(rng.integers(0, 2, (5, 6)) * 200 + 20, np.ones((16, 16))).astype(np.uint8)[:70, :90]
+    out = tmp_path / "out"
+    result = predict_images(Brightness(), None, [("x", image)], parse_view(view), out, (5.0, 5.0), torch.device("cpu"))
+    probability = tifffile.imread(out / "x_probability.tif")
+    expected = 1 / (1 + np.exp(-20 * (image / 255.0 - 0.5)))
+    mask = tifffile.imread(out / "x_mask.tif")
+    assert probability.shape == mask.shape == image.shape
+    if resampled:
+        assert np.abs(probability - expected).mean() < 0.05
+        assert ((mask == 255) == (image > 127)).mean() > 0.95
+    else:
+        np.testing.assert_allclose(probability, expected, atol=1e-5)
+        np.testing.assert_array_equal(mask == 255, image > 127)
+    assert result["images"][0]["foreground_fraction"] == pytest.approx((mask == 255).mean())
