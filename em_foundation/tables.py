@@ -22,6 +22,8 @@ import numpy as np
 import pandas as pd
 
 from em_foundation.evaluation.metrics import Counts, scores
+from em_foundation.evaluation.objects import COLUMNS as OBJECT_COLUMNS
+from em_foundation.evaluation.objects import THREE_D, ObjectCounts, counts_from, scores_columns
 from em_foundation.grid import parse_alignment
 from em_foundation.io import read_json
 
@@ -30,6 +32,23 @@ CI_LEVEL = 95.0
 RUN_KEYS = ["backbone", "regime", "train_set", "alignment", "seed", "test_set"]
 CELL_KEYS = ["backbone", "regime", "train_set", "alignment", "test_set"]
 METRICS = ["fg_iou", "fg_dice", "mean_iou"]
+# Object scores (evaluation/objects.py): 2-D per slice, and with suffix _3d over a contiguous
+# test stack (NaN where the test split is not one). Averaged over seeds like the pixel scores.
+OBJECT_METRICS = [*OBJECT_COLUMNS, *(c + THREE_D for c in OBJECT_COLUMNS)]
+
+
+def _union_objects(scored: list[dict]) -> dict:
+    """Object scores of a union from its members' summed counts (3-D only if every member has them)."""
+    union = {}
+    for suffix in ("", THREE_D):
+        counts = [counts_from(row, suffix) for row in scored]
+        if any(c is None for c in counts):
+            if suffix == "":
+                return {}
+            union.update(scores_columns(None, suffix))
+            continue
+        union.update(scores_columns(sum(counts, ObjectCounts()), suffix))
+    return union
 
 
 def union_rows(rows: list[dict]) -> list[dict]:
@@ -54,6 +73,7 @@ def union_rows(rows: list[dict]) -> list[dict]:
                 "test_set": "+".join(sources),
                 **scores(total),
                 "n_images": sum(int(r["n_images"]) for r in scored),
+                **_union_objects(scored),
             }
         )
     return unions
@@ -227,7 +247,8 @@ def summarise(
     """
     runs = runs if "fold" in runs.columns else runs.assign(fold=NO_FOLD)
     grouped = runs.groupby(CELL_KEYS, sort=True)
-    summary = grouped[METRICS].agg(["mean", "std", "count"])
+    metrics = METRICS + [m for m in OBJECT_METRICS if m in runs.columns]
+    summary = grouped[metrics].agg(["mean", "std", "count"])
     summary.columns = [f"{metric}_{stat if stat != 'count' else 'n'}" for metric, stat in summary.columns]
     summary["seeds"] = grouped["seed"].agg(lambda s: " ".join(map(str, sorted(s))))
     summary["in_domain"] = grouped["in_domain"].first()
@@ -285,7 +306,8 @@ def summary_markdown(summary: pd.DataFrame, metric: str = "fg_iou") -> str:
     table = summary.assign(value=summary.apply(cell, axis=1)).pivot_table(
         index=["backbone", "regime", "train_set", "alignment"], columns="test_set", values="value", aggfunc="first"
     )
-    name = "Foreground IoU on each test set" if metric == "fg_iou" else metric
+    names = {"fg_iou": "Foreground IoU on each test set", "obj_f1": "Object F1 (2-D, IoU >= 0.5) on each test set"}
+    name = names.get(metric, metric)
     header = f"{name}: mean ± sample std over seeds (n seeds)"
     if f"{metric}_ci_low" in summary.columns and summary[f"{metric}_ci_low"].notna().any():
         header += " [95 % bootstrap interval over test images of that mean]"

@@ -191,6 +191,19 @@ def evaluation_inputs(w):
     return inputs
 
 
+def object_datasets():
+    """What the object scores need of each test set: its converter and options (is the test split a
+    stack?) and its pixel size, where the dataset records one."""
+    return {
+        test_set: {
+            "converter": config["datasets"][test_set]["converter"],
+            "options": config["datasets"][test_set].get("options") or {},
+            "pixel_size_nm": config["datasets"][test_set].get("pixel_size_nm"),
+        }
+        for test_set in TEST_SETS
+    }
+
+
 def per_test_set(suffix):
     return [evaluation_path(test_set, suffix) for test_set in TEST_SETS]
 

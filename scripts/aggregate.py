@@ -37,5 +37,8 @@ with logged(snakemake.log[0]):
         (pd.concat(logs, ignore_index=True), outputs.training_logs),
     ):
         write_csv(frame, path)
-    write_text(outputs.markdown, summary_markdown(summary))
-    print(summary_markdown(summary))
+    markdown = summary_markdown(summary)
+    if "obj_f1_mean" in summary.columns:
+        markdown += "\n" + summary_markdown(summary, "obj_f1")
+    write_text(outputs.markdown, markdown)
+    print(markdown)
