@@ -25,6 +25,7 @@ with logged(snakemake.log[0]):
                 train_set=record["train_set"],
                 alignment=record.get("alignment", "none"),
                 seed=record["seed"],
+                n_train_slices=str(record.get("n_train_slices", "all")),
                 best_epoch=record["best_epoch"],
                 stop_reason=record["stop_reason"],
             )

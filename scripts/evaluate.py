@@ -6,6 +6,8 @@ from em_foundation.backbones.hub import hub_environment
 from em_foundation.data.registry import has_stack_test_split
 from em_foundation.evaluation.evaluate import evaluate_model, stack_object_counts, write_evaluation
 from em_foundation.evaluation.objects import min_object_size
+from em_foundation.grid import n_train_slices_of
+from em_foundation.io import read_json
 from em_foundation.runtime import configure
 from em_foundation.scripting import logged
 from em_foundation.training.run import load_segmenter
@@ -15,6 +17,7 @@ with logged(snakemake.log[0]):
     w, inputs, outputs, params = snakemake.wildcards, snakemake.input, snakemake.output, snakemake.params
     with hub_environment(snakemake.params.hub["cache_dir"], offline=True):
         model = load_segmenter(Path(inputs.model), dict(params.backbone))
+    trained = read_json(inputs.run)
     for k, test_set in enumerate(params.test_sets):
         features = inputs.features[k] if "features" in inputs.keys() else None
         spec = dict(params.test_datasets[test_set])
@@ -37,6 +40,9 @@ with logged(snakemake.log[0]):
             "train_set": w.train_set,
             "alignment": w.alignment,
             "seed": int(w.seed),
+            "n_train_slices": n_train_slices_of(w.labels),
+            # how many labelled slices the model really trained on (all sources; 'all' made a number)
+            "n_labelled_slices": int(trained.get("n_labelled_slices", -1)),
             "test_set": test_set,
             "train_datasets": list(params.datasets),
         }

@@ -48,6 +48,20 @@ def test_published_dry_run_lists_the_real_downloads(tmp_path):
     assert jobs["tile_dataset"] == 2 * 2
 
 
+def test_label_efficiency_sweep_adds_runs_beside_todays_paths(tmp_path):
+    config = demo_config()
+    config["training"]["n_train_slices"] = [2, "all"]
+    config["training"]["n_train_slices_for"] = ["fibsem"]
+    result = snakemake(tmp_path, "-n", "-p", configfile=write_config(tmp_path / "sweep.yaml", config))
+    jobs = scheduled_jobs(result)
+    # demo: filterbank (head) and tinyvit (head, lora), 3 training sets, 2 seeds; fibsem gets a 2-slice run too
+    assert jobs["train_head"] == 2 * 4 * 2 and jobs["train_lora"] == 4 * 2, dict(jobs)
+    text = result.stdout + result.stderr
+    assert "models/filterbank/head/fibsem/none/seed0-n2/model.pt" in text
+    assert "models/filterbank/head/fibsem/none/seed0/model.pt" in text
+    assert "/sstem/none/seed0-n2" not in text and "/paired/none/seed0-n2" not in text, "only fibsem gets the sweep"
+
+
 def test_extended_preset_dry_run_tiles_at_native_resolution(tmp_path):
     result = snakemake(tmp_path, "-n", "--config", "preset=extended")
     jobs = scheduled_jobs(result)

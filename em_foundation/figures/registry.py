@@ -20,8 +20,13 @@ from em_foundation.io import open_h5
 Inputs = dict[str, Sequence[str]]
 
 
-def _table(paths: Sequence[str]) -> pd.DataFrame:
-    return pd.concat([pd.read_csv(path) for path in paths], ignore_index=True)
+def _table(paths: Sequence[str], every_size: bool = False) -> pd.DataFrame:
+    """The tables concatenated; unless ``every_size``, only the models trained on all training
+    slices (the label-efficiency sweep has a figure of its own)."""
+    table = pd.concat([pd.read_csv(path) for path in paths], ignore_index=True)
+    if not every_size and "n_train_slices" in table.columns:
+        table = table[table["n_train_slices"].astype(str) == "all"]
+    return table
 
 
 def _pca(inputs: Inputs, params: dict[str, Any]) -> plt.Figure:
