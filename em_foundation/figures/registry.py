@@ -47,6 +47,7 @@ FIGURES: dict[str, Callable[[Inputs, dict[str, Any]], plt.Figure]] = {
     "alignment": lambda inputs, params: plots.alignment_comparison(_table(inputs["table"])),
     "learning_curves": lambda inputs, params: plots.learning_curves(_table(inputs["table"])),
     "qualitative": _qualitative,
+    "label_efficiency": lambda inputs, params: plots.label_efficiency(_table(inputs["table"], every_size=True)),
     # Domain analysis (the per-backbone CSVs of rule domain_analysis) and paired training.
     "pca": _pca,
     "frechet": lambda inputs, params: analysis_plots.frechet_matrix(_table(inputs["table"]), params.get("variant")),
