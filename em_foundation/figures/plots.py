@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 import numpy as np
 import pandas as pd
 
@@ -297,6 +298,9 @@ def label_efficiency(summary: pd.DataFrame, metric: str = "fg_iou") -> plt.Figur
                 if low in line and line[low].notna().all():
                     ax.fill_between(x, line[low], line[high], color=f"C{k}", alpha=0.1, lw=0)
         ax.set_xscale("log")
+        ticks = sorted(set(panel["n_labelled_slices"].astype(float)))
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])  # the sizes trained, not powers of ten
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_title(f"test: {test_set}")
         ax.set_xlabel("labelled training slices")
         ax.set_ylim(0, 1)
