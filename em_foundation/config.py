@@ -373,6 +373,11 @@ def _check_references(config: dict[str, Any], source: str) -> None:
             parse_alignment(name)
         except ValueError as error:
             raise ConfigError(f"{source}: alignment.variants: {error}") from None
+    for member in config["training"].get("n_train_slices_for") or []:
+        if member not in config["training_sets"]:
+            raise ConfigError(
+                f"{source}: training.n_train_slices_for names {member!r}, which is not under training_sets"
+            )
     for member in config["alignment"]["train_sets"] or []:
         if member not in config["training_sets"]:
             raise ConfigError(f"{source}: alignment.train_sets names {member!r}, which is not under training_sets")

@@ -141,22 +141,54 @@ def parse_view(view: str) -> dict[str, Any]:
 
 
 # Where everything of one trained model lives, below results/models, results/evaluation, ...
-RUN_PATTERN = "{backbone}/{regime}/{train_set}/{alignment}/seed{seed}"
+# ``labels`` is empty for a model trained on every training slice (today's paths unchanged) and
+# ``-n<k>`` for one trained on k labelled slices per source (training.n_train_slices): seed0-n2.
+RUN_PATTERN = "{backbone}/{regime}/{train_set}/{alignment}/seed{seed}{labels}"
+ALL_SLICES = "all"
+# training keys that make the label-efficiency sweep: in the run path, not passed to training
+SWEEP_KEYS = ("n_train_slices", "n_train_slices_for")
+
+
+def labels_suffix(n_train_slices: int | str) -> str:
+    return "" if str(n_train_slices) == ALL_SLICES else f"-n{int(n_train_slices)}"
+
+
+def n_train_slices_of(labels: str) -> str:
+    """The ``labels`` wildcard back to the n_train_slices value: '' -> 'all', '-n2' -> '2'."""
+    if not labels:
+        return ALL_SLICES
+    match = re.fullmatch(r"-n(\d+)", labels)
+    if not match:
+        raise ValueError(f"labels suffix {labels!r} is not '' or '-n<k>'")
+    return match.group(1)
 
 
 @dataclass(frozen=True)
 class Run:
-    """One trained model: a cell of the grid and one of its seeds."""
+    """One trained model: a cell of the grid and one of its seeds (and its number of labelled slices)."""
 
     backbone: str
     regime: str
     train_set: str
     seed: int
     alignment: str = "none"
+    n_train_slices: str = ALL_SLICES
 
     @property
     def path(self) -> str:
-        return RUN_PATTERN.format(**asdict(self))
+        fields = asdict(self)
+        return RUN_PATTERN.format(**fields, labels=labels_suffix(fields.pop("n_train_slices")))
+
+
+def n_train_slices_for(config: dict[str, Any], train_set: str) -> list[str]:
+    """The label-efficiency sweep of one training set: training.n_train_slices where
+    training.n_train_slices_for is null or names it, else every slice only ('all')."""
+    training = config["training"]
+    sizes = training.get("n_train_slices") or [ALL_SLICES]
+    chosen = training.get("n_train_slices_for")
+    if chosen is not None and train_set not in chosen and re.sub(rf"{FOLD}\d+$", "", train_set) not in chosen:
+        return [ALL_SLICES]
+    return [str(size) for size in sizes]
 
 
 def regimes_for(config: dict[str, Any], backbone: str) -> list[str]:
@@ -184,11 +216,12 @@ def alignments_for(config: dict[str, Any], regime: str, train_set: str) -> list[
 
 def runs(config: dict[str, Any]) -> list[Run]:
     return [
-        Run(backbone, regime, train_set, seed, alignment)
+        Run(backbone, regime, train_set, seed, alignment, size)
         for backbone in config["backbones"]
         for regime in regimes_for(config, backbone)
         for train_set in config["training_sets"]
         for alignment in alignments_for(config, regime, train_set)
+        for size in n_train_slices_for(config, train_set)
         for seed in config["seeds"]
     ]
 

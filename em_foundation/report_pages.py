@@ -10,7 +10,8 @@ from typing import Any
 import pandas as pd
 
 # What names one model in the summary: a cell must never mix a plain and an aligned model.
-MODEL_KEYS = ["backbone", "regime", "train_set", "alignment"]
+# n_train_slices: a label-efficiency sweep trains each model at several sizes (where summary.csv has it)
+MODEL_KEYS = ["backbone", "regime", "train_set", "alignment", "n_train_slices"]
 
 STYLE = """
 body { font-family: sans-serif; font-size: 13px; margin: 1em; }
@@ -60,6 +61,7 @@ def summary_page(summary: pd.DataFrame) -> str:
         ("fg_iou", "Foreground IoU"),
         ("fg_dice", "Foreground Dice"),
         ("mean_iou", "Mean IoU (both classes)"),
+        *([("obj_f1", "Object F1 (2-D, IoU >= 0.5)")] if "obj_f1_mean" in summary else []),
     ):
         wide = (
             summary.assign(value=summary.apply(cell, axis=1, metric=metric))

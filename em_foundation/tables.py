@@ -22,14 +22,46 @@ import numpy as np
 import pandas as pd
 
 from em_foundation.evaluation.metrics import Counts, scores
+from em_foundation.evaluation.objects import COLUMNS as OBJECT_COLUMNS
+from em_foundation.evaluation.objects import THREE_D, ObjectCounts, counts_from, scores_columns
 from em_foundation.grid import parse_alignment
 from em_foundation.io import read_json
 
 CI_LEVEL = 95.0
 
-RUN_KEYS = ["backbone", "regime", "train_set", "alignment", "seed", "test_set"]
-CELL_KEYS = ["backbone", "regime", "train_set", "alignment", "test_set"]
+# n_train_slices: labelled training slices per source ('all', or a number as text: label efficiency).
+RUN_KEYS = ["backbone", "regime", "train_set", "alignment", "n_train_slices", "seed", "test_set"]
+CELL_KEYS = ["backbone", "regime", "train_set", "alignment", "n_train_slices", "test_set"]
+
+
+def with_n_train_slices(frame: pd.DataFrame) -> pd.DataFrame:
+    """The n_train_slices column as text ('all' where a table predates the sweep), so that
+    CSV round trips (which read '2' as a number) keep the keys equal."""
+    frame = frame.copy()
+    if "n_train_slices" not in frame.columns:
+        frame["n_train_slices"] = "all"
+    frame["n_train_slices"] = frame["n_train_slices"].fillna("all").astype(str)
+    return frame
+
+
 METRICS = ["fg_iou", "fg_dice", "mean_iou"]
+# Object scores (evaluation/objects.py): 2-D per slice, and with suffix _3d over a contiguous
+# test stack (NaN where the test split is not one). Averaged over seeds like the pixel scores.
+OBJECT_METRICS = [*OBJECT_COLUMNS, *(c + THREE_D for c in OBJECT_COLUMNS)]
+
+
+def _union_objects(scored: list[dict]) -> dict:
+    """Object scores of a union from its members' summed counts (3-D only if every member has them)."""
+    union = {}
+    for suffix in ("", THREE_D):
+        counts = [counts_from(row, suffix) for row in scored]
+        if any(c is None for c in counts):
+            if suffix == "":
+                return {}
+            union.update(scores_columns(None, suffix))
+            continue
+        union.update(scores_columns(sum(counts, ObjectCounts()), suffix))
+    return union
 
 
 def union_rows(rows: list[dict]) -> list[dict]:
@@ -40,7 +72,7 @@ def union_rows(rows: list[dict]) -> list[dict]:
     """
     by_run: dict[tuple, list[dict]] = {}
     for row in rows:
-        by_run.setdefault(tuple(row[k] for k in RUN_KEYS[:-1]), []).append(row)
+        by_run.setdefault(tuple(str(row.get(k, "all")) for k in RUN_KEYS[:-1]), []).append(row)
     unions = []
     for members in by_run.values():
         sources = list(members[0]["train_datasets"])
@@ -50,10 +82,11 @@ def union_rows(rows: list[dict]) -> list[dict]:
         total = Counts(*(sum(int(row[k]) for row in scored) for k in ("tp", "fp", "fn", "tn")))
         unions.append(
             {
-                **{k: v for k, v in scored[0].items() if k in RUN_KEYS or k == "train_datasets"},
+                **{k: v for k, v in scored[0].items() if k in RUN_KEYS or k in ("train_datasets", "n_labelled_slices")},
                 "test_set": "+".join(sources),
                 **scores(total),
                 "n_images": sum(int(r["n_images"]) for r in scored),
+                **_union_objects(scored),
             }
         )
     return unions
@@ -153,7 +186,7 @@ IMAGE_KEYS = RUN_KEYS[:-1] + ["fold", "test_set"]
 
 
 def _group_images(per_image: pd.DataFrame, folds: dict[str, list] | None = None) -> dict[tuple, pd.DataFrame]:
-    per_image = per_image.copy()
+    per_image = with_n_train_slices(per_image)
     if "alignment" not in per_image.columns:
         per_image["alignment"] = "none"
     per_image["seed"] = per_image["seed"].astype(int)
@@ -192,6 +225,7 @@ def collect_runs(
     rows = [read_json(path) for path in metric_files]
     for row in rows:
         row.setdefault("alignment", "none")
+        row["n_train_slices"] = str(row.get("n_train_slices", "all"))
     runs = pd.DataFrame(rows + union_rows(rows))
     if runs.empty:
         raise ValueError("no evaluation results to aggregate")
@@ -225,12 +259,15 @@ def summarise(
     With k folds, a cell's runs are its seeds × folds; every fold has its own test images,
     resampled on their own, and the interval is that of the mean over all of them.
     """
-    runs = runs if "fold" in runs.columns else runs.assign(fold=NO_FOLD)
+    runs = with_n_train_slices(runs if "fold" in runs.columns else runs.assign(fold=NO_FOLD))
     grouped = runs.groupby(CELL_KEYS, sort=True)
-    summary = grouped[METRICS].agg(["mean", "std", "count"])
+    metrics = METRICS + [m for m in OBJECT_METRICS if m in runs.columns]
+    summary = grouped[metrics].agg(["mean", "std", "count"])
     summary.columns = [f"{metric}_{stat if stat != 'count' else 'n'}" for metric, stat in summary.columns]
     summary["seeds"] = grouped["seed"].agg(lambda s: " ".join(map(str, sorted(s))))
     summary["in_domain"] = grouped["in_domain"].first()
+    if "n_labelled_slices" in runs.columns:  # what 'all' means in slices (seeds agree unless the split differs)
+        summary["n_labelled_slices"] = grouped["n_labelled_slices"].mean()
     summary["transductive"] = grouped["transductive"].first()
     summary["n_images"] = runs.drop_duplicates(CELL_KEYS + ["fold"]).groupby(CELL_KEYS, sort=True)["n_images"].sum()
     if folds:
@@ -245,7 +282,15 @@ def summarise(
         for fold, fold_runs in members.groupby("fold"):
             stacked, strata, images = [], None, None
             for seed in sorted(fold_runs["seed"]):
-                run = (key["backbone"], key["regime"], key["train_set"], key["alignment"], int(seed), int(fold))
+                run = (
+                    key["backbone"],
+                    key["regime"],
+                    key["train_set"],
+                    key["alignment"],
+                    key["n_train_slices"],
+                    int(seed),
+                    int(fold),
+                )
                 strata_, counts, keys = _image_counts(by_run, run, str(key["test_set"]).split("+"))
                 if images is not None and keys != images:
                     raise ValueError(f"seeds of cell {key} were scored on different test images; cannot pair them")
@@ -282,10 +327,14 @@ def summary_markdown(summary: pd.DataFrame, metric: str = "fg_iou") -> str:
         interval = _interval_text(row.get(f"{metric}_ci_low", np.nan), row.get(f"{metric}_ci_high", np.nan))
         return f"{'n/a' if pd.isna(mean) else f'{mean:.3f}'} ± {spread} ({int(row[f'{metric}_n'])}){interval}"
 
+    index = ["backbone", "regime", "train_set", "alignment"]
+    if "n_train_slices" in summary.columns and summary["n_train_slices"].nunique() > 1:
+        index.append("n_train_slices")
     table = summary.assign(value=summary.apply(cell, axis=1)).pivot_table(
-        index=["backbone", "regime", "train_set", "alignment"], columns="test_set", values="value", aggfunc="first"
+        index=index, columns="test_set", values="value", aggfunc="first"
     )
-    name = "Foreground IoU on each test set" if metric == "fg_iou" else metric
+    names = {"fg_iou": "Foreground IoU on each test set", "obj_f1": "Object F1 (2-D, IoU >= 0.5) on each test set"}
+    name = names.get(metric, metric)
     header = f"{name}: mean ± sample std over seeds (n seeds)"
     if f"{metric}_ci_low" in summary.columns and summary[f"{metric}_ci_low"].notna().any():
         header += " [95 % bootstrap interval over test images of that mean]"

@@ -12,7 +12,8 @@ from em_foundation.regimes import REGIMES
 
 RUNS = grid.runs(config)
 TEST_SETS = grid.test_sets(config)
-# One trained model: {backbone}/{regime}/{train_set}/{alignment}/seed{seed}, written once (in grid).
+# One trained model: {backbone}/{regime}/{train_set}/{alignment}/seed{seed}{labels}, written once (in grid);
+# {labels} is empty (all training slices) or -n<k> (k labelled slices: training.n_train_slices).
 RUN = grid.RUN_PATTERN
 
 
@@ -23,6 +24,7 @@ wildcard_constraints:
     test_set="[A-Za-z0-9]+",
     regime="[a-z]+",
     seed=r"\d+",
+    labels=r"(-n\d+)?",
     view=r"(tile\d+o\d+(nm\d+(\.\d+)?)?|resize\d+p\d+)(-percentile|-histmatch)?(-trans)?",
     intensity="(percentile|histmatch)(-trans)?",
     alignment=r"none|[a-z]+(-[a-z]+)*",
@@ -172,6 +174,9 @@ def train_params(regime):
         block: (lambda w: config["backbones"][w.backbone]) if block == "backbone" else config[block]
         for block in REGIMES[regime].blocks
     }
+    if "training" in blocks:
+        # The sweep is in the path ({labels}), not a param: adding it leaves the other runs' params as they were.
+        blocks["training"] = {k: v for k, v in config["training"].items() if k not in grid.SWEEP_KEYS}
     return {"regime": regime, "datasets": train_datasets, **blocks, **compute_params(), "code": code_digest("train.py")}
 
 
@@ -190,6 +195,18 @@ def evaluation_inputs(w):
     else:
         inputs["weights"] = weights_input(w)
     return inputs
+
+
+def object_datasets():
+    """What the object scores need of each test set's config: its converter and options (is the
+    test split a stack?). The pixel size comes from the prepared file."""
+    return {
+        test_set: {
+            "converter": config["datasets"][test_set]["converter"],
+            "options": config["datasets"][test_set].get("options") or {},
+        }
+        for test_set in TEST_SETS
+    }
 
 
 def per_test_set(suffix):
@@ -232,7 +249,12 @@ def qualitative_runs():
         containing = [name for name, members in config["training_sets"].items() if test_set in members]
         train_set = (own or containing or list(config["training_sets"]))[0]
         for run in RUNS:
-            if run.train_set == train_set and run.seed == seed and run.alignment == "none":
+            if (
+                run.train_set == train_set
+                and run.seed == seed
+                and run.alignment == "none"
+                and run.n_train_slices == grid.ALL_SLICES
+            ):
                 chosen.append((test_set, run))
     return chosen
 

@@ -23,6 +23,8 @@ rule evaluate:
         backbone=lambda w: config["backbones"][w.backbone] if REGIMES[w.regime].trains_backbone else {},
         datasets=train_datasets,
         keep_predictions=config["evaluation"]["save_predictions"],
+        objects=config["evaluation"]["objects"],
+        test_datasets=object_datasets(),
         code=code_digest("evaluate.py"),
     script:
         "../scripts/evaluate.py"

@@ -4,6 +4,9 @@
 FIGURE_NAMES = ["iou_bars", "cross_domain", "qualitative", "learning_curves"]
 if set(config["alignment"]["variants"]) - {"none"}:
     FIGURE_NAMES.append("alignment")
+# Label efficiency: only when some training set is trained at more than one size.
+if any(len(grid.n_train_slices_for(config, t)) > 1 for t in config["training_sets"]):
+    FIGURE_NAMES.append("label_efficiency")
 FIGURE_NAMES += ["pca", "frechet", "probe"]
 # The paired comparison needs a training set that unites several datasets.
 if any(len(members) > 1 for members in config["training_sets"].values()):
@@ -59,6 +62,17 @@ use rule figure_iou_bars as figure_paired with:
         benchmarks("figures/paired.tsv")
     params:
         **figure_params("paired", training_sets=config["training_sets"]),
+
+
+use rule figure_iou_bars as figure_label_efficiency with:
+    output:
+        **figure_outputs("label_efficiency"),
+    log:
+        logs("figures/label_efficiency.log"),
+    benchmark:
+        benchmarks("figures/label_efficiency.tsv")
+    params:
+        **figure_params("label_efficiency"),
 
 
 use rule figure_iou_bars as figure_learning_curves with:

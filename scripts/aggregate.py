@@ -25,6 +25,7 @@ with logged(snakemake.log[0]):
                 train_set=record["train_set"],
                 alignment=record.get("alignment", "none"),
                 seed=record["seed"],
+                n_train_slices=str(record.get("n_train_slices", "all")),
                 best_epoch=record["best_epoch"],
                 stop_reason=record["stop_reason"],
             )
@@ -37,5 +38,8 @@ with logged(snakemake.log[0]):
         (pd.concat(logs, ignore_index=True), outputs.training_logs),
     ):
         write_csv(frame, path)
-    write_text(outputs.markdown, summary_markdown(summary))
-    print(summary_markdown(summary))
+    markdown = summary_markdown(summary)
+    if "obj_f1_mean" in summary.columns:
+        markdown += "\n" + summary_markdown(summary, "obj_f1")
+    write_text(outputs.markdown, markdown)
+    print(markdown)

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from em_foundation.backbones.hub import hub_environment
+from em_foundation.grid import n_train_slices_of
 from em_foundation.runtime import configure
 from em_foundation.scripting import logged, unpack_prefixed
 from em_foundation.training.run import train_run
@@ -32,5 +33,6 @@ with logged(snakemake.log[0]):
             out_log=Path(snakemake.output.log),
             out_run=Path(snakemake.output.run),
             code=p.code,
+            n_train_slices=n_train_slices_of(w.labels),
         )
     print(f"best epoch {record['best_epoch']} ({record['stop_reason']}), validation loss {record['best_val_loss']:.4f}")

@@ -1,10 +1,21 @@
 """Object-level metrics against masks whose splits, merges, misses and false positives are known by hand."""
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from em_foundation.data.prepared import IGNORE_LABEL
-from em_foundation.evaluation.objects import label_objects, min_size_pixels, object_counts, object_scores, stack_counts
+from em_foundation.data.registry import has_stack_test_split
+from em_foundation.evaluation.evaluate import pooled_scores
+from em_foundation.evaluation.objects import (
+    counts_columns,
+    label_objects,
+    min_object_size,
+    min_size_pixels,
+    object_counts,
+    object_scores,
+    stack_counts,
+)
 
 
 def box(mask, rows, cols, value=1):
@@ -94,3 +105,32 @@ def test_nothing_to_find_and_nothing_found_is_perfect():
     empty = np.zeros((8, 8), np.uint8)
     scores = object_scores(object_counts(empty, empty))
     assert scores["obj_f1"] == 1.0 and scores["pq"] == 1.0 and np.isnan(scores["count_error"])
+
+
+def test_min_object_size_from_the_config_block():
+    assert min_object_size({"min_area_nm2": 100.0}, [5.0, 5.0], "lucchi") == 4
+    assert min_object_size({"min_area_nm2": 100.0, "pixel_size_nm": 10.0}, [5.0, 5.0], "lucchi") == 1
+    assert min_object_size({"min_area_nm2": 100.0, "min_size_px": 7}, None, "lucchi") == 7
+    assert min_object_size({"min_area_nm2": 0}, None, "vnc") == 0
+    with pytest.raises(ValueError, match=r"vnc.*evaluation.objects.pixel_size_nm.*min_size_px"):
+        min_object_size({"min_area_nm2": 100.0}, None, "vnc")
+
+
+def test_stack_test_split_is_declared_per_converter():
+    assert has_stack_test_split({"converter": "lucchi_pp"})
+    assert not has_stack_test_split({"converter": "vnc"})  # the published shuffle scatters its test sections
+    assert has_stack_test_split({"converter": "vnc", "options": {"split": "contiguous"}})
+    assert not has_stack_test_split({"converter": "synthetic", "options": {"domain": "fibsem"}})
+
+
+def test_pooled_scores_pool_object_counts_over_slices_and_label_the_3d_variant():
+    prediction, truth = hand_built()
+    empty = np.zeros_like(truth)
+    rows = [counts_columns(object_counts(p, t)) for p, t in ((prediction, truth), (empty, truth))]
+    per_image = pd.DataFrame([{"tp": 1, "fp": 0, "fn": 0, "tn": 1, **row} for row in rows])
+    pooled = pooled_scores(per_image, objects_3d=object_counts(np.stack([prediction]), np.stack([truth])))
+    assert (pooled["n_true_objects"], pooled["n_pred_objects"]) == (12, 6)
+    assert pooled["obj_recall"] == pytest.approx(2 / 12) and pooled["obj_precision"] == pytest.approx(2 / 6)
+    assert pooled["obj_f1_3d"] == pytest.approx(1 / 3) and pooled["n_true_objects_3d"] == 6
+    no_stack = pooled_scores(per_image)
+    assert "obj_f1_3d" not in no_stack and no_stack["obj_f1"] == pooled["obj_f1"]

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import subprocess
 
-from tests.workflow import REPO, SNAKEMAKE, scheduled_jobs, snakemake, write_config
+from tests.workflow import REPO, SNAKEMAKE, demo_runs_per_model, scheduled_jobs, snakemake, write_config
+
+ONE_SEED = demo_runs_per_model(n_seeds=1)  # per backbone × regime: training sets and their label-efficiency sizes
 
 
 def test_demo_profile_with_one_seed_keeps_the_demo(tmp_path):
     result = snakemake(tmp_path, "-n", "--config", "seeds=[0]")
     jobs = scheduled_jobs(result)
     # demo: filterbank (head) and tinyvit (head, lora) on three training sets, one seed
-    assert jobs["train_head"] == 6 and jobs["train_lora"] == 3, jobs
+    assert jobs["train_head"] == 2 * ONE_SEED and jobs["train_lora"] == ONE_SEED, jobs
     assert jobs["prepare_dataset"] == 2 and "download_dataset" not in jobs, "the published config replaced the demo"
 
 
@@ -19,7 +21,7 @@ def test_nested_override_changes_one_key_and_keeps_its_block(tmp_path):
     result = snakemake(
         tmp_path, "-n", "-p", "--config", "seeds=[0]", "training={max_epochs: 3}", "backbones={tinyvit: {layers: [-1]}}"
     )
-    assert scheduled_jobs(result)["train_head"] == 6
+    assert scheduled_jobs(result)["train_head"] == 2 * ONE_SEED
 
 
 def test_a_wrong_value_on_the_command_line_blames_the_command_line(tmp_path):
@@ -53,4 +55,4 @@ def test_layered_configfiles_keep_the_preset_and_change_one_key(tmp_path):
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert scheduled_jobs(result)["train_head"] == 6
+    assert scheduled_jobs(result)["train_head"] == 2 * ONE_SEED

@@ -121,6 +121,9 @@ def test_training(published):
         "grad_clip": 1.0,
         "val_fraction": 0.1,
         "balanced_sampling": False,
+        # every training slice: the label-efficiency sweep is off in the published setup
+        "n_train_slices": ["all"],
+        "n_train_slices_for": None,
         **{k: v for k, v in published["training"].items() if k in ("val_loss", "val_split", "val_gap")},
     }
     assert published["training"].get("val_loss", "pooled") == "pooled"
@@ -152,8 +155,14 @@ def test_extended_preset_adds_only_the_study_beyond():
     assert set(extended["regimes"]) == {"head", "lora", "fullft", "forest"}
     assert "filterbank" in extended["backbones"] and len(extended["alignment"]["variants"]) > 1
     same = ("seeds", "head", "lora", "training")
+    sweep = ("n_train_slices", "n_train_slices_for")  # the label-efficiency sweep is added, the rest kept
     for key in same:
-        assert extended[key] == published[key], key
+        strip = (
+            (lambda block: {k: v for k, v in block.items() if k not in sweep}) if key == "training" else (lambda b: b)
+        )
+        assert strip(extended[key]) == strip(published[key]), key
+    assert extended["training"]["n_train_slices"] == [1, 2, 4, 8, "all"]
+    assert extended["training"]["n_train_slices_for"] == ["lucchi", "vnc", "kasthuri"]
     beyond = ("filterbank", "samB", "usamB")
     assert {k: v for k, v in extended["backbones"].items() if k not in beyond} == published["backbones"]
     # General versus EM-pretrained: one architecture, SAM's weights against micro-sam's EM fine-tuning.
@@ -165,3 +174,22 @@ def test_extended_preset_adds_only_the_study_beyond():
     assert {k: v for k, v in extended["datasets"].items() if k != "kasthuri"} == published["datasets"]
     assert extended["datasets"]["kasthuri"]["converter"] == "kasthuri_pp"
     assert {k: v for k, v in extended["training_sets"].items() if k != "kasthuri"} == published["training_sets"]
+
+
+def test_label_efficiency_sweep_is_a_run_dimension_that_keeps_todays_paths(published):
+    import copy
+
+    from em_foundation.grid import n_train_slices_of
+
+    default = runs(published)
+    assert {run.n_train_slices for run in default} == {"all"}
+    assert all(run.path.endswith(f"/seed{run.seed}") for run in default), "the default changed the run paths"
+    swept = copy.deepcopy(published)
+    swept["training"]["n_train_slices"] = [2, "all"]
+    swept["training"]["n_train_slices_for"] = ["lucchi", "vnc"]
+    grown = runs(swept)
+    assert {run.path for run in default} <= {run.path for run in grown}, "a sweep must keep the 'all' runs' paths"
+    extra = [run for run in grown if run.n_train_slices == "2"]
+    assert {run.train_set for run in extra} == {"lucchi", "vnc"} and len(extra) == 2 * len(default) // 3
+    assert all(run.path.endswith(f"/seed{run.seed}-n2") for run in extra)
+    assert n_train_slices_of("-n2") == "2" and n_train_slices_of("") == "all"

@@ -31,3 +31,20 @@ def test_summary_page_keeps_plain_and_aligned_models_apart() -> None:
 def test_summary_page_refuses_two_rows_for_one_cell() -> None:
     with pytest.raises(ValueError, match="several rows per model and test set"):
         summary_page(pd.DataFrame([_row("none", 0.9), _row("none", 0.5)]))
+
+
+def test_summary_page_keeps_label_efficiency_sizes_apart_and_shows_object_f1() -> None:
+    rows = []
+    for n, iou in (("2", 0.4), ("all", 0.7)):
+        row = {**_row("none", iou), "n_train_slices": n}
+        row.update({"obj_f1_mean": iou / 2, "obj_f1_std": 0.02, "obj_f1_n": 2})
+        rows.append(row)
+    html = summary_page(pd.DataFrame(rows))
+    first = html.split("</table>")[0]
+    header = re.findall(r"<th>(.*?)</th>", first)
+    body = [re.findall(r"<td>(.*?)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", first, re.S) if "<td>" in row]
+    assert {row[header.index("n_train_slices")]: row[header.index("fibsem")] for row in body} == {
+        "2": "0.400 ± 0.010 (2)",
+        "all": "0.700 ± 0.010 (2)",
+    }
+    assert "Object F1" in html and "0.350 ± 0.020 (2)" in html

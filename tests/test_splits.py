@@ -7,7 +7,7 @@ import pytest
 
 from em_foundation.config import ConfigError
 from em_foundation.data.em_datasets import vnc_split
-from em_foundation.data.splits import held_out_block, section_order, validation_split
+from em_foundation.data.splits import held_out_block, labelled_subset, section_order, validation_split
 
 SECTIONS = [f"{i:02d}" for i in range(20)]
 
@@ -101,3 +101,38 @@ def test_real_vnc_contiguous_split(shared_data, tmp_path):
     prepare_dataset("vnc", spec, archive, tmp_path / "vnc.h5", tmp_path / "vnc.json")
     assert read_split(tmp_path / "vnc.h5", "test").names == ["17", "18", "19"]
     assert read_split(tmp_path / "vnc.h5", "train").names == SECTIONS[:16]
+
+
+def test_labelled_subsets_are_nested_seeded_and_never_take_validation_slices():
+    names = [str(k) for k in range(20)]
+    split = validation_split(names, 0.15, 3)
+    sizes = [1, 2, 4, 8]
+    subsets = {n: labelled_subset(split["train"], n, 3) for n in sizes}
+    for small, large in zip(sizes, sizes[1:]):
+        assert set(subsets[small]) < set(subsets[large]), "the smaller labelled set must lie inside the larger"
+    assert all(len(subsets[n]) == n for n in sizes)
+    assert not set(subsets[8]) & set(split["val"]), "a validation slice entered training"
+    assert labelled_subset(split["train"], 4, 3) == subsets[4], "same seed, same slices"
+    assert labelled_subset(split["train"], 4, 4) != subsets[4], "different seeds draw different slices"
+    assert labelled_subset(split["train"], "all", 3) == split["train"]
+    assert labelled_subset(split["train"], 100, 3) == split["train"], "more than there are: all of them"
+    # order-free: the draw depends on the names, not on the order the split lists them in
+    assert set(labelled_subset(split["train"][::-1], 4, 3)) == set(subsets[4])
+    with pytest.raises(ValueError, match="n_train_slices"):
+        labelled_subset(split["train"], 0, 3)
+
+
+def test_training_trains_on_the_labelled_subset_only(tmp_path):
+    from em_foundation.data.prepared import read_split
+    from em_foundation.io import write_json
+    from em_foundation.training.run import load_training_data
+    from tests.helpers import make_dataset
+
+    paths = make_dataset(tmp_path, "stack", "sstem", n_train=8, n_test=1, size=112)
+    names = read_split(paths["prepared"], "train").names
+    split = validation_split(names, 0.25, 0)
+    write_json(tmp_path / "split.json", split)
+    args = ("head", ["stack"], {"stack": paths["tiles"]}, {"stack": paths["features"]})
+    train, val, record = load_training_data(*args, {"stack": str(tmp_path / "split.json")}, n_train_slices="2", seed=5)
+    assert record["stack"]["labelled_slices"] == labelled_subset(split["train"], 2, 5)
+    assert len(train) == 2 and len(val) == len(split["val"])  # one 112-pixel tile per slice

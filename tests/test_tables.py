@@ -214,3 +214,26 @@ def test_kfold_config_expands_datasets_and_training_sets():
         *(f"{t}fold{k}" for t in ("vnc", "paired") for k in range(4)),
     }
     assert validate_config(config)["datasets"] == config["datasets"], "expanding twice changes nothing"
+
+
+def test_object_scores_reach_runs_and_summary_and_unions_pool_their_counts(tmp_path):
+    from em_foundation.evaluation.objects import ObjectCounts, scores_columns
+
+    files = []
+    for seed, tp in ((0, 2), (1, 4)):
+        for test_set, three_d in (("a", ObjectCounts(tp, 5, 5, 0.8 * tp, 1, 0)), ("c", None)):
+            path = write_metrics(tmp_path, "paired", ["a", "c"], seed, test_set, 50, 10, 10, 930)
+            record = json.loads(path.read_text())
+            record.update(scores_columns(ObjectCounts(tp, 5, 6, 0.7 * tp, 0, 1)))
+            record.update(scores_columns(three_d, "_3d"))
+            path.write_text(json.dumps(record))
+            files.append(path)
+    runs = collect_runs(files)
+    row = runs[(runs.test_set == "a+c") & (runs.seed == 0)].iloc[0]
+    assert row["obj_f1"] == pytest.approx(2 * 4 / (12 + 10)) and row["n_true_objects"] == 10
+    assert np.isnan(row["obj_f1_3d"])  # c is no stack: no 3-D score for the union
+    summary = summarise(runs)
+    cell = summary[summary.test_set == "a"].iloc[0]
+    assert cell["obj_f1_mean"] == pytest.approx((2 * 2 / 11 + 2 * 4 / 11) / 2)
+    assert cell["obj_f1_3d_mean"] == pytest.approx((2 * 2 / 10 + 2 * 4 / 10) / 2) and cell["obj_f1_3d_n"] == 2
+    assert "Object F1" in summary_markdown(summary, "obj_f1")

@@ -11,7 +11,10 @@ import time
 import pandas as pd
 import pytest
 
-from tests.workflow import REPO, demo_config, scheduled_jobs, snakemake, write_config
+from tests.workflow import REPO, demo_config, demo_runs_per_model, scheduled_jobs, snakemake, write_config
+
+# models per backbone × regime: 3 training sets × 2 seeds, plus the in-domain sets' label-efficiency sizes
+PER_MODEL = demo_runs_per_model()
 
 STAGES = {
     "prepare_dataset",
@@ -46,6 +49,20 @@ def test_published_dry_run_lists_the_real_downloads(tmp_path):
     views = set(re.findall(r"results/tiles/([^/\s]+)/", result.stdout + result.stderr))
     assert views == {"resize1022p14", "resize1008p16"}, views
     assert jobs["tile_dataset"] == 2 * 2
+
+
+def test_label_efficiency_sweep_adds_runs_beside_todays_paths(tmp_path):
+    config = demo_config()
+    config["training"]["n_train_slices"] = [2, "all"]
+    config["training"]["n_train_slices_for"] = ["fibsem"]
+    result = snakemake(tmp_path, "-n", "-p", configfile=write_config(tmp_path / "sweep.yaml", config))
+    jobs = scheduled_jobs(result)
+    # demo: filterbank (head) and tinyvit (head, lora), 3 training sets, 2 seeds; fibsem gets a 2-slice run too
+    assert jobs["train_head"] == 2 * 4 * 2 and jobs["train_lora"] == 4 * 2, dict(jobs)
+    text = result.stdout + result.stderr
+    assert "models/filterbank/head/fibsem/none/seed0-n2/model.pt" in text
+    assert "models/filterbank/head/fibsem/none/seed0/model.pt" in text
+    assert "/sstem/none/seed0-n2" not in text and "/paired/none/seed0-n2" not in text, "only fibsem gets the sweep"
 
 
 def test_extended_preset_dry_run_tiles_at_native_resolution(tmp_path):
@@ -87,13 +104,22 @@ def test_demo_runs_end_to_end(demo_run):
     # 2 backbones: filterbank (head) and tinyvit (head, lora); 3 training sets; 2 seeds; 2 test
     # sets; plus the paired models scored on the union of their sources.
     union = runs["test_set"].str.contains("+", regex=False)
-    assert (~union).sum() == 3 * 3 * 2 * 2
+    assert (~union).sum() == 3 * PER_MODEL * 2
     assert set(runs[union]["train_set"]) == {"paired"} and union.sum() == 3 * 2
-    assert runs.groupby(["backbone", "regime", "train_set", "test_set"]).size().eq(2).all()
+    assert runs.groupby(["backbone", "regime", "train_set", "n_train_slices", "test_set"]).size().eq(2).all()
     summary = pd.read_csv(demo_run / "results/tables/summary.csv")
-    assert {"fg_iou_mean", "fg_iou_std", "fg_iou_n"} <= set(summary.columns)
+    assert {"fg_iou_mean", "fg_iou_std", "fg_iou_n", "n_train_slices", "obj_f1_mean", "obj_f1_std"} <= set(
+        summary.columns
+    )
     assert (summary["fg_iou_n"] == 2).all()
-    for name in ["iou_bars", "cross_domain", "qualitative", "learning_curves"]:
+    # object scores: 2-D everywhere; synthetic test splits are no stack, so no 3-D score
+    objects = ["obj_precision", "obj_recall", "obj_f1", "pq", "count_error", "n_true_objects", "n_pred_objects"]
+    assert runs[objects].notna().all().all() and (runs["n_true_objects"] > 0).all()
+    assert "obj_f1_3d" not in runs.columns or runs["obj_f1_3d"].isna().all()
+    swept = sorted(set(runs["n_train_slices"].astype(str)))
+    figures = ["iou_bars", "cross_domain", "qualitative", "learning_curves"]
+    figures += ["label_efficiency"] if len(swept) > 1 else []
+    for name in figures:
         for ext in ["png", "pdf"]:
             assert (demo_run / f"results/figures/{name}.{ext}").stat().st_size > 1000
     assert not (REPO / "results").exists() and not (REPO / "resources").exists(), "the demo wrote into the clone"
@@ -115,7 +141,7 @@ def test_head_change_schedules_no_preparation_tiling_or_features(demo_run, tmp_p
     config = demo_config()
     config["head"]["width"] = 16
     jobs = scheduled_jobs(snakemake(demo_run, "-n", configfile=write_config(tmp_path / "c.yaml", config)))
-    assert jobs["train_head"] == 12 and jobs["evaluate"] > 0 and jobs["aggregate"] == 1
+    assert jobs["train_head"] == 2 * PER_MODEL and jobs["evaluate"] > 0 and jobs["aggregate"] == 1
     assert not UPSTREAM & set(jobs), dict(jobs)
 
 
@@ -123,7 +149,7 @@ def test_lora_rank_change_reruns_only_lora_and_dependants(demo_run, tmp_path):
     config = demo_config()
     config["lora"]["rank"] = 2
     jobs = scheduled_jobs(snakemake(demo_run, "-n", configfile=write_config(tmp_path / "c.yaml", config)))
-    assert jobs["train_lora"] == 6 and jobs["evaluate"] == 6
+    assert jobs["train_lora"] == PER_MODEL and jobs["evaluate"] == PER_MODEL
     assert "train_head" not in jobs and not UPSTREAM & set(jobs), dict(jobs)
 
 
@@ -141,7 +167,7 @@ def test_adding_a_backbone_adds_only_its_jobs(demo_run, tmp_path):
         "model_kwargs": {"depth": 2, "embed_dim": 96, "num_heads": 2, "img_size": 112},
     }
     jobs = scheduled_jobs(snakemake(demo_run, "-n", "-p", configfile=write_config(tmp_path / "c.yaml", config)))
-    assert jobs["cache_features"] == 2 and jobs["train_head"] == 6 and jobs["train_lora"] == 6
+    assert jobs["cache_features"] == 2 and jobs["train_head"] == PER_MODEL and jobs["train_lora"] == PER_MODEL
     assert not {"prepare_dataset", "tile_dataset", "split_validation"} & set(jobs), dict(jobs)
 
 
@@ -205,5 +231,5 @@ def test_changing_one_backbones_weights_reruns_only_its_jobs(demo_run, tmp_path)
     config["backbones"]["tinyvit"]["options"] = {"init_seed": 7}
     jobs = scheduled_jobs(snakemake(demo_run, "-n", configfile=write_config(tmp_path / "c.yaml", config)))
     assert jobs["cache_features"] == 2, "only tinyvit's two feature caches"
-    assert jobs["train_head"] == 6 and jobs["train_lora"] == 6 and jobs["evaluate"] == 12, dict(jobs)
+    assert jobs["train_head"] == jobs["train_lora"] == PER_MODEL and jobs["evaluate"] == 2 * PER_MODEL, dict(jobs)
     assert not {"prepare_dataset", "tile_dataset", "split_validation"} & set(jobs), dict(jobs)

@@ -18,6 +18,16 @@ def demo_config() -> dict:
     return yaml.safe_load((REPO / "profiles/demo/workflow_config.yaml").read_text())
 
 
+def demo_runs_per_model(n_seeds: int | None = None) -> int:
+    """Trained models per backbone × regime in the demo: training sets × their label-efficiency sizes × seeds."""
+    from em_foundation.config import validate_config
+    from em_foundation.grid import n_train_slices_for
+
+    config = validate_config(demo_config())
+    sizes = sum(len(n_train_slices_for(config, train_set)) for train_set in config["training_sets"])
+    return sizes * (len(config["seeds"]) if n_seeds is None else n_seeds)
+
+
 def write_config(path: Path, config: dict) -> Path:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

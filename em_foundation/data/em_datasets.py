@@ -45,7 +45,7 @@ from em_foundation.data.integrity import (
     stack_slices,
 )
 from em_foundation.data.prepared import IGNORE_LABEL, Split
-from em_foundation.data.registry import CONVERTERS, declare_options
+from em_foundation.data.registry import CONVERTERS, declare_options, declare_stack_test
 from em_foundation.data.splits import held_out_block
 
 # Files that archivers add and that are no part of a dataset.
@@ -247,6 +247,12 @@ VNC_OPTIONS = declare_options(
         "test_start": None,
     },
 )
+
+# Lucchi++ and Kasthuri++ test on a whole volume; VNC only where its test block is
+# contiguous (one block, or a fold), not the published shuffle of scattered sections.
+declare_stack_test("lucchi_pp", lambda options: True)
+declare_stack_test("kasthuri_pp", lambda options: True)
+declare_stack_test("vnc", lambda options: options["split"] in ("contiguous", "kfold"))
 
 
 def _options(spec: Mapping[str, Any], defaults: Mapping[str, Any], converter: str) -> dict[str, Any]:

@@ -7,7 +7,7 @@ config entry into splits at native resolution plus the dataset's attributes.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import Any, Callable
 
 from em_foundation.data.prepared import Split
 from em_foundation.registry import Registry
@@ -28,6 +28,24 @@ def declare_options(converter: str, defaults: dict[str, Any], required: tuple[st
     CONVERTER_OPTIONS[converter] = dict(defaults)
     CONVERTER_REQUIRED[converter] = frozenset(required)
     return defaults
+
+
+# Whether a converter's test split is one block of consecutive sections (a stack), as a
+# function of the dataset's options: only then are objects also followed across slices (3-D
+# object scores). Declared beside the converter; a converter that declares nothing is not a stack.
+CONVERTER_STACK_TEST: dict[str, Callable[[dict[str, Any]], bool]] = {}
+
+
+def declare_stack_test(converter: str, is_stack: Callable[[dict[str, Any]], bool]) -> None:
+    CONVERTER_STACK_TEST[converter] = is_stack
+
+
+def has_stack_test_split(spec: dict[str, Any]) -> bool:
+    """Whether a dataset's test split (config entry: converter and options) is a contiguous stack."""
+    get_converter(spec["converter"])
+    rule = CONVERTER_STACK_TEST.get(spec["converter"])
+    options = {**CONVERTER_OPTIONS.get(spec["converter"], {}), **(spec.get("options") or {})}
+    return bool(rule(options)) if rule else False
 
 
 def get_converter(name: str):

@@ -107,3 +107,27 @@ def validation_split(
         "val": val,
         "dropped": dropped,
     }
+
+
+# A stream of its own, so that the labelled subset is not the validation shuffle's continuation.
+_LABELLED_STREAM = 19
+
+
+def labelled_subset(train: Sequence[str], n_train_slices: int | str, seed: int) -> list[str]:
+    """The ``n_train_slices`` labelled slices of a label-efficiency run (or all: ``'all'``), in ``train``'s order.
+
+    ``train`` is the training split left after the validation slices (and their gap) are set
+    aside, so validation slices never enter. The subset is the first n of a permutation seeded
+    by ``seed`` alone over the names in stack order, so the sizes are nested (the 2-slice set
+    contains the 1-slice set), the same seed always draws the same slices and different seeds
+    differ. A size above the number of training slices takes them all.
+    """
+    if str(n_train_slices) == "all":
+        return list(train)
+    n = int(n_train_slices)
+    if n < 1:
+        raise ValueError(f"training.n_train_slices must be >= 1 or 'all', got {n_train_slices!r}")
+    ordered = section_order(train)
+    order = np.random.default_rng([seed, _LABELLED_STREAM]).permutation(len(ordered))
+    chosen = {ordered[i] for i in order[:n]}
+    return [name for name in train if str(name) in chosen]

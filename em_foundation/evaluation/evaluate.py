@@ -24,8 +24,18 @@ from em_foundation.alignment import (
     standardise,
 )
 from em_foundation.data.prepared import read_split
+from em_foundation.data.splits import section_order
 from em_foundation.data.tiles import TileSet, read_tiles
 from em_foundation.evaluation.metrics import Counts, confusion, scores
+from em_foundation.evaluation.objects import (
+    COUNT_COLUMNS,
+    THREE_D,
+    ObjectCounts,
+    counts_columns,
+    object_counts,
+    scores_columns,
+    stack_counts,
+)
 from em_foundation.feature_cache import check_cache_matches_tiles, read_tokens, to_unit_float
 from em_foundation.grid import CACHED_REGIMES, parse_alignment
 from em_foundation.io import atomic_path, create_dataset, write_csv, write_json
@@ -52,6 +62,7 @@ def evaluate_model(
     device: torch.device,
     batch_size: int = 8,
     alignment: str = "none",
+    min_object_size: int = 0,
 ) -> tuple[pd.DataFrame, list[np.ndarray]]:
     """Per-image metrics (one row per slice) and the predicted masks, at native resolution.
 
@@ -60,6 +71,9 @@ def evaluate_model(
     split, and ``adabn`` re-estimates the head's batch-norm statistics on that split, so no
     statistic of the images being scored enters their prediction. Transductive (alignment
     component ``trans``): both take the statistics of the test images themselves.
+
+    Each row also carries the slice's object counts (evaluation/objects.py; objects under
+    ``min_object_size`` pixels dropped from both sides), pooled by ``pooled_scores``.
     """
     options = parse_alignment(alignment)
     statistics_split = "test" if options["transductive"] else "train"
@@ -96,16 +110,45 @@ def evaluate_model(
                 f"prediction {prediction.shape} is not at native resolution {truth.labels[image].shape}"
             )
         counts = confusion(prediction, truth.labels[image])
+        objects = object_counts(prediction, truth.labels[image], min_object_size)
         rows.append(
-            {"image": truth.names[image], "height": prediction.shape[0], "width": prediction.shape[1], **scores(counts)}
+            {
+                "image": truth.names[image],
+                "height": prediction.shape[0],
+                "width": prediction.shape[1],
+                **scores(counts),
+                **counts_columns(objects),
+            }
         )
         predictions.append(prediction)
     return pd.DataFrame(rows), predictions
 
 
-def pooled_scores(per_image: pd.DataFrame) -> dict[str, Any]:
+def stack_object_counts(prepared: str | Path, predictions: list[np.ndarray], min_object_size: int = 0) -> ObjectCounts:
+    """Object counts over the test split as one volume: components joined across consecutive slices.
+
+    Only meaningful where the test split is a contiguous stack (data/registry.has_stack_test_split);
+    the slices are put in stack order by their names first.
+    """
+    truth = read_split(prepared, "test")
+    position = {name: i for i, name in enumerate(map(str, truth.names))}
+    order = [position[name] for name in section_order(list(position))]
+    return stack_counts(
+        [predictions[i] for i in order], [truth.labels[i] for i in order], min_object_size, three_d=True
+    )
+
+
+def pooled_scores(per_image: pd.DataFrame, objects_3d: ObjectCounts | None = None) -> dict[str, Any]:
+    """Pixel scores from the summed confusion counts; 2-D object scores from the summed per-slice
+    object counts (where the table has them) and, given, the 3-D ones (columns suffixed ``_3d``)."""
     total = Counts(*(int(per_image[key].sum()) for key in ("tp", "fp", "fn", "tn")))
-    return {**scores(total), "n_images": int(len(per_image))}
+    pooled = {**scores(total), "n_images": int(len(per_image))}
+    if set(COUNT_COLUMNS) <= set(per_image.columns):
+        objects = ObjectCounts(*(per_image[column].sum().item() for column in COUNT_COLUMNS))
+        pooled.update(scores_columns(objects))
+        if objects_3d is not None:  # absent, not NaN, where the test split is no stack (tables fill NaN)
+            pooled.update(scores_columns(objects_3d, THREE_D))
+    return pooled
 
 
 def write_evaluation(
@@ -116,8 +159,9 @@ def write_evaluation(
     out_images: Path,
     out_predictions: Path,
     keep: int,
+    objects_3d: ObjectCounts | None = None,
 ) -> dict[str, Any]:
-    metrics = {**record, **pooled_scores(per_image)}
+    metrics = {**record, **pooled_scores(per_image, objects_3d)}
     write_csv(per_image.assign(**{k: v for k, v in record.items() if not isinstance(v, (dict, list))}), out_images)
     with atomic_path(out_predictions, suffix=".h5") as tmp, h5py.File(tmp, "w") as handle:
         for name, prediction in zip(per_image["image"][:keep], predictions[:keep]):

@@ -145,3 +145,52 @@ def object_scores(counts: ObjectCounts) -> dict[str, float]:
 
 def counts_dict(counts: ObjectCounts) -> dict[str, float]:
     return asdict(counts)
+
+
+# The raw counts, as columns of the per-image table and keys of the evaluation record, so that
+# slices and the test sets of a union pool them before the scores are taken.
+COUNT_COLUMNS = {f"obj_count_{f.name}": f.name for f in fields(ObjectCounts)}
+THREE_D = "_3d"  # suffix of the 3-D variant of every object column (objects followed across slices)
+
+
+def counts_from(record: dict, suffix: str = "") -> ObjectCounts | None:
+    """The counts stored under COUNT_COLUMNS (+ suffix) in a record; None where absent or NaN."""
+    values = [record.get(column + suffix) for column in COUNT_COLUMNS]
+    if any(v is None or (isinstance(v, float) and np.isnan(v)) for v in values):
+        return None
+    return ObjectCounts(*(type(getattr(ObjectCounts(), f.name))(v) for f, v in zip(fields(ObjectCounts), values)))
+
+
+def counts_columns(counts: ObjectCounts, suffix: str = "") -> dict[str, float]:
+    return {column + suffix: getattr(counts, name) for column, name in COUNT_COLUMNS.items()}
+
+
+def scores_columns(counts: ObjectCounts | None, suffix: str = "") -> dict[str, float]:
+    """Scores and raw counts of one pooled set of counts; NaN everywhere where there are none (no stack)."""
+    if counts is None:
+        return {name + suffix: float("nan") for name in (*COLUMNS, *COUNT_COLUMNS)}
+    return {
+        **{name + suffix: value for name, value in object_scores(counts).items()},
+        **counts_columns(counts, suffix),
+    }
+
+
+def min_object_size(block: dict, pixel_size_nm: list[float] | None, dataset: str) -> int:
+    """The smallest kept object in pixels for one test set, from the ``evaluation.objects`` block.
+
+    ``min_size_px`` wins when set; otherwise ``min_area_nm2`` over the pixel area, the pixel
+    size taken from ``evaluation.objects.pixel_size_nm`` or else the dataset's own (2 values, nm).
+    """
+    if block.get("min_size_px") is not None:
+        return int(block["min_size_px"])
+    area = float(block.get("min_area_nm2") or 0)
+    if area <= 0:
+        return 0
+    size = block.get("pixel_size_nm") or pixel_size_nm
+    if not size:
+        raise ValueError(
+            f"evaluation.objects.min_area_nm2 is {area} but dataset {dataset!r} has no pixel size: set "
+            "evaluation.objects.pixel_size_nm (nm per pixel, [y, x]) or evaluation.objects.min_size_px"
+        )
+    size = [float(size)] * 2 if np.isscalar(size) else list(size)[-2:]
+    return min_size_pixels(area, size)

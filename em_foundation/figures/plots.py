@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 import numpy as np
 import pandas as pd
+
+from em_foundation.data.prepared import IGNORE_LABEL
 
 
 def _model_label(backbone: str, regime: str) -> str:
@@ -126,34 +129,45 @@ def cross_domain_matrix(summary: pd.DataFrame, metric: str = "fg_iou") -> plt.Fi
 
 
 def qualitative_panel(examples: list[dict]) -> plt.Figure:
-    """Rows: datasets. Columns: image, truth, then each model's prediction.
+    """Per dataset two rows. Top: image, truth, then each model's prediction. Below each
+    prediction, the overlay view: its contour over the image, false positives and misses coloured.
 
     Each example is {"dataset", "image", "truth", "predictions": {label: mask}}.
     """
     n_pred = max(len(example["predictions"]) for example in examples)
+    n_cols = 2 + n_pred
+    scale = min(1.0, 7.0 / (1.4 * n_cols))
     figure, axes = plt.subplots(
-        len(examples),
-        2 + n_pred,
-        squeeze=False,
-        figsize=(min(7.0, 1.4 * (2 + n_pred)), 1.45 * len(examples) * min(1.0, 7.0 / (1.4 * (2 + n_pred)))),
+        2 * len(examples), n_cols, squeeze=False, figsize=(min(7.0, 1.4 * n_cols), 1.45 * 2 * len(examples) * scale)
     )
-    for index, (row, example) in enumerate(zip(axes, examples)):
+    for index, example in enumerate(examples):
+        row, overlay = axes[2 * index], axes[2 * index + 1]
         row[0].imshow(example["image"], cmap="gray")
         row[0].set_ylabel(example["dataset"])
         row[1].imshow(example["truth"] == 1, cmap="magma", vmin=0, vmax=1)
         if index == 0:
             row[0].set_title("image")
             row[1].set_title("truth")
-        for ax, (label, mask) in zip(row[2:], example["predictions"].items()):
-            ax.imshow(mask, cmap="magma", vmin=0, vmax=1)
-            ax.set_title(label, fontsize=6)
-        for ax in row:
+        for column, (label, mask) in enumerate(example["predictions"].items(), start=2):
+            row[column].imshow(mask, cmap="magma", vmin=0, vmax=1)
+            row[column].set_title(label, fontsize=6)
+            error_overlay(overlay[column], example["image"], example["truth"], mask)
+        overlay[0].text(
+            0.0,
+            0.5,
+            "overlay:\nprediction contour (yellow)\nfalse positive (red)\nmissed (blue)",
+            fontsize=5,
+            va="center",
+            transform=overlay[0].transAxes,
+        )
+        for ax in (*row, *overlay):
             ax.set_xticks([])
             ax.set_yticks([])
             ax.grid(False)
             ax.spines[:].set_visible(False)
-        for ax in row[2 + len(example["predictions"]) :]:
+        for ax in (*row[2 + len(example["predictions"]) :], *overlay[1:2], *overlay[2 + len(example["predictions"]) :]):
             ax.axis("off")
+        overlay[0].axis("off")
     figure.tight_layout()
     return figure
 
@@ -234,3 +248,81 @@ def alignment_comparison(summary: pd.DataFrame, metric: str = "fg_iou") -> plt.F
     )
     figure.tight_layout()
     return figure
+
+
+def label_efficiency(summary: pd.DataFrame, metric: str = "fg_iou") -> plt.Figure:
+    """Foreground IoU against the number of labelled training slices (log axis), one panel per
+    test set, one line per backbone × regime (× training set, dashed when cross-domain).
+
+    The x value of a point is the number of labelled slices the models really trained on
+    (``n_labelled_slices``: 'all' made a number). Shaded: mean ± sd over seeds (darker) and,
+    where the table has it, the 95 % interval over test images of the mean (lighter).
+    Only training sets trained at more than one size are drawn.
+    """
+    table = unaligned(summary[~summary["test_set"].astype(str).str.contains("+", regex=False)]).copy()
+    table["n_train_slices"] = table["n_train_slices"].astype(str)
+    swept = table.groupby("train_set")["n_train_slices"].nunique()
+    table = table[table["train_set"].isin(swept[swept > 1].index)]
+    if table.empty:
+        raise ValueError("label_efficiency needs training.n_train_slices with more than one size")
+    if "n_labelled_slices" not in table.columns or table["n_labelled_slices"].isna().any():
+        raise ValueError("label_efficiency needs the n_labelled_slices column of summary.csv")
+    test_sets = sorted(table["test_set"].unique())
+    models = list(dict.fromkeys(zip(table["backbone"], table["regime"])))
+    figure, axes = plt.subplots(
+        1, len(test_sets), squeeze=False, sharey=True, figsize=(min(7.0, max(3.4, 2.6 * len(test_sets))), 2.6)
+    )
+    for ax, test_set in zip(axes[0], test_sets):
+        panel = table[table["test_set"] == test_set]
+        for k, (backbone, regime) in enumerate(models):
+            for train_set, line in panel[(panel["backbone"] == backbone) & (panel["regime"] == regime)].groupby(
+                "train_set"
+            ):
+                line = line.sort_values("n_labelled_slices")
+                x = line["n_labelled_slices"].to_numpy(float)
+                mean = line[f"{metric}_mean"].to_numpy(float)
+                sd = line[f"{metric}_std"].fillna(0).to_numpy(float)
+                in_domain = bool(line["in_domain"].iloc[0]) if "in_domain" in line else train_set == test_set
+                ax.plot(
+                    x,
+                    mean,
+                    color=f"C{k}",
+                    marker="o",
+                    ms=2.5,
+                    lw=1.0,
+                    ls="-" if in_domain else "--",
+                    label=f"{backbone} {regime} ({train_set})",
+                )
+                ax.fill_between(x, mean - sd, mean + sd, color=f"C{k}", alpha=0.25, lw=0)
+                low, high = f"{metric}_ci_low", f"{metric}_ci_high"
+                if low in line and line[low].notna().all():
+                    ax.fill_between(x, line[low], line[high], color=f"C{k}", alpha=0.1, lw=0)
+        ax.set_xscale("log")
+        ticks = sorted(set(panel["n_labelled_slices"].astype(float)))
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])  # the sizes trained, not powers of ten
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_title(f"test: {test_set}")
+        ax.set_xlabel("labelled training slices")
+        ax.set_ylim(0, 1)
+    axes[0][0].set_ylabel("foreground IoU (mean over seeds)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    handles += [
+        plt.Rectangle((0, 0), 1, 1, color="0.5", alpha=0.35, label="± sd over seeds"),
+        plt.Rectangle((0, 0), 1, 1, color="0.5", alpha=0.12, label="95 % interval over test images"),
+    ]
+    figure.legend(handles=handles, loc="upper center", ncol=3, fontsize=5, bbox_to_anchor=(0.5, 1.15))
+    figure.tight_layout()
+    return figure
+
+
+def error_overlay(ax, image: np.ndarray, truth: np.ndarray, prediction: np.ndarray) -> None:
+    """The image with the prediction's contour (yellow), false positives (red) and misses (blue)."""
+    known = truth != IGNORE_LABEL
+    foreground, predicted = (truth == 1) & known, prediction.astype(bool) & known
+    ax.imshow(image, cmap="gray")
+    colours = np.zeros((*truth.shape, 4))
+    colours[predicted & ~foreground] = (0.9, 0.1, 0.1, 0.55)  # false positive pixels
+    colours[foreground & ~predicted] = (0.1, 0.4, 1.0, 0.55)  # missed pixels
+    ax.imshow(colours)
+    if predicted.any() and not predicted.all():
+        ax.contour(predicted.astype(float), levels=[0.5], colors=["yellow"], linewidths=0.4)

@@ -20,8 +20,13 @@ from em_foundation.io import open_h5
 Inputs = dict[str, Sequence[str]]
 
 
-def _table(paths: Sequence[str]) -> pd.DataFrame:
-    return pd.concat([pd.read_csv(path) for path in paths], ignore_index=True)
+def _table(paths: Sequence[str], every_size: bool = False) -> pd.DataFrame:
+    """The tables concatenated; unless ``every_size``, only the models trained on all training
+    slices (the label-efficiency sweep has a figure of its own)."""
+    table = pd.concat([pd.read_csv(path) for path in paths], ignore_index=True)
+    if not every_size and "n_train_slices" in table.columns:
+        table = table[table["n_train_slices"].astype(str) == "all"]
+    return table
 
 
 def _pca(inputs: Inputs, params: dict[str, Any]) -> plt.Figure:
@@ -42,6 +47,7 @@ FIGURES: dict[str, Callable[[Inputs, dict[str, Any]], plt.Figure]] = {
     "alignment": lambda inputs, params: plots.alignment_comparison(_table(inputs["table"])),
     "learning_curves": lambda inputs, params: plots.learning_curves(_table(inputs["table"])),
     "qualitative": _qualitative,
+    "label_efficiency": lambda inputs, params: plots.label_efficiency(_table(inputs["table"], every_size=True)),
     # Domain analysis (the per-backbone CSVs of rule domain_analysis) and paired training.
     "pca": _pca,
     "frechet": lambda inputs, params: analysis_plots.frechet_matrix(_table(inputs["table"]), params.get("variant")),

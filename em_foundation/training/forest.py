@@ -96,6 +96,7 @@ def train_forest_run(
     out_model: Path,
     out_log: Path,
     out_run: Path,
+    n_train_slices: str = "all",
 ) -> dict[str, Any]:
     started = time.perf_counter()
     seed_everything(seed)
@@ -129,6 +130,7 @@ def train_forest_run(
         "head": None,
         "lora": None,
         "alignment": alignment,
+        "n_train_slices": str(n_train_slices),
     }
     with atomic_path(out_model, suffix=".pt") as tmp:
         torch.save(
@@ -143,7 +145,11 @@ def train_forest_run(
         )
     write_csv(history, out_log)
     record = {
-        **{k: snapshot[k] for k in ("regime", "backbone_name", "train_set", "datasets", "seed", "alignment")},
+        **{
+            k: snapshot[k]
+            for k in ("regime", "backbone_name", "train_set", "datasets", "seed", "alignment", "n_train_slices")
+        },
+        "n_labelled_slices": sum(len(part["labelled_slices"]) for part in data_record.values()),
         "balanced": False,
         "best_epoch": 1,
         "best_val_loss": float(history["val_loss"].iloc[0]),

@@ -14,6 +14,7 @@ import torch
 from em_foundation.alignment import domain_stats, standardise
 from em_foundation.backbones.lora import trainable_state_dict
 from em_foundation.data.prepared import IGNORE_LABEL
+from em_foundation.data.splits import labelled_subset
 from em_foundation.data.tiles import read_tiles, tiles_provenance
 from em_foundation.families import STANDARDISED_FAMILIES
 from em_foundation.feature_cache import check_cache_matches_tiles, read_cache_attrs, read_tokens, to_unit_float
@@ -35,8 +36,14 @@ def load_training_data(
     features: dict[str, str] | None,
     splits: dict[str, str],
     feature_std: bool = False,
+    n_train_slices: str = "all",
+    seed: int = 0,
 ) -> tuple[TrainingData, TrainingData, dict[str, Any]]:
     """Training and validation tiles of every dataset in the training set, with their source.
+
+    ``n_train_slices`` (label efficiency): only that many labelled slices of each dataset's
+    training split train, a seeded nested subset (data/splits.labelled_subset); validation
+    is unchanged, so early stopping sees the same slices at every size.
 
     ``feature_std`` standardises each dataset's tokens with that dataset's own per-channel
     statistics (per-domain standardisation), before datasets of different shapes are padded.
@@ -48,7 +55,9 @@ def load_training_data(
         split = read_json(splits[dataset])
         val_names = set(split["val"])
         # A contiguous validation block may drop its neighbours ("dropped"): neither train nor val.
-        train_names = set(split.get("train", [n for n in tile_set.names if n not in val_names]))
+        train_list = split.get("train", [n for n in tile_set.names if n not in val_names])
+        labelled = labelled_subset(train_list, n_train_slices, seed)
+        train_names = set(labelled)
         is_val = np.array([tile_set.names[i] in val_names for i in tile_set.image_index])
         is_train = np.array([tile_set.names[i] in train_names for i in tile_set.image_index])
         if regime in CACHED_REGIMES:
@@ -63,6 +72,7 @@ def load_training_data(
         record[dataset] = {
             "val_slices": split["val"],
             "dropped_slices": split.get("dropped", []),
+            "labelled_slices": labelled,
             "train_tiles": int(is_train.sum()),
             "val_tiles": int(is_val.sum()),
         }
@@ -142,8 +152,11 @@ def train_run(
     threads: int = 1,
     stop_after_epochs: int | None = None,
     code: str | None = None,
+    n_train_slices: str = "all",
 ) -> dict[str, Any]:
     """Train one (backbone, regime, training set, seed) cell and write model, log and record.
+
+    ``n_train_slices``: 'all', or the number of labelled training slices per source dataset.
 
     ``code`` is the rule's code digest: a checkpoint written by other code is not resumed.
     """
@@ -162,9 +175,12 @@ def train_run(
         "training": training,
         "balanced": balanced,
         "alignment": alignment,
+        "n_train_slices": str(n_train_slices),
     }
     generator = seed_everything(seed)
-    train, val, data_record = load_training_data(regime, datasets, tiles, features, splits, aligned["feature_std"])
+    train, val, data_record = load_training_data(
+        regime, datasets, tiles, features, splits, aligned["feature_std"], str(n_train_slices), seed
+    )
     if regime == "forest":
         from em_foundation.training.forest import train_forest_run
 
@@ -184,6 +200,7 @@ def train_run(
             out_model=out_model,
             out_log=out_log,
             out_run=out_run,
+            n_train_slices=str(n_train_slices),
         )
     in_channels = patch_size = input_standardisation = None
     if regime == "head":
@@ -206,7 +223,7 @@ def train_run(
     except NonFiniteLoss as error:
         # Nothing of a diverged run is worth resuming from; a rerun with a new lr starts afresh.
         checkpoint.unlink(missing_ok=True)
-        run = Run(backbone_name, regime, train_set, seed, alignment).path
+        run = Run(backbone_name, regime, train_set, seed, alignment, str(n_train_slices)).path
         raise TrainingDiverged(
             f"run {run}: training diverged at epoch {error.epoch}: the {error.which} loss is {error.value}. "
             f"No model was written. Lower training.lr (now {training['lr']}) or training.grad_clip "
@@ -228,8 +245,18 @@ def train_run(
     record = {
         **{
             k: snapshot[k]
-            for k in ("regime", "backbone_name", "train_set", "datasets", "seed", "balanced", "alignment")
+            for k in (
+                "regime",
+                "backbone_name",
+                "train_set",
+                "datasets",
+                "seed",
+                "balanced",
+                "alignment",
+                "n_train_slices",
+            )
         },
+        "n_labelled_slices": sum(len(part["labelled_slices"]) for part in data_record.values()),
         "best_epoch": result.best_epoch,
         "best_val_loss": result.best_val_loss,
         "epochs_run": int(len(result.history)),
