@@ -9,6 +9,37 @@ from typing import Any
 
 import pandas as pd
 
+# The columns of the domain analysis a reader sees: on its HTML page and in its summary.json.
+FRECHET_COLUMNS = [
+    "view",
+    "dataset_a",
+    "dataset_b",
+    "variant",
+    "value",
+    "value_debiased",
+    "ci_low",
+    "ci_high",
+    "ci_method",
+    "null_q95",
+    "p_value",
+    "n_a",
+    "n_b",
+    "n_groups_a",
+    "n_groups_b",
+    "dim",
+]
+PROBE_COLUMNS = [
+    "view",
+    "task",
+    "balanced_accuracy_mean",
+    "balanced_accuracy_std",
+    "roc_auc_mean",
+    "roc_auc_std",
+    "chance_balanced_accuracy",
+    "n_per_class",
+    "n_groups_per_class",
+]
+
 # What names one model in the summary: a cell must never mix a plain and an aligned model.
 # n_train_slices: a label-efficiency sweep trains each model at several sizes (where summary.csv has it)
 MODEL_KEYS = ["backbone", "regime", "train_set", "alignment", "n_train_slices"]
@@ -114,43 +145,8 @@ def dataset_page(report: dict[str, Any]) -> str:
 
 
 def analysis_page(backbone: str, frames: dict[str, pd.DataFrame]) -> str:
-    frechet = frames["frechet"][
-        [
-            "view",
-            "dataset_a",
-            "dataset_b",
-            "variant",
-            "value",
-            "value_debiased",
-            "ci_low",
-            "ci_high",
-            "null_mean",
-            "null_q95",
-            "p_value",
-            "n_a",
-            "n_b",
-            "n_groups_a",
-            "n_groups_b",
-            "dim",
-            "n_boot",
-            "n_perm",
-        ]
-    ]
-    probe = frames["probe"][
-        [
-            "view",
-            "task",
-            "balanced_accuracy_mean",
-            "balanced_accuracy_std",
-            "roc_auc_mean",
-            "roc_auc_std",
-            "chance_balanced_accuracy",
-            "n_per_class",
-            "n_groups_per_class",
-            "n_splits",
-            "pca_components",
-        ]
-    ]
+    frechet = frames["frechet"][FRECHET_COLUMNS + ["null_mean", "n_boot", "n_perm"]]
+    probe = frames["probe"][PROBE_COLUMNS + ["n_splits", "pca_components"]]
     ood = frames["ood"][
         [
             "view",

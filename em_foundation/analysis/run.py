@@ -18,37 +18,9 @@ import pandas as pd
 from em_foundation.analysis.domain import analyse_domains, sample_patch_tokens
 from em_foundation.feature_cache import CheckedTokens
 from em_foundation.io import check_finite, open_h5
+from em_foundation.report_pages import FRECHET_COLUMNS, PROBE_COLUMNS
 
 CHUNK = 64  # tiles read at once
-FRECHET_SUMMARY = [
-    "view",
-    "dataset_a",
-    "dataset_b",
-    "variant",
-    "value",
-    "value_debiased",
-    "ci_low",
-    "ci_high",
-    "ci_method",
-    "null_q95",
-    "p_value",
-    "n_a",
-    "n_b",
-    "n_groups_a",
-    "n_groups_b",
-    "dim",
-]
-PROBE_SUMMARY = [
-    "view",
-    "task",
-    "balanced_accuracy_mean",
-    "balanced_accuracy_std",
-    "roc_auc_mean",
-    "roc_auc_std",
-    "chance_balanced_accuracy",
-    "n_per_class",
-    "n_groups_per_class",
-]
 UMAP_COLUMNS = ["backbone", "view", "dataset", "index", "umap1", "umap2"]
 
 
@@ -179,8 +151,8 @@ def analyse_backbone(
         "analysis": opts,
         "views": list(views),
         "counts": tables["counts"].to_dict(orient="records"),
-        "frechet": tables["frechet"][FRECHET_SUMMARY].to_dict(orient="records"),
-        "probe": tables["probe"][PROBE_SUMMARY].to_dict(orient="records"),
+        "frechet": tables["frechet"][FRECHET_COLUMNS].to_dict(orient="records"),
+        "probe": tables["probe"][PROBE_COLUMNS].to_dict(orient="records"),
         "umap": "written" if len(umap) else "skipped",
         "notes": notes,
         "seconds": round(time.time() - started, 1),

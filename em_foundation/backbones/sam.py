@@ -46,12 +46,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from em_foundation.backbones.base import Backbone, BackboneOutput, normalisation_constants, seeded_init
+from em_foundation.backbones.base import Backbone, BackboneOutput, normalisation_constants
 from em_foundation.backbones.checkpoint import WeightsError, load_weights_strict, require_file
 from em_foundation.backbones.hub import HubSource, resolve_pretrained
-from em_foundation.backbones.timm_vit import check_patch_size, resolve_layers
+from em_foundation.backbones.timm_vit import (
+    TimmWeights,
+    check_patch_size,
+    create_timm_model,
+    resolve_layers,
+    resolve_timm_weights,
+)
 from em_foundation.families import family_of
-from em_foundation.io import file_sha256
 
 # segment-anything's Sam.pixel_mean / pixel_std (0-255 scale): ImageNet's constants x 255.
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -205,7 +210,6 @@ class SamEncoder(Backbone):
     """SAM's image encoder: the neck output (default) or chosen blocks' tokens as a (C, H/16, W/16) grid."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
-        import timm
 
         family = family_of(spec["family"])
         # family = SAM's own constants on [0, 1] inputs = ImageNet's (module docstring).
@@ -220,45 +224,20 @@ class SamEncoder(Backbone):
             raise ValueError("SAM's encoder has no class token: set pooling: mean (the grid's average)")
         name = _model_name(spec)
         weights = spec.get("weights") or "pretrained"
-        kwargs = dict(spec.get("model_kwargs") or {})
-        entry = micro_sam_entry(spec)
-        init_seed = None
-        timm_file = None
-        sam_file = None
-        if weights == "random":
-            init_seed = int(options.get("init_seed", 0))
-            identity = f"random-init:{name}:seed={init_seed}:{sorted(kwargs.items())}"
-        elif weights == "pretrained":
-            resolved = resolve_pretrained(spec, hub_source(spec))
-            if entry is None:
-                timm_file = str(resolved.path)  # timm's loader, on exactly the file of the identity
-                identity = f"timm:{name}|{resolved.identity}"
-            else:
-                sam_file = resolved.path
-                identity = f"micro_sam:{options['micro_sam']}|{resolved.identity}"
+        if weights == "pretrained" and micro_sam_entry(spec) is not None:
+            # micro-sam's files are segment-anything checkpoints: loaded by this module, not timm
+            fetched = resolve_pretrained(spec, hub_source(spec))
+            resolved = TimmWeights(f"micro_sam:{options['micro_sam']}|{fetched.identity}", file=fetched.path)
         else:
-            sam_file = require_file(Path(weights))
-            identity = f"file:{sam_file.name}:sha256={file_sha256(sam_file)}"
-        self.identity = f"{identity}|features={self.features}"
-        try:
-            with seeded_init(init_seed):
-                # No dynamic_img_size argument: SAM's patch embedding accepts any multiple of
-                # 16 and the model resamples its positional embedding to the grid every call.
-                self.model = timm.create_model(
-                    name,
-                    pretrained=timm_file is not None,
-                    pretrained_cfg_overlay={"file": timm_file} if timm_file else None,
-                    num_classes=0,
-                    **kwargs,
-                )
-        except RuntimeError as error:
-            if timm_file is None:
-                raise
-            raise WeightsError(
-                f"weights file {timm_file} does not fit {name} ({sorted(kwargs.items())}): {str(error)[:1500]}"
-            ) from error
-        if sam_file is not None:
-            load_weights_strict(self.model, encoder_state_dict(read_sam_checkpoint(sam_file), sam_file), sam_file)
+            resolved = resolve_timm_weights(spec, name, hub_source)
+        self.identity = f"{resolved.identity}|features={self.features}"
+        # No dynamic_img_size argument: SAM's patch embedding accepts any multiple of 16 and
+        # the model resamples its positional embedding to the grid every call.
+        self.model = create_timm_model(name, resolved, **dict(spec.get("model_kwargs") or {}))
+        if resolved.file is not None:
+            load_weights_strict(
+                self.model, encoder_state_dict(read_sam_checkpoint(resolved.file), resolved.file), resolved.file
+            )
         self.patch_size = int(self.model.patch_embed.patch_size[0])
         check_patch_size(spec, self.patch_size)
         self.layers = list(spec.get("layers") or [-1])

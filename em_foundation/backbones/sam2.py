@@ -23,19 +23,17 @@ backbone's ``model.state_dict()``), loaded strictly.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from em_foundation.backbones.base import Backbone, BackboneOutput, normalisation_constants, seeded_init
-from em_foundation.backbones.checkpoint import WeightsError, load_state_dict_file, load_weights_strict, require_file
-from em_foundation.backbones.hub import HubSource, resolve_pretrained
-from em_foundation.backbones.timm_vit import check_patch_size, resolve_layers
+from em_foundation.backbones.base import Backbone, BackboneOutput, normalisation_constants
+from em_foundation.backbones.checkpoint import WeightsError, load_state_dict_file, load_weights_strict
+from em_foundation.backbones.hub import HubSource
+from em_foundation.backbones.timm_vit import check_patch_size, create_timm_model, resolve_layers, resolve_timm_weights
 from em_foundation.families import family_of
-from em_foundation.io import file_sha256
 
 GRID_STRIDE = 16
 
@@ -74,7 +72,6 @@ class Sam2Hiera(Backbone):
     """SAM2's Hiera trunk: tokens of chosen blocks of the stride-16 stage as a (C, H/16, W/16) grid."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
-        import timm
 
         family = family_of(spec["family"])
         mean, std = normalisation_constants(spec.get("normalisation"), family.mean, family.std)
@@ -83,29 +80,9 @@ class Sam2Hiera(Backbone):
         if (spec.get("pooling") or "mean") != "mean":
             raise ValueError("SAM2's Hiera has no class token: set pooling: mean (the grid's average)")
         name = _model_name(spec)
-        weights = spec.get("weights") or "pretrained"
-        kwargs = dict(spec.get("model_kwargs") or {})
-        init_seed = None
-        overlay = None
-        if weights == "random":
-            init_seed = int((spec.get("options") or {}).get("init_seed", 0))
-            self.identity = f"random-init:{name}:seed={init_seed}:{sorted(kwargs.items())}"
-        elif weights == "pretrained":
-            resolved = resolve_pretrained(spec, hub_source(spec))
-            overlay = {"file": str(resolved.path)}
-            self.identity = f"timm:{name}|{resolved.identity}"
-        else:
-            path = require_file(Path(weights))
-            self.identity = f"file:{path.name}:sha256={file_sha256(path)}"
-        try:
-            with seeded_init(init_seed):
-                model = timm.create_model(
-                    name, pretrained=overlay is not None, pretrained_cfg_overlay=overlay, num_classes=0, **kwargs
-                )
-        except RuntimeError as error:
-            if overlay is None:
-                raise
-            raise WeightsError(f"weights file {overlay['file']} does not fit {name}: {str(error)[:1500]}") from error
+        resolved = resolve_timm_weights(spec, name, hub_source)
+        self.identity = resolved.identity
+        model = create_timm_model(name, resolved, **dict(spec.get("model_kwargs") or {}))
         stages = [info["reduction"] for info in model.feature_info]
         if GRID_STRIDE not in stages:
             raise ValueError(f"{name} has no stride-{GRID_STRIDE} stage (stage strides {stages})")
@@ -115,9 +92,8 @@ class Sam2Hiera(Backbone):
         # Drop the stride-32 stage and the classifier head (its norm has parameters): unused.
         model.blocks = model.blocks[: last + 1]
         model.head = nn.Identity()
-        if weights not in ("random", "pretrained"):
-            state = {k: v for k, v in load_state_dict_file(Path(weights)).items()}
-            load_weights_strict(model, state, Path(weights))
+        if resolved.file is not None:
+            load_weights_strict(model, load_state_dict_file(resolved.file), resolved.file)
         self.model = model
         self.patch_size = GRID_STRIDE
         check_patch_size(spec, self.patch_size)

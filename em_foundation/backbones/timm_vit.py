@@ -16,8 +16,9 @@ Weights (``weights`` in the config entry):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -118,11 +119,60 @@ def hub_source(spec: dict[str, Any]) -> HubSource:
     return HubSource(repo_id=repo_id, filenames=filenames, label=name)
 
 
+@dataclass(frozen=True)
+class TimmWeights:
+    """A timm backbone's weights, resolved once: what ``timm.create_model`` needs, and the identity.
+
+    ``timm_file``: a hub file for timm's own loader (its key filters apply); ``file``: a
+    checkpoint the family loads strictly after creation; ``init_seed``: random weights.
+    """
+
+    identity: str
+    init_seed: int | None = None
+    timm_file: str | None = None
+    file: Path | None = None
+
+
+def resolve_timm_weights(spec: dict[str, Any], name: str, source: Callable[[dict[str, Any]], HubSource]) -> TimmWeights:
+    """``weights: random | pretrained | <file>`` of a config entry, for the timm families."""
+    weights = spec.get("weights") or "pretrained"
+    if weights == "random":
+        init_seed = int((spec.get("options") or {}).get("init_seed", 0))
+        kwargs = sorted((spec.get("model_kwargs") or {}).items())
+        return TimmWeights(f"random-init:{name}:seed={init_seed}:{kwargs}", init_seed=init_seed)
+    if weights == "pretrained":
+        resolved = resolve_pretrained(spec, source(spec))
+        # timm's loader, on exactly the file whose commit goes into the identity.
+        return TimmWeights(f"timm:{name}|{resolved.identity}", timm_file=str(resolved.path))
+    path = require_file(Path(weights))
+    return TimmWeights(f"file:{path.name}:sha256={file_sha256(path)}", file=path)
+
+
+def create_timm_model(name: str, weights: TimmWeights, **kwargs: Any) -> torch.nn.Module:
+    """``timm.create_model`` without a classifier, seeded apart from the run's RNG, with hub weights named on failure."""
+    import timm
+
+    try:
+        with seeded_init(weights.init_seed):
+            return timm.create_model(
+                name,
+                pretrained=weights.timm_file is not None,
+                pretrained_cfg_overlay={"file": weights.timm_file} if weights.timm_file else None,
+                num_classes=0,
+                **kwargs,
+            )
+    except RuntimeError as error:
+        if weights.timm_file is None:
+            raise
+        raise WeightsError(
+            f"weights file {weights.timm_file} does not fit {name} ({sorted(kwargs.items())}): {str(error)[:1500]}"
+        ) from error
+
+
 class TimmViT(Backbone):
     """A timm ViT returning the patch tokens of chosen blocks as a (C, H/p, W/p) grid."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
-        import timm
 
         family = family_of(spec["family"])
         # Both DINO families were trained with ImageNet's constants, so "family" and
@@ -131,39 +181,12 @@ class TimmViT(Backbone):
         super().__init__(mean, std)
         self.family = family.name
         name = spec.get("model") or family.default_model
-        weights = spec.get("weights") or "pretrained"
+        resolved = resolve_timm_weights(spec, name, hub_source)
+        self.identity = resolved.identity
         kwargs = dict(spec.get("model_kwargs") or {})
-        overlay = None
-        init_seed = None
-        if weights == "random":
-            init_seed = int((spec.get("options") or {}).get("init_seed", 0))
-            self.identity = f"random-init:{name}:seed={init_seed}:{sorted(kwargs.items())}"
-        elif weights == "pretrained":
-            resolved = resolve_pretrained(spec, hub_source(spec))
-            # timm's loader, on exactly the file whose commit goes into the identity.
-            overlay = {"file": str(resolved.path)}
-            self.identity = f"timm:{name}|{resolved.identity}"
-        else:
-            path = require_file(Path(weights))
-            self.identity = f"file:{path.name}:sha256={file_sha256(path)}"
-        try:
-            with seeded_init(init_seed):
-                self.model = timm.create_model(
-                    name,
-                    pretrained=weights == "pretrained",
-                    pretrained_cfg_overlay=overlay,
-                    num_classes=0,
-                    dynamic_img_size=True,
-                    **kwargs,
-                )
-        except RuntimeError as error:
-            if overlay is None:
-                raise
-            raise WeightsError(
-                f"weights file {overlay['file']} does not fit {name} ({sorted(kwargs.items())}): {str(error)[:1500]}"
-            ) from error
-        if weights not in ("random", "pretrained"):
-            load_weights_strict(self.model, load_state_dict_file(Path(weights)), Path(weights))
+        self.model = create_timm_model(name, resolved, dynamic_img_size=True, **kwargs)
+        if resolved.file is not None:
+            load_weights_strict(self.model, load_state_dict_file(resolved.file), resolved.file)
         self.patch_size = int(self.model.patch_embed.patch_size[0])
         check_patch_size(spec, self.patch_size)
         self.layers = list(spec.get("layers") or [-1])

@@ -45,7 +45,7 @@ from em_foundation.data.integrity import (
     stack_slices,
 )
 from em_foundation.data.prepared import IGNORE_LABEL, Split
-from em_foundation.data.registry import CONVERTERS, declare_options, declare_stack_test
+from em_foundation.data.registry import CONVERTERS, converter_options, declare_options, declare_stack_test
 from em_foundation.data.splits import held_out_block
 
 # Files that archivers add and that are no part of a dataset.
@@ -255,17 +255,6 @@ declare_stack_test("kasthuri_pp", lambda options: True)
 declare_stack_test("vnc", lambda options: options["split"] in ("contiguous", "kfold"))
 
 
-def _options(spec: Mapping[str, Any], defaults: Mapping[str, Any], converter: str) -> dict[str, Any]:
-    options = dict(spec.get("options") or {})
-    unknown = sorted(set(options) - set(defaults))
-    if unknown:
-        raise ConfigError(
-            f"datasets.<name>.options: unknown key(s) {unknown} for converter {converter!r}; "
-            f"allowed: {sorted(defaults)}"
-        )
-    return {**defaults, **options}
-
-
 def _casser_layout(
     archive: Optional[Path],
     converter: str,
@@ -305,7 +294,7 @@ def convert_lucchi_pp(archive: Optional[Path], spec: Mapping[str, Any]) -> tuple
     are read as gray and must be exactly {0, 255} by default (the data are clean, so any
     other value means a wrong file).
     """
-    options = _options(spec, LUCCHI_OPTIONS, "lucchi_pp")
+    options = converter_options(spec, "lucchi_pp")
     splits, root, digest = _casser_layout(
         archive, "lucchi_pp", r"mask(\d+)\.png", r"(\d+)\.png", _label_reader(options["max_stray_fraction"])
     )
@@ -333,7 +322,7 @@ def convert_kasthuri_pp(archive: Optional[Path], spec: Mapping[str, Any]) -> tup
     Labels are RGB: (255,255,255) mitochondria, (0,0,0) background, (2,2,2) an unlabelled
     area, stored as IGNORE_LABEL so that training and metrics skip it.
     """
-    options = _options(spec, KASTHURI_OPTIONS, "kasthuri_pp")
+    options = converter_options(spec, "kasthuri_pp")
     splits, root, digest = _casser_layout(
         archive,
         "kasthuri_pp",
@@ -390,7 +379,7 @@ def convert_vnc(archive: Optional[Path], spec: Mapping[str, Any]) -> tuple[dict[
     values (foreground >= 128). There is no official test split, so one is drawn once from
     ``split_seed`` and recorded in the attributes and the integrity report.
     """
-    options = _options(spec, VNC_OPTIONS, "vnc")
+    options = converter_options(spec, "vnc")
     dataset = "vnc"
     with open_zip(archive, dataset) as zf:
         members = _members(zf)

@@ -50,7 +50,7 @@ from PIL import Image
 from em_foundation.config import ConfigError
 from em_foundation.data.integrity import IntegrityError, check_same_shape, open_zip, stack_slices
 from em_foundation.data.prepared import IGNORE_LABEL, Split
-from em_foundation.data.registry import CONVERTERS, declare_options
+from em_foundation.data.registry import CONVERTERS, converter_options, declare_options
 from em_foundation.io import file_sha256
 
 STRETCH_PERCENTILES = (0.5, 99.5)
@@ -66,16 +66,6 @@ FOLDER_OPTIONS = declare_options("folder", {**_COMMON, "pair_by": "number"}, req
 
 
 # --- options --------------------------------------------------------------------------
-
-
-def _options(spec: Mapping[str, Any], defaults: Mapping[str, Any], converter: str) -> dict[str, Any]:
-    options = dict(spec.get("options") or {})
-    unknown = sorted(set(options) - set(defaults))
-    if unknown:
-        raise ConfigError(
-            f"datasets.<name>.options: unknown key(s) {unknown} for converter {converter!r}; allowed: {sorted(defaults)}"
-        )
-    return {**defaults, **options}
 
 
 def pixel_size_option(value: Any) -> list[float]:
@@ -421,7 +411,7 @@ def _finish(
 @CONVERTERS.register("volume")
 def convert_volume(archive: Optional[Path], spec: Mapping[str, Any]) -> tuple[dict[str, Split], dict[str, Any]]:
     """Image and label stacks of the same shape; test part as its own pair of files or a slice range."""
-    options = _options(spec, VOLUME_OPTIONS, "volume")
+    options = converter_options(spec, "volume")
     dataset = "volume"
     pixel_size_option(options["pixel_size_nm"])
     foreground_option(options["foreground"])
@@ -541,7 +531,7 @@ def pair_files(images: dict[Any, Path], labels: dict[Any, Path], dataset: str) -
 @CONVERTERS.register("folder")
 def convert_folder(archive: Optional[Path], spec: Mapping[str, Any]) -> tuple[dict[str, Split], dict[str, Any]]:
     """Two folders of 2-D images per split, paired by the number in the name or by stem."""
-    options = _options(spec, FOLDER_OPTIONS, "folder")
+    options = converter_options(spec, "folder")
     dataset = "folder"
     pixel_size_option(options["pixel_size_nm"])
     foreground_option(options["foreground"])

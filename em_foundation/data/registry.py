@@ -48,6 +48,20 @@ def has_stack_test_split(spec: dict[str, Any]) -> bool:
     return bool(rule(options)) if rule else False
 
 
+def converter_options(spec: dict[str, Any], converter: str) -> dict[str, Any]:
+    """A dataset's ``options`` over its converter's declared defaults; an undeclared key is refused."""
+    from em_foundation.config import ConfigError
+
+    defaults = CONVERTER_OPTIONS[converter]
+    options = dict(spec.get("options") or {})
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise ConfigError(
+            f"datasets.<name>.options: unknown key(s) {unknown} for converter {converter!r}; allowed: {sorted(defaults)}"
+        )
+    return {**defaults, **options}
+
+
 def get_converter(name: str):
     for module in _CONVERTER_MODULES:
         if name in CONVERTERS:
