@@ -276,7 +276,8 @@ def predict_inputs(w):
             "(see README, 'Your own data')"
         )
     run = {key: PREDICT[key] for key in ("backbone", "regime", "train_set", "alignment", "seed")}
-    inputs = {"model": PREDICT["model"] or model_path("model.pt", regime=run["regime"]).format(**run)}
+    # the model trained on every labelled slice (no label-efficiency suffix)
+    inputs = {"model": PREDICT["model"] or model_path("model.pt", regime=run["regime"]).format(**run, labels="")}
     if config["predict"]["pixel_size_nm"] is None:
         inputs["prepared"] = prepared_path(config["training_sets"][run["train_set"]][0])
     if REGIMES[run["regime"]].cached or REGIMES[run["regime"]].trains_backbone:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import torch
 from torch import nn
@@ -103,3 +103,15 @@ class Backbone(nn.Module):
             "mean": [float(v) for v in self.mean.flatten()],
             "std": [float(v) for v in self.std.flatten()],
         }
+
+
+class FamilyBackbone(Backbone):
+    """A backbone normalised as its family's row and the config entry's ``normalisation`` say."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        from em_foundation.families import family_of
+
+        family = family_of(spec["family"])
+        super().__init__(*normalisation_constants(spec.get("normalisation"), family.mean, family.std))
+        self.family = family.name
+        self.family_row = family

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from em_foundation.backbones.base import Backbone, BackboneOutput, normalisation_constants
+from em_foundation.backbones.base import Backbone, BackboneOutput, FamilyBackbone
 from em_foundation.backbones.checkpoint import WeightsError, load_weights_strict, require_file
 from em_foundation.backbones.hub import HubSource, resolve_pretrained
 from em_foundation.backbones.timm_vit import (
@@ -55,6 +55,7 @@ from em_foundation.backbones.timm_vit import (
     create_timm_model,
     resolve_layers,
     resolve_timm_weights,
+    timm_hub_source,
 )
 from em_foundation.families import family_of
 
@@ -130,21 +131,12 @@ def hub_source(spec: dict[str, Any]) -> HubSource:
         return HubSource(
             repo_id=None, url=entry["url"], checksum=entry["checksum"], label=f"micro_sam/{_options(spec)['micro_sam']}"
         )
-    import timm
-
-    name = _model_name(spec)
-    try:
-        cfg = timm.models.get_pretrained_cfg(name)
-    except Exception:  # older timm raise on unknown names, newer return None
-        cfg = None
-    if cfg is None or not getattr(cfg, "hf_hub_id", None):
-        raise WeightsError(
-            f"timm has no hub weights for {name!r}; SAM's published encoders: "
-            + ", ".join(p["model"] for p in BACKBONE_PRESETS.values() if "options" not in p)
-            + f"; micro-sam's EM models: options.micro_sam one of {', '.join(MICRO_SAM_MODELS)}"
-        )
-    filenames = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else ("model.safetensors", "pytorch_model.bin")
-    return HubSource(repo_id=cfg.hf_hub_id.split("@")[0], filenames=filenames, label=name)
+    published = ", ".join(p["model"] for p in BACKBONE_PRESETS.values() if "options" not in p)
+    return timm_hub_source(
+        _model_name(spec),
+        f"SAM's published encoders: {published}; micro-sam's EM models: options.micro_sam one of "
+        + ", ".join(MICRO_SAM_MODELS),
+    )
 
 
 def read_sam_checkpoint(path: Path) -> dict[str, torch.Tensor]:
@@ -206,16 +198,12 @@ def encoder_state_dict(state: dict[str, torch.Tensor], path: Path) -> dict[str, 
     return checkpoint_filter_fn(state, None)
 
 
-class SamEncoder(Backbone):
+class SamEncoder(FamilyBackbone):
     """SAM's image encoder: the neck output (default) or chosen blocks' tokens as a (C, H/16, W/16) grid."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
-
-        family = family_of(spec["family"])
         # family = SAM's own constants on [0, 1] inputs = ImageNet's (module docstring).
-        mean, std = normalisation_constants(spec.get("normalisation"), family.mean, family.std)
-        super().__init__(mean, std)
-        self.family = family.name
+        super().__init__(spec)
         options = _options(spec)
         self.features = options.get("features", "neck")
         if self.features not in FEATURES:

@@ -29,10 +29,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from em_foundation.backbones.base import Backbone, BackboneOutput, normalisation_constants
-from em_foundation.backbones.checkpoint import WeightsError, load_state_dict_file, load_weights_strict
+from em_foundation.backbones.base import Backbone, BackboneOutput, FamilyBackbone
+from em_foundation.backbones.checkpoint import load_state_dict_file, load_weights_strict
 from em_foundation.backbones.hub import HubSource
-from em_foundation.backbones.timm_vit import check_patch_size, create_timm_model, resolve_layers, resolve_timm_weights
+from em_foundation.backbones.timm_vit import (
+    check_patch_size,
+    create_timm_model,
+    resolve_layers,
+    resolve_timm_weights,
+    timm_hub_source,
+)
 from em_foundation.families import family_of
 
 GRID_STRIDE = 16
@@ -51,32 +57,15 @@ def _model_name(spec: dict[str, Any]) -> str:
 
 def hub_source(spec: dict[str, Any]) -> HubSource:
     """The hub repository timm loads the SAM2 trunk's weights from."""
-    import timm
-
-    name = _model_name(spec)
-    try:
-        cfg = timm.models.get_pretrained_cfg(name)
-    except Exception:  # older timm raise on unknown names, newer return None
-        cfg = None
-    if cfg is None or not getattr(cfg, "hf_hub_id", None):
-        raise WeightsError(
-            f"timm has no hub weights for {name!r}; SAM2 trunks: "
-            + ", ".join(p["model"] for p in BACKBONE_PRESETS.values())
-            + " (and their _2pt1 SAM2.1 tags)"
-        )
-    filenames = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else ("model.safetensors", "pytorch_model.bin")
-    return HubSource(repo_id=cfg.hf_hub_id.split("@")[0], filenames=filenames, label=name)
+    trunks = ", ".join(p["model"] for p in BACKBONE_PRESETS.values())
+    return timm_hub_source(_model_name(spec), f"SAM2 trunks: {trunks} (and their _2pt1 SAM2.1 tags)")
 
 
-class Sam2Hiera(Backbone):
+class Sam2Hiera(FamilyBackbone):
     """SAM2's Hiera trunk: tokens of chosen blocks of the stride-16 stage as a (C, H/16, W/16) grid."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
-
-        family = family_of(spec["family"])
-        mean, std = normalisation_constants(spec.get("normalisation"), family.mean, family.std)
-        super().__init__(mean, std)
-        self.family = family.name
+        super().__init__(spec)
         if (spec.get("pooling") or "mean") != "mean":
             raise ValueError("SAM2's Hiera has no class token: set pooling: mean (the grid's average)")
         name = _model_name(spec)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from em_foundation.backbones.base import Backbone, BackboneOutput, normalisation_constants, seeded_init
+from em_foundation.backbones.base import Backbone, BackboneOutput, FamilyBackbone, seeded_init
 from em_foundation.backbones.checkpoint import WeightsError, load_state_dict_file, load_weights_strict, require_file
 from em_foundation.backbones.hub import HubSource, resolve_pretrained
 from em_foundation.families import family_of
@@ -97,26 +97,27 @@ def check_patch_size(spec: dict[str, Any], patch_size: int) -> None:
         )
 
 
-def hub_source(spec: dict[str, Any]) -> HubSource:
-    """The hub repository timm loads ``spec['model']``'s pretrained weights from."""
+def timm_hub_source(name: str, known: str) -> HubSource:
+    """The hub repository timm loads ``name``'s pretrained weights from; ``known`` lists the published ones."""
     import timm
 
-    name = spec.get("model") or family_of(spec["family"]).default_model
     try:
         cfg = timm.models.get_pretrained_cfg(name)
     except Exception:  # older timm raise on unknown names, newer return None
         cfg = None
     if cfg is None or not getattr(cfg, "hf_hub_id", None):
-        raise WeightsError(
-            f"timm has no hub weights for {name!r}; published DINO models: "
-            + ", ".join(p["model"] for p in BACKBONE_PRESETS.values() if p["family"] != "openclip")
-        )
-    repo_id = cfg.hf_hub_id.split("@")[0]
-    if cfg.hf_hub_filename:
-        filenames: tuple[str, ...] = (cfg.hf_hub_filename,)
-    else:  # timm's own order: the safetensors alternative first
-        filenames = ("model.safetensors", "pytorch_model.bin")
-    return HubSource(repo_id=repo_id, filenames=filenames, label=name)
+        raise WeightsError(f"timm has no hub weights for {name!r}; {known}")
+    # timm's own order when the config names no file: the safetensors alternative first
+    filenames = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else ("model.safetensors", "pytorch_model.bin")
+    return HubSource(repo_id=cfg.hf_hub_id.split("@")[0], filenames=filenames, label=name)
+
+
+def hub_source(spec: dict[str, Any]) -> HubSource:
+    """The hub repository timm loads ``spec['model']``'s pretrained weights from."""
+    published = [p["model"] for p in BACKBONE_PRESETS.values() if p["family"] != "openclip"]
+    return timm_hub_source(
+        spec.get("model") or family_of(spec["family"]).default_model, "published DINO models: " + ", ".join(published)
+    )
 
 
 @dataclass(frozen=True)
@@ -169,17 +170,14 @@ def create_timm_model(name: str, weights: TimmWeights, **kwargs: Any) -> torch.n
         ) from error
 
 
-class TimmViT(Backbone):
+class TimmViT(FamilyBackbone):
     """A timm ViT returning the patch tokens of chosen blocks as a (C, H/p, W/p) grid."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
-
-        family = family_of(spec["family"])
         # Both DINO families were trained with ImageNet's constants, so "family" and
         # "imagenet" normalisation coincide for them.
-        mean, std = normalisation_constants(spec.get("normalisation"), family.mean, family.std)
-        super().__init__(mean, std)
-        self.family = family.name
+        super().__init__(spec)
+        family = self.family_row
         name = spec.get("model") or family.default_model
         resolved = resolve_timm_weights(spec, name, hub_source)
         self.identity = resolved.identity
