@@ -202,6 +202,11 @@ def run_check(check: Check, root: Path) -> pd.DataFrame:
     def add(benchmark: str, setting: str, value: float, unit: str, n: int, note: str = "") -> None:
         table.add(benchmark, label, setting, value, unit, n, note)
 
+    def add_steps(benchmark: str, setting: str, times: list[float], note: str) -> None:
+        """Median steps/s of a training stage and the peak GPU memory it reached."""
+        add(benchmark, setting, 1 / statistics.median(times), "steps/s", len(times), note)
+        add(benchmark, "peak GPU memory", peak_mib(device), "MiB", 1, "torch.cuda.max_memory_allocated")
+
     print(
         f"gpu_check on {name}, torch {torch.__version__}, {check.model} ({check.precision}), {check.n_tiles} tiles of {check.tile}²",
         flush=True,
@@ -262,15 +267,12 @@ def run_check(check: Check, root: Path) -> pd.DataFrame:
     head = CachedFeatureSegmenter(backbone.embed_dim, settings["head"]["width"], backbone.patch_size).to(device)
     reset_peak(device)
     times = train_steps(head, tokens, labels, settings["training"], check.head_steps, check.warmup_steps)
-    add(
+    add_steps(
         "head",
         f"head training steps (width {settings['head']['width']}, batch {settings['training']['batch_size']})",
-        1 / statistics.median(times),
-        "steps/s",
-        len(times),
+        times,
         f"tokens resident on the device ({tokens.numel() * 2 / 2**20:.0f} MiB float16); fp32 as fit runs it",
     )
-    add("head", "peak GPU memory", peak_mib(device), "MiB", 1, "torch.cuda.max_memory_allocated")
     del head, tokens, backbone
 
     # 3. LoRA on the tiles' pixels, float32 as fit runs it
@@ -282,15 +284,12 @@ def run_check(check: Check, root: Path) -> pd.DataFrame:
         model, images, labels[: len(images)], settings["training"], check.lora_steps, check.warmup_steps
     )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    add(
+    add_steps(
         "lora",
         f"LoRA rank {lora['rank']} training steps (batch {settings['training']['batch_size']})",
-        1 / statistics.median(times),
-        "steps/s",
-        len(times),
+        times,
         f"{trainable} trainable parameters; fp32 as fit runs it",
     )
-    add("lora", "peak GPU memory", peak_mib(device), "MiB", 1, "torch.cuda.max_memory_allocated")
     return table.frame()
 
 

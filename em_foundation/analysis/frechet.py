@@ -50,11 +50,6 @@ __all__ = [
 
 SHRINKAGES = (None, "ledoit_wolf")
 INTERVALS = ("basic", "percentile")
-# What the tables and figures say the interval is.
-INTERVAL_LABEL = {
-    "basic": "bootstrap bias-corrected estimate (2·FD − mean of bootstrap FDs), basic bootstrap 95 % interval",
-    "percentile": "plain estimate, bootstrap percentile 95 % interval",
-}
 METHODS = ("sqrtm", "eigh")
 
 

@@ -232,9 +232,9 @@ def read_pairs(
     )
 
 
-LUCCHI_OPTIONS = declare_options("lucchi_pp", {"max_stray_fraction": 0.0})
-KASTHURI_OPTIONS = declare_options("kasthuri_pp", {"max_stray_fraction": 0.001, "voxel_size_nm": [3.0, 3.0, 30.0]})
-VNC_OPTIONS = declare_options(
+declare_options("lucchi_pp", {"max_stray_fraction": 0.0})
+declare_options("kasthuri_pp", {"max_stray_fraction": 0.001, "voxel_size_nm": [3.0, 3.0, 30.0]})
+declare_options(
     "vnc",
     {
         "n_test": 3,

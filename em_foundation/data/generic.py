@@ -59,10 +59,8 @@ _IGNORED_FILES = re.compile(r"^(\..*|Thumbs\.db|desktop\.ini)$")
 _CONTAINER = re.compile(r"(?P<file>.+?\.(?:h5|hdf5|hdf|zarr))(?::(?P<inner>.+))?")
 
 _COMMON = {"train": None, "test": None, "foreground": None, "ignore_value": None, "pixel_size_nm": None}
-VOLUME_OPTIONS = declare_options(
-    "volume", {**_COMMON, "images": None, "labels": None, "test_slices": None}, required=("pixel_size_nm",)
-)
-FOLDER_OPTIONS = declare_options("folder", {**_COMMON, "pair_by": "number"}, required=("pixel_size_nm",))
+declare_options("volume", {**_COMMON, "images": None, "labels": None, "test_slices": None}, required=("pixel_size_nm",))
+declare_options("folder", {**_COMMON, "pair_by": "number"}, required=("pixel_size_nm",))
 
 
 # --- options --------------------------------------------------------------------------

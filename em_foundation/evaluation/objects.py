@@ -25,7 +25,7 @@ object there is neither found nor missed.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -141,10 +141,6 @@ def object_scores(counts: ObjectCounts) -> dict[str, float]:
         "obj_splits": counts.splits,
         "obj_merges": counts.merges,
     }
-
-
-def counts_dict(counts: ObjectCounts) -> dict[str, float]:
-    return asdict(counts)
 
 
 # The raw counts, as columns of the per-image table and keys of the evaluation record, so that
