@@ -370,9 +370,11 @@ def _check_references(config: dict[str, Any], source: str) -> None:
 
     for name in config["alignment"]["variants"]:
         try:
-            parse_alignment(name)
+            parsed = parse_alignment(name)
         except ValueError as error:
             raise ConfigError(f"{source}: alignment.variants: {error}") from None
+        if parsed["rescale"]:
+            check_rescale(config, name, source)
     for member in config["training"].get("n_train_slices_for") or []:
         if member not in config["training_sets"]:
             raise ConfigError(
@@ -408,6 +410,25 @@ def _check_references(config: dict[str, Any], source: str) -> None:
                 f"{source}: tiling.tile_size {tile} is not a multiple of the patch size {patch} "
                 f"of backbone {name!r}; use a common multiple (448 suits patch 14 and 16)"
             )
+
+
+def check_rescale(config: dict[str, Any], variant: str, source: str) -> None:
+    """The rescale variant resamples native-resolution tiles to alignment.pixel_size_nm, nothing else."""
+    if config["alignment"].get("pixel_size_nm") is None:
+        raise ConfigError(
+            f"{source}: alignment variant {variant!r} resamples every dataset to a common pixel size: "
+            "set alignment.pixel_size_nm (nm per pixel, e.g. 5.0)"
+        )
+    if config["tiling"]["mode"] != "tile":
+        raise ConfigError(
+            f"{source}: alignment variant {variant!r} needs tiling.mode: tile (resize mode rescales every slice "
+            "to longest_edge anyway)"
+        )
+    if config["tiling"].get("pixel_size_nm") is not None:
+        raise ConfigError(
+            f"{source}: alignment variant {variant!r} and tiling.pixel_size_nm both set a pixel size; "
+            "tiling.pixel_size_nm already resamples every run, so drop one of them"
+        )
 
 
 def check_tile_fits(tile: int, height: int, width: int, what: str, source: str = "config") -> None:

@@ -39,7 +39,9 @@ def patch_size_of(backbone: dict[str, Any]) -> int:
 
 INTENSITY_ALIGNMENTS = ("percentile", "histmatch")
 TRANSDUCTIVE = "trans"
-ALIGNMENT_COMPONENTS = ("featstd", "percentile", "histmatch", "adabn", "balanced", TRANSDUCTIVE)
+# Resamples every dataset to one pixel size (alignment.pixel_size_nm) before tiling.
+RESCALE = "rescale"
+ALIGNMENT_COMPONENTS = ("featstd", "percentile", "histmatch", "adabn", "balanced", RESCALE, TRANSDUCTIVE)
 # Components that take statistics from the images being scored (or, by default, from the
 # target dataset's unlabelled training split instead).
 STATISTICS_COMPONENTS = ("featstd", "adabn", *INTENSITY_ALIGNMENTS)
@@ -51,7 +53,9 @@ def parse_alignment(name: str) -> dict[str, Any]:
     featstd: per-domain standardisation of cached patch tokens (cached regimes only);
     percentile / histmatch: per-domain intensity normalisation of the raw slices;
     adabn: the head's batch-norm statistics re-estimated on a target domain's unlabelled images;
-    balanced: every batch draws equally from each source dataset.
+    balanced: every batch draws equally from each source dataset;
+    rescale: every dataset resampled to ``alignment.pixel_size_nm`` before tiling (tile mode),
+    so that a VFM sees organelles of every domain at the same size in pixels.
 
     Inductive by default: featstd, adabn and the intensity normalisations take a dataset's
     statistics from its unlabelled *training* split, never from the test images being
@@ -80,8 +84,31 @@ def parse_alignment(name: str) -> dict[str, Any]:
         "feature_std": "featstd" in parts,
         "adabn": "adabn" in parts,
         "balanced": "balanced" in parts,
+        "rescale": RESCALE in parts,
         "transductive": transductive,
     }
+
+
+def input_variant(config: dict[str, Any], alignment: str) -> str:
+    """How an alignment changes what a backbone reads: 'raw', an intensity normalisation
+    ('percentile', 'histmatch-trans'), a common pixel size ('nm5') or both ('nm5-percentile').
+
+    The variant names the tiles' view suffix (``view_of``) and the features' folder, so an
+    aligned input lives beside the unaligned one and is computed once for every run using it.
+    """
+    parsed = parse_alignment(alignment)
+    parts = [f"nm{float(config['alignment']['pixel_size_nm']):g}"] if parsed["rescale"] else []
+    if parsed["intensity"] != "raw":
+        parts.append(parsed["intensity"])
+    return "-".join(parts) or "raw"
+
+
+def split_variant(variant: str) -> tuple[float | None, str]:
+    """'nm5-percentile' -> (5.0, 'percentile'); 'raw' -> (None, 'raw')."""
+    match = re.fullmatch(r"(?:nm(\d+(?:\.\d+)?))?-?(.*)", variant)
+    if match is None:
+        raise ValueError(f"unknown input variant {variant!r}")
+    return (float(match.group(1)) if match.group(1) else None), (match.group(2) or "raw")
 
 
 INTENSITY_VIEWS = ("raw", *INTENSITY_ALIGNMENTS, *(f"{kind}-{TRANSDUCTIVE}" for kind in INTENSITY_ALIGNMENTS))
@@ -97,17 +124,20 @@ def resized_edge(longest_edge: int, patch: int) -> int:
     return max(patch, longest_edge // patch * patch)
 
 
-def view_of(config: dict[str, Any], backbone: str, intensity: str = "raw") -> str:
+def view_of(config: dict[str, Any], backbone: str, variant: str = "raw") -> str:
     """How a backbone sees a dataset: the tile geometry (and intensity normalisation) of its inputs.
 
     Tiling is shared by every backbone; the published resize mode depends on the patch
     size (1022 for patch 14, 1008 for patch 16), so it gets one view per patch size.
+    ``variant`` is an alignment's ``input_variant`` (a pixel size and/or an intensity normalisation).
     """
     tiling = config["tiling"]
+    pixel_size, intensity = split_variant(variant)
+    pixel_size = pixel_size or tiling.get("pixel_size_nm")
     if tiling["mode"] == "tile":
         geometry = f"tile{tiling['tile_size']}o{tiling['overlap']}"
-        if tiling.get("pixel_size_nm"):  # resampled to a common pixel size: tiles live beside the native ones
-            geometry += f"nm{float(tiling['pixel_size_nm']):g}"
+        if pixel_size:  # resampled to a common pixel size: tiles live beside the native ones
+            geometry += f"nm{float(pixel_size):g}"
     else:
         patch = patch_size_of(config["backbones"][backbone])
         geometry = f"resize{resized_edge(tiling['longest_edge'], patch)}p{patch}"

@@ -26,7 +26,7 @@ wildcard_constraints:
     seed=r"\d+",
     labels=r"(-n\d+)?",
     view=r"(tile\d+o\d+(nm\d+(\.\d+)?)?|resize\d+p\d+)(-percentile|-histmatch)?(-trans)?",
-    intensity="(percentile|histmatch)(-trans)?",
+    variant=r"(nm\d+(\.\d+)?(-(percentile|histmatch)(-trans)?)?|(percentile|histmatch)(-trans)?)",
     alignment=r"none|[a-z]+(-[a-z]+)*",
 
 
@@ -66,24 +66,25 @@ def compute_params():
     return {"compute": config["compute"], "hub": config["hub"]}
 
 
-def intensity_of(w):
-    return grid.parse_alignment(w.alignment)["intensity"]
+def variant_of(w):
+    """The input variant of a run's alignment: 'raw', an intensity normalisation and/or a pixel size."""
+    return grid.input_variant(config, w.alignment)
 
 
 def prepared_path(dataset):
     return results(f"prepared/{dataset}.h5")
 
 
-def tiles_path(backbone, dataset, intensity="raw"):
+def tiles_path(backbone, dataset, variant="raw"):
     """The tiles a backbone sees: shared by all backbones when tiling, per patch size when resizing."""
-    return results(f"tiles/{grid.view_of(config, backbone, intensity)}/{dataset}.h5")
+    return results(f"tiles/{grid.view_of(config, backbone, variant)}/{dataset}.h5")
 
 
-def features_path(backbone, dataset, intensity="raw"):
-    """Unaligned features keep the short path; intensity-normalised ones get a folder of their own."""
-    if intensity == "raw":
+def features_path(backbone, dataset, variant="raw"):
+    """Unaligned features keep the short path; aligned inputs (grid.input_variant) get a folder of their own."""
+    if variant == "raw":
         return results(f"features/{backbone}/{dataset}.h5")
-    return results(f"features/{backbone}/{intensity}/{dataset}.h5")
+    return results(f"features/{backbone}/{variant}/{dataset}.h5")
 
 
 def model_path(name, regime="{regime}"):
@@ -154,11 +155,11 @@ def split_inputs(w):
 
 
 def tile_inputs(w):
-    return {f"tiles_{d}": tiles_path(w.backbone, d, intensity_of(w)) for d in train_datasets(w)}
+    return {f"tiles_{d}": tiles_path(w.backbone, d, variant_of(w)) for d in train_datasets(w)}
 
 
 def feature_inputs(w):
-    return {f"features_{d}": features_path(w.backbone, d, intensity_of(w)) for d in train_datasets(w)}
+    return {f"features_{d}": features_path(w.backbone, d, variant_of(w)) for d in train_datasets(w)}
 
 
 def run_outputs(regime):
@@ -188,10 +189,10 @@ def evaluation_inputs(w):
         "model": model_path("model.pt").format(**dict(w.items())),
         "run": model_path("run.json").format(**dict(w.items())),
         "prepared": [prepared_path(dataset) for dataset in TEST_SETS],
-        "tiles": [tiles_path(w.backbone, dataset, intensity_of(w)) for dataset in TEST_SETS],
+        "tiles": [tiles_path(w.backbone, dataset, variant_of(w)) for dataset in TEST_SETS],
     }
     if REGIMES[w.regime].cached:
-        inputs["features"] = [features_path(w.backbone, dataset, intensity_of(w)) for dataset in TEST_SETS]
+        inputs["features"] = [features_path(w.backbone, dataset, variant_of(w)) for dataset in TEST_SETS]
     else:
         inputs["weights"] = weights_input(w)
     return inputs

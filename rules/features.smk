@@ -23,14 +23,14 @@ rule cache_features:
         "../scripts/cache_features.py"
 
 
-# Features of intensity-normalised tiles (alignment variants percentile and histmatch).
+# Features of aligned tiles (alignment variants percentile, histmatch and rescale).
 use rule cache_features as cache_features_aligned with:
     input:
-        tiles=lambda w: tiles_path(w.backbone, w.dataset, w.intensity),
+        tiles=lambda w: tiles_path(w.backbone, w.dataset, w.variant),
         weights=weights_input,
     output:
-        features_path("{backbone}", "{dataset}", "{intensity}"),
+        features_path("{backbone}", "{dataset}", "{variant}"),
     log:
-        logs("cache_features/{backbone}_{intensity}_{dataset}.log"),
+        logs("cache_features/{backbone}_{variant}_{dataset}.log"),
     benchmark:
-        benchmarks("cache_features/{backbone}_{intensity}_{dataset}.tsv")
+        benchmarks("cache_features/{backbone}_{variant}_{dataset}.tsv")

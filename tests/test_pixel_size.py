@@ -76,3 +76,55 @@ def test_kasthuri_of_the_extended_config_prepares_with_its_pixel_size(tmp_path):
     report = prepare_dataset("kasthuri", spec, archive, tmp_path / "k.h5", tmp_path / "k.integrity.json")
     assert pixel_size_of(tmp_path / "k.h5") == (3.0, 3.0) and report["pixel_size_nm"] == [3.0, 3.0]
     assert report["splits"]["train"]["label_counts"]["255"] > 0  # the unlabelled (2,2,2) areas
+
+
+def rescale_config(**alignment) -> dict:
+    config = demo_config()
+    config["alignment"] = {"variants": ["none", "rescale", "rescale-percentile"], "train_sets": ["paired"], **alignment}
+    return config
+
+
+def test_rescale_variant_reads_tiles_and_features_at_the_common_pixel_size():
+    """The alignment variant `rescale` (the alignment figure's pixel-size bar) reads the nm views."""
+    from em_foundation.grid import alignments_for, input_variant
+
+    config = validate_config(rescale_config(pixel_size_nm=10.0))
+    assert alignments_for(config, "head", "paired") == ["none", "rescale", "rescale-percentile"]
+    assert alignments_for(config, "head", "fibsem") == ["none"]
+    native = view_of(config, "filterbank")
+    assert input_variant(config, "none") == "raw" and view_of(config, "filterbank", "raw") == native
+    assert input_variant(config, "rescale") == "nm10"
+    assert view_of(config, "filterbank", input_variant(config, "rescale")) == f"{native}nm10"
+    assert view_of(config, "filterbank", input_variant(config, "rescale-percentile")) == f"{native}nm10-percentile"
+    assert parse_view(f"{native}nm10-percentile") == {**parse_view(native), "pixel_size_nm": 10.0, "intensity": "percentile"}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({}, "set alignment.pixel_size_nm"),
+        ({"tiling": {"mode": "resize"}}, "needs tiling.mode: tile"),
+        ({"tiling": {"pixel_size_nm": 4.6}}, "both set a pixel size"),
+    ],
+)
+def test_rescale_variant_needs_one_target_pixel_size_and_native_tiles(change, message):
+    config = rescale_config(pixel_size_nm=None if not change else 5.0)
+    for block, values in change.items():
+        config.setdefault(block, {}).update(values)
+    with pytest.raises(ConfigError, match=message):
+        validate_config(config)
+
+
+def test_rescale_runs_in_the_workflow_dry_run(tmp_path):
+    """A dry run of the demo with the rescale variant schedules tiles and caches at the common pixel size."""
+    from tests.workflow import snakemake, write_config
+
+    config = validate_config(rescale_config(pixel_size_nm=10.0))
+    config["backbones"] = {"filterbank": config["backbones"]["filterbank"]}
+    configfile = write_config(tmp_path / "config.yaml", config)
+    text = snakemake(tmp_path, "-n", "-p", configfile=configfile).stdout
+    native = view_of(config, "filterbank")
+    assert f"results/tiles/{native}nm10/fibsem.h5" in text and f"results/tiles/{native}nm10/sstem.h5" in text
+    assert "results/features/filterbank/nm10-percentile/sstem.h5" in text
+    assert "results/models/filterbank/head/paired/rescale/seed0/model.pt" in text
+    assert "results/models/filterbank/head/fibsem/rescale/seed0/model.pt" not in text
