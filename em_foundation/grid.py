@@ -355,6 +355,18 @@ def predict_run(config: dict[str, Any]) -> dict[str, Any]:
     seed = config["seeds"][0] if seed is None else int(seed)
     if block.get("model") is None and seed not in config["seeds"]:
         problems.append(f"predict.seed {seed} is not under seeds {config['seeds']} (or give predict.model)")
+    alignment = block.get("alignment") or "none"
+    try:
+        parse_alignment(alignment)
+    except ValueError as error:
+        problems.append(f"predict.alignment: {error}")
+        alignment = "none"
+    trained = alignments_for(config, regime, train_set) if regime in runnable else ["none"]
+    if block.get("model") is None and alignment not in trained:
+        problems.append(
+            f"predict.alignment {alignment!r}: the workflow trains {regime}/{train_set} with {', '.join(trained)} "
+            "(alignment.variants, alignment.train_sets), or give predict.model"
+        )
     # Without images the target is not in use: the defaults only name its (unused) output.
     if problems and images:
         raise ValueError("; ".join(problems))
@@ -363,7 +375,7 @@ def predict_run(config: dict[str, Any]) -> dict[str, Any]:
         "backbone": backbone,
         "regime": regime,
         "train_set": train_set,
-        "alignment": "none",
+        "alignment": alignment,
         "seed": seed,
         "model": block.get("model"),
         "images": images,

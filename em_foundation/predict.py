@@ -5,6 +5,11 @@ generic converters) are cut into the inputs the model was trained on (the config
 view), predicted, and stitched back to their native resolution. Non-8-bit images get the
 generic converters' percentile stretch, fitted on the images given. Cached-feature regimes
 (head, forest) run the frozen backbone on the fly, as the feature cache did.
+
+A model trained with an alignment variant is applied with it: the images given are the
+target domain, so its statistics (intensity normalisation, feature standardisation, AdaBN)
+come from them, as evaluation takes a test dataset's from its unlabelled images; a common
+pixel size (rescale) comes with the view.
 """
 
 from __future__ import annotations
@@ -28,9 +33,10 @@ from em_foundation.data.generic import (
     stretch_to_uint8,
 )
 from em_foundation.data.tile_grid import TileGrid, extract_tiles
-from em_foundation.data.tiles import TileSet, resample_split, resize_images, resized_shape
+from em_foundation.data.tiles import TileSet, intensity_table, resample_split, resize_images, resized_shape
 from em_foundation.evaluation.evaluate import predict_image
 from em_foundation.feature_cache import _autocast, to_unit_float
+from em_foundation.grid import parse_alignment
 
 OVERLAY_EDGE = 512  # longest edge of the quick-look PNG
 
@@ -92,6 +98,38 @@ def model_inputs(tile_set: TileSet, backbone: Optional[torch.nn.Module], batch: 
     return torch.cat(tokens)
 
 
+def normalise_intensity(
+    images: list[np.ndarray],
+    intensity: str,
+    reference: Optional[str | Path] = None,
+    percentiles: tuple[float, float] = (1.0, 99.0),
+) -> list[np.ndarray]:
+    """The alignment's per-domain intensity normalisation, fitted on every pixel of the images given."""
+    if intensity == "raw":
+        return images
+    table = intensity_table(np.concatenate([image.ravel() for image in images]), intensity, reference, percentiles)
+    return [table[image] for image in images]
+
+
+def align_inputs(
+    model: torch.nn.Module, inputs: list[torch.Tensor], alignment: str, cached: bool, batch_size: int
+) -> tuple[torch.nn.Module, list[torch.Tensor]]:
+    """featstd and adabn with the statistics of every input of the images given (their own domain)."""
+    from em_foundation.alignment import adapt_batchnorm, domain_stats, segmenter_forward, standardise
+
+    options = parse_alignment(alignment)
+    if options["feature_std"]:
+        if not cached:
+            raise ValueError(f"alignment {alignment!r}: featstd standardises cached tokens; this model reads pixels")
+        stats = domain_stats(torch.cat(inputs).numpy(), dataset="predict")
+        inputs = [torch.from_numpy(standardise(x.numpy(), stats, dtype=np.float16)) for x in inputs]
+    if options["adabn"]:
+        everything = torch.cat(inputs)
+        batches = (everything[start : start + batch_size] for start in range(0, len(everything), batch_size))
+        model = adapt_batchnorm(model, batches, segmenter_forward)
+    return model, inputs
+
+
 def write_tiff(path: Path, array: np.ndarray, pixel_size_nm: tuple[float, float]) -> None:
     """ImageJ TIFF whose resolution carries the pixel size in nm (Fiji shows it)."""
     tifffile.imwrite(
@@ -123,14 +161,24 @@ def predict_images(
     batch_size: int = 8,
     threshold: float = 0.5,
     record: Optional[dict[str, Any]] = None,
+    alignment: str = "none",
+    reference: Optional[str | Path] = None,
+    percentiles: tuple[float, float] = (1.0, 99.0),
 ) -> dict[str, Any]:
     """Write <name>_probability.tif, <name>_mask.tif (0/255) and <name>_overlay.png per image, and a summary.
+
+    ``alignment``: the variant the model was trained with, its statistics taken from the
+    images given (``reference``: histogram matching's reference prepared dataset). Without
+    featstd or adabn every image is read, predicted and written before the next.
 
     Everything is written into a temporary folder renamed onto ``out_dir`` at the end, so an
     interrupted run leaves no folder Snakemake would take for finished.
     """
     names = [name for name, _ in images]
     eight_bit, _, stretch = stretch_to_uint8([image for _, image in images], [], "predict", names)
+    options = parse_alignment(alignment)
+    model_view = normalise_intensity(eight_bit, options["intensity"], reference, percentiles)
+    whole_domain = options["feature_std"] or options["adabn"]
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".part")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -140,9 +188,14 @@ def predict_images(
         backbone = backbone.to(device).eval()
     summary = []
     try:
-        for name, image in tqdm(list(zip(names, eight_bit)), desc="predict", unit="image"):
-            tile_set = tile_image(image, view, pixel_size_nm)
-            inputs = model_inputs(tile_set, backbone, batch_size, device)
+        inputs_of = {}
+        if whole_domain:  # statistics over every image first: their inputs are kept until predicted
+            tiled = [model_inputs(tile_image(i, view, pixel_size_nm), backbone, batch_size, device) for i in model_view]
+            model, aligned = align_inputs(model, tiled, alignment, backbone is not None, batch_size)
+            inputs_of = dict(enumerate(aligned))
+        for index, (name, image) in enumerate(tqdm(list(zip(names, eight_bit)), desc="predict", unit="image")):
+            tile_set = tile_image(model_view[index], view, pixel_size_nm)
+            inputs = inputs_of.pop(index) if whole_domain else model_inputs(tile_set, backbone, batch_size, device)
             probability = predict_image(model, inputs, tile_set, batch_size, device).astype(np.float32)
             mask = (probability >= threshold).astype(np.uint8) * 255
             write_tiff(tmp / f"{name}_probability.tif", probability, pixel_size_nm)
@@ -154,6 +207,8 @@ def predict_images(
             "pixel_size_nm": list(pixel_size_nm),
             "threshold": threshold,
             "intensity_stretch": stretch,
+            "alignment": alignment,
+            "alignment_statistics": "the images given" if alignment != "none" else None,
             "images": summary,
         }
         (tmp / "predictions.json").write_text(json.dumps(result, indent=2))

@@ -283,4 +283,6 @@ def predict_inputs(w):
         inputs["prepared"] = prepared_path(config["training_sets"][run["train_set"]][0])
     if REGIMES[run["regime"]].cached or REGIMES[run["regime"]].trains_backbone:
         inputs["weights"] = weights_input(SimpleNamespace(backbone=run["backbone"]))
+    if grid.parse_alignment(run["alignment"])["intensity"].startswith("histmatch"):
+        inputs["reference"] = prepared_path(config["alignment"]["reference"] or next(iter(config["datasets"])))
     return inputs

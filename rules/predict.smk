@@ -19,7 +19,8 @@ rule predict:
         predict=config["predict"],
         run=PREDICT,
         backbone=config["backbones"][PREDICT["backbone"]],
-        view=grid.view_of(config, PREDICT["backbone"]),
+        view=grid.view_of(config, PREDICT["backbone"], grid.input_variant(config, PREDICT["alignment"])),
+        percentiles=config["alignment"]["percentiles"],
         batch_size=config["features"]["batch_size"],
         code=code_digest("predict.py"),
     script:

@@ -36,6 +36,9 @@ with logged(snakemake.log[0]):
         batch_size=params.batch_size,
         threshold=params.predict["threshold"],
         record={**run, "model": str(snakemake.input.model), "view": params.view},
+        alignment=run["alignment"],
+        reference=snakemake.input.get("reference"),
+        percentiles=tuple(params.percentiles),
     )
     for entry in result["images"]:
         print(f"{entry['image']}: {entry['shape']}, foreground {entry['foreground_fraction']:.3f}")

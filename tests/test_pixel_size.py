@@ -96,7 +96,11 @@ def test_rescale_variant_reads_tiles_and_features_at_the_common_pixel_size():
     assert input_variant(config, "rescale") == "nm10"
     assert view_of(config, "filterbank", input_variant(config, "rescale")) == f"{native}nm10"
     assert view_of(config, "filterbank", input_variant(config, "rescale-percentile")) == f"{native}nm10-percentile"
-    assert parse_view(f"{native}nm10-percentile") == {**parse_view(native), "pixel_size_nm": 10.0, "intensity": "percentile"}
+    assert parse_view(f"{native}nm10-percentile") == {
+        **parse_view(native),
+        "pixel_size_nm": 10.0,
+        "intensity": "percentile",
+    }
 
 
 @pytest.mark.parametrize(

@@ -98,6 +98,21 @@ def test_predict_target_on_new_images(tmp_path):
         tifffile.imread(tmp_path / "results/predictions/again/a_probability.tif"),
         tifffile.imread(out / "a_probability.tif"),
     )
+    # a model trained with an alignment variant is applied with it (statistics from the images given)
+    aligned = tiny_config()
+    aligned["alignment"] = {"variants": ["none", "percentile"]}
+    configfile = write_config(tmp_path / "aligned.yaml", aligned)
+    snakemake(
+        tmp_path,
+        "predict",
+        "--config",
+        "predict={images: new, pixel_size_nm: [5.0, 5.0], alignment: percentile, name: aligned}",
+        configfile=configfile,
+    )
+    summary = json.loads((tmp_path / "results/predictions/aligned/predictions.json").read_text())
+    assert summary["alignment"] == "percentile" and summary["view"].endswith("-percentile")
+    assert summary["alignment_statistics"] == "the images given"
+    assert (tmp_path / "results/models/filterbank/head/fibsem/percentile/seed0/model.pt").is_file()
 
 
 def test_common_pixel_size_gives_views_of_their_own(tmp_path):
@@ -105,6 +120,21 @@ def test_common_pixel_size_gives_views_of_their_own(tmp_path):
     result = snakemake(tmp_path, "-n", "--config", "tiling={pixel_size_nm: 5.0}")
     views = set(re.findall(r"results/tiles/([^/\s]+)/", result.stdout + result.stderr))
     assert views == {"tile112o16nm5"}, views
+
+
+def test_predict_names_an_alignment_the_workflow_does_not_train():
+    from em_foundation.config import ConfigError, validate_config
+    from em_foundation.grid import predict_run
+
+    config = tiny_config()
+    config["alignment"] = {"variants": ["none", "percentile"]}
+    config["predict"] = {"images": "new", "alignment": "percentile"}
+    assert predict_run(validate_config(config))["alignment"] == "percentile"
+    config["predict"]["alignment"] = "histmatch"
+    with pytest.raises(ConfigError, match="predict.alignment 'histmatch': the workflow trains head/fibsem with none"):
+        validate_config(config)
+    config["predict"]["model"] = "elsewhere/model.pt"  # a model file of its own: its alignment is the user's word
+    assert predict_run(validate_config(config))["alignment"] == "histmatch"
 
 
 def test_a_wrong_model_in_predict_stops_at_start_up_and_an_unused_block_never_does():
@@ -147,3 +177,83 @@ def test_predict_images_maps_back_to_the_native_grid(tmp_path, view, resampled):
         np.testing.assert_allclose(probability, expected, atol=1e-5)
         np.testing.assert_array_equal(mask == 255, image > 127)
     assert result["images"][0]["foreground_fraction"] == pytest.approx((mask == 255).mean())
+
+
+def test_predict_images_normalises_intensity_with_the_images_statistics(tmp_path):
+    """A percentile-aligned model sees the images given stretched by their own pooled percentiles."""
+    from em_foundation.alignment import intensity_bounds, percentile_normalise
+    from em_foundation.predict import predict_images
+
+    rng = np.random.default_rng(3)
+    images = [
+        ("a", rng.integers(60, 111, (40, 48), dtype=np.uint8)),
+        ("b", rng.integers(50, 101, (40, 48), dtype=np.uint8)),
+    ]
+    cpu = torch.device("cpu")
+    predict_images(
+        Brightness(),
+        None,
+        images,
+        parse_view("tile32o8-percentile"),
+        tmp_path / "p",
+        (5.0, 5.0),
+        cpu,
+        alignment="percentile",
+    )
+    bounds = intensity_bounds(np.concatenate([image.ravel() for _, image in images]), 1.0, 99.0)
+    for name, image in images:
+        stretched = percentile_normalise(image, bounds=bounds)
+        expected = 1 / (1 + np.exp(-20 * (stretched / 255.0 - 0.5)))
+        np.testing.assert_allclose(tifffile.imread(tmp_path / f"p/{name}_probability.tif"), expected, atol=1e-5)
+    unaligned = predict_images(Brightness(), None, images, parse_view("tile32o8"), tmp_path / "u", (5.0, 5.0), cpu)
+    assert all(entry["foreground_fraction"] == 0 for entry in unaligned["images"])  # every pixel below mid-grey
+
+
+class BatchNormSpy(torch.nn.Module):
+    """Records what it is fed in evaluation mode; a batch-norm layer whose statistics AdaBN re-estimates."""
+
+    seen: list[torch.Tensor] = []  # a class attribute: shared with the copy adapt_batchnorm makes
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = torch.nn.BatchNorm2d(channels)
+
+    def forward(self, tokens: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+        if not self.norm.training:
+            BatchNormSpy.seen.append(tokens.float())
+        x = self.norm(tokens.float())[:, -2:]  # the filter bank's smallest-variance channels
+        return torch.nn.functional.interpolate(x, size=out_size, mode="bilinear", align_corners=False)
+
+
+def test_predict_images_standardises_tokens_and_adapts_batchnorm_over_all_images(tmp_path):
+    """featstd-adabn: tokens standardised with, and batch norm re-estimated on, every image given."""
+    from em_foundation.alignment import domain_stats, standardise
+    from em_foundation.backbones import build_backbone
+    from em_foundation.predict import model_inputs, predict_images
+
+    backbone = build_backbone({"family": "filterbank", "options": {"patch_size": 8}})
+    rng = np.random.default_rng(4)
+    images = [(name, rng.integers(0, 256, (48, 64), dtype=np.uint8)) for name in "abc"]
+    spy = BatchNormSpy(backbone.embed_dim)
+    BatchNormSpy.seen.clear()
+    cpu = torch.device("cpu")
+    predict_images(
+        spy, backbone, images, parse_view("tile32o8"), tmp_path / "out", (5.0, 5.0), cpu, alignment="featstd-adabn"
+    )
+    fed = torch.cat(BatchNormSpy.seen)  # every tile of every image, once, standardised
+    raw = torch.cat(
+        [model_inputs(tile_image(image, parse_view("tile32o8"), (5.0, 5.0)), backbone, 8, cpu) for _, image in images]
+    )
+    assert fed.shape == raw.shape and fed.shape[0] == 3 * 6
+    expected = standardise(raw.numpy(), domain_stats(raw.numpy()), dtype=np.float16)
+    np.testing.assert_allclose(fed.numpy(), expected.astype(np.float32))
+    assert spy.norm.running_mean.abs().max() == 0  # the model given is untouched: AdaBN adapts a copy
+    predict_images(
+        spy, backbone, images, parse_view("tile32o8"), tmp_path / "std", (5.0, 5.0), cpu, alignment="featstd"
+    )
+    adapted, plain = (tifffile.imread(tmp_path / f"{out}/a_probability.tif") for out in ("out", "std"))
+    assert np.abs(adapted - plain).max() > 1e-3  # re-estimated batch-norm statistics change the prediction
+    with pytest.raises(ValueError, match="featstd standardises cached tokens"):
+        predict_images(
+            Brightness(), None, images, parse_view("tile32o8"), tmp_path / "px", (5.0, 5.0), cpu, alignment="featstd"
+        )
