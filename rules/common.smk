@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 from em_foundation import grid
 from em_foundation.provenance import code_digest as _code_digest
+from em_foundation.references import in_domain_training_sets, reference_runs
 from em_foundation.regimes import REGIMES
 
 RUNS = grid.runs(config)

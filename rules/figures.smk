@@ -26,7 +26,11 @@ rule figure_iou_bars:
     conda:
         "../envs/workflow.yaml"
     params:
-        **figure_params("iou_bars"),
+        **figure_params(
+            "iou_bars",
+            references=reference_runs(config),
+            in_domain=in_domain_training_sets(config),
+        ),
     script:
         "../scripts/figure.py"
 

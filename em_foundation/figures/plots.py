@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import matplotlib.pyplot as plt
 import matplotlib.ticker
 import numpy as np
@@ -42,11 +44,40 @@ def interval_legend() -> list:
     ]
 
 
-def iou_bars(summary: pd.DataFrame, metric: str = "fg_iou") -> plt.Figure:
+def draw_references(
+    ax, panel: pd.DataFrame, references: Sequence[dict[str, str]], train_set: str | None, metric: str = "fg_iou"
+) -> None:
+    """Each reference run's in-domain score (em_foundation/references.py) as a horizontal line
+    across the panel, its 95 % image interval shaded: where the baselines stand."""
+    if train_set is None:
+        return
+    for k, reference in enumerate(references):
+        row = panel[
+            (panel["backbone"] == reference["backbone"])
+            & (panel["regime"] == reference["regime"])
+            & (panel["train_set"] == train_set)
+        ]
+        if not len(row):
+            continue
+        color = f"C{(k + 5) % 10}"
+        ax.axhline(row[f"{metric}_mean"].iloc[0], color=color, ls=reference["style"], lw=0.9, label=reference["label"])
+        low, high = row.get(f"{metric}_ci_low"), row.get(f"{metric}_ci_high")
+        if low is not None and np.isfinite(low.iloc[0]):
+            ax.axhspan(low.iloc[0], high.iloc[0], color=color, alpha=0.12, lw=0)
+
+
+def iou_bars(
+    summary: pd.DataFrame,
+    metric: str = "fg_iou",
+    references: Sequence[dict[str, str]] = (),
+    in_domain: dict[str, str] | None = None,
+) -> plt.Figure:
     """Foreground IoU per backbone × regime, bars per training set, one panel per test set.
 
     Each bar carries two error bars side by side: the sample sd over seeds (training noise)
     and the 95 % bootstrap interval over test images (which slices were drawn).
+    ``references`` (references.reference_runs) are also drawn as lines at their in-domain
+    score (``in_domain``: test set -> the training set of that dataset alone).
     """
     summary = unaligned(summary)
     test_sets = sorted(summary["test_set"].unique())
@@ -68,6 +99,7 @@ def iou_bars(summary: pd.DataFrame, metric: str = "fg_iou") -> plt.Figure:
             x = np.arange(len(models)) + (k - (len(train_sets) - 1) / 2) * width
             ax.bar(x, means, width, label=f"trained on {train_set}")
             draw_intervals(ax, x, means, stds, image_interval(rows, means, metric), width)
+        draw_references(ax, panel, references, (in_domain or {}).get(test_set), metric)
         ax.set_xticks(np.arange(len(models)), [_model_label(*m) for m in models])
         ax.set_title(f"test set: {test_set}")
         ax.set_ylim(0, 1)

@@ -42,7 +42,9 @@ def _qualitative(inputs: Inputs, params: dict[str, Any]) -> plt.Figure:
 
 FIGURES: dict[str, Callable[[Inputs, dict[str, Any]], plt.Figure]] = {
     # Segmentation results (summary.csv, training_logs.csv, saved predictions).
-    "iou_bars": lambda inputs, params: plots.iou_bars(_table(inputs["table"])),
+    "iou_bars": lambda inputs, params: plots.iou_bars(
+        _table(inputs["table"]), references=params.get("references", ()), in_domain=params.get("in_domain")
+    ),
     "cross_domain": lambda inputs, params: plots.cross_domain_matrix(_table(inputs["table"])),
     "alignment": lambda inputs, params: plots.alignment_comparison(_table(inputs["table"])),
     "learning_curves": lambda inputs, params: plots.learning_curves(_table(inputs["table"])),
