@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from em_foundation.backbones.base import Backbone
-from em_foundation.data.streaming import PREFETCH_DEPTH, BackgroundWriter, prefetched
+from em_foundation.data.streaming import PREFETCH_DEPTH, BackgroundWriter, prefetched, read_rows
 from em_foundation.data.tiles import read_tiles, tiles_provenance
 from em_foundation.io import atomic_path, check_finite, create_dataset, damaged, open_h5
 
@@ -161,7 +161,7 @@ class CheckedTokens:
         return self.shape[0]
 
     def __getitem__(self, rows: slice | np.ndarray) -> np.ndarray:
-        values = self._tokens[rows]
+        values = read_rows(self._tokens, rows) if isinstance(rows, np.ndarray) else self._tokens[rows]
         check_finite(values, self._path, self._what)
         if self._digests is not None:
             expected = self._digests[rows]

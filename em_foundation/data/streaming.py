@@ -52,13 +52,33 @@ class Part:
 
                 values = CheckedTokens(handle, self.split, self.path, self.digests)[unique]
             else:
-                values = handle[self.split][self.name][unique]
+                values = read_rows(handle[self.split][self.name], unique)
         values = values[inverse.reshape(-1)]
         if self.stats is not None:
             from em_foundation.alignment import standardise
 
             values = standardise(values, self.stats, dtype=np.float16)
         return values
+
+
+def read_rows(dataset: Any, rows: np.ndarray) -> np.ndarray:
+    """``dataset[rows]`` for increasing, distinct ``rows``, read as runs of consecutive rows.
+
+    h5py's fancy indexing builds a point selection that is ~30× slower than slicing (4 ms
+    against 0.1 ms for 8 tiles); runs also make a whole slice's tiles one read.
+    """
+    rows = np.asarray(rows)
+    if len(rows) == 0:
+        return dataset[0:0]
+    runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1)
+    if len(runs) == 1:
+        return dataset[int(rows[0]) : int(rows[-1]) + 1]
+    out = np.empty((len(rows), *dataset.shape[1:]), dtype=dataset.dtype)
+    position = 0
+    for run in runs:
+        out[position : position + len(run)] = dataset[int(run[0]) : int(run[-1]) + 1]
+        position += len(run)
+    return out
 
 
 class StoredRows:
