@@ -146,7 +146,8 @@ def measure(kind: str, data: Path, mode: str, epochs: int) -> dict[str, Any]:
                 model, "head", paths["prepared"], paths["tiles"], paths["features"], torch.device("cpu"),
                 data_in_memory=mode,
             )  # fmt: skip
-            tiles, loading, epoch_seconds = int(len(per_image)), {"mode": mode}, []
+            tiles, epoch_seconds = int(len(per_image)), []
+            loading = {"mode": "streaming" if mode == "never" else "in-memory"}
     return {
         "peak_mib": _status("VmHWM"),
         "start_mib": start_mib,

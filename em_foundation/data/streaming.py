@@ -15,13 +15,13 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 
-from em_foundation.io import open_h5
+from em_foundation.io import damaged, open_h5
 
 LOADING_MODES = ("auto", "always", "never")
 # The split is read whole only if it takes at most this fraction of the available memory:
@@ -42,17 +42,32 @@ class Part:
     rows: np.ndarray
     stats: Any = None  # DomainStats: standardise each row read with them (float16 out)
     digests: np.ndarray | None = None  # a cache's per-tile digests, read once
+    _source: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def _stored(self) -> Any:
+        """The stored array, opened read-only on first use and kept open: opening per batch costs as much as reading."""
+        if self._source is None:
+            import h5py
+
+            with open_h5(self.path):  # a missing or unreadable file is named here
+                pass
+            handle = h5py.File(self.path, "r")
+            if self.name == "tokens":
+                from em_foundation.feature_cache import CheckedTokens
+
+                self._source = CheckedTokens(handle, self.split, self.path, self.digests)
+            else:
+                self._source = handle[self.split][self.name]
+        return self._source
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         """Rows in the order asked; HDF5 reads them increasing and once each, then they are put back in order."""
         unique, inverse = np.unique(rows, return_inverse=True)
-        with open_h5(self.path) as handle:
-            if self.name == "tokens":
-                from em_foundation.feature_cache import CheckedTokens
-
-                values = CheckedTokens(handle, self.split, self.path, self.digests)[unique]
-            else:
-                values = read_rows(handle[self.split][self.name], unique)
+        stored = self._stored()
+        try:
+            values = stored[unique] if self.name == "tokens" else read_rows(stored, unique)
+        except OSError as error:
+            raise damaged(self.path, error) from None
         values = values[inverse.reshape(-1)]
         if self.stats is not None:
             from em_foundation.alignment import standardise
