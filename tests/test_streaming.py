@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import em_foundation.data.streaming as streaming
+import em_foundation.training.trainer as trainer
 from em_foundation.backbones import build_backbone
 from em_foundation.data.prepared import IGNORE_LABEL
 from em_foundation.data.streaming import BackgroundWriter, Part, StoredRows, choose_loading, prefetched
@@ -66,8 +67,10 @@ def saved_state(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=False)["state"]
 
 
-@pytest.mark.parametrize("alignment", ["none", "featstd-balanced"])
-def test_head_trains_identically_streamed_and_in_memory(data, tmp_path, alignment):
+@pytest.mark.parametrize("alignment,depth", [("none", 0), ("featstd-balanced", 2)])
+def test_head_trains_identically_streamed_and_in_memory(data, tmp_path, monkeypatch, alignment, depth):
+    # depth 2: batches read ahead on a background thread, as on a GPU (on a CPU they are read in line)
+    monkeypatch.setattr(trainer, "prefetch_depth", lambda device: depth)
     records = {mode: train(data, tmp_path / mode, "head", mode, alignment=alignment) for mode in ("always", "never")}
     assert records["always"]["data_loading"]["mode"] == "in-memory"
     assert records["never"]["data_loading"]["mode"] == "streaming"

@@ -60,9 +60,19 @@ class TrainingData:
         """One batch's inputs and labels as CPU tensors, in the order of ``index``."""
         return self.to_tensor(self.inputs[index]), torch.from_numpy(np.ascontiguousarray(self.labels[index]))
 
-    def batches(self, indices: Iterable[Any]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The batches of ``indices`` in order; streamed ones are read ahead on a background thread."""
-        return prefetched(indices, self.batch, PREFETCH_DEPTH if self.streaming else 0)
+    def batches(self, indices: Iterable[Any], depth: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of ``indices`` in order; streamed ones read up to ``depth`` ahead on a background thread."""
+        return prefetched(indices, self.batch, depth if self.streaming else 0)
+
+
+def prefetch_depth(device: torch.device) -> int:
+    """How many batches of a streamed split are read ahead, on a background thread.
+
+    On a GPU the host is idle while the device computes, so the next batches are read
+    meanwhile. On a CPU the same cores (and Python's GIL) do both: a reader thread made
+    epochs ~12 % slower than reading each batch in line (benchmarks/README.md, "Memory").
+    """
+    return PREFETCH_DEPTH if device.type == "cuda" else 0
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -113,7 +123,8 @@ def _validation_loss(model: torch.nn.Module, data: TrainingData, batch_size: int
     # Summed on the device and read once: a read per batch would make a GPU wait each time.
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     with torch.no_grad():
-        for inputs, labels in data.batches(slice(s, s + batch_size) for s in range(0, len(data), batch_size)):
+        starts = range(0, len(data), batch_size)
+        for inputs, labels in data.batches((slice(s, s + batch_size) for s in starts), prefetch_depth(device)):
             inputs, labels = inputs.to(device), labels.to(device)
             logits = model(inputs, tuple(labels.shape[-2:]))
             total += soft_dice_loss(logits, labels).double() * len(labels)
@@ -230,7 +241,7 @@ def fit(
         model.train()
         losses = []
         order = epoch_batches(train.sources, training["batch_size"], generator, balanced)
-        for batch, (inputs, labels) in zip(order, train.batches(order)):
+        for batch, (inputs, labels) in zip(order, train.batches(order, prefetch_depth(device))):
             for source in train.sources[batch]:
                 state["drawn"][str(source)] = state["drawn"].get(str(source), 0) + 1
             inputs, labels = inputs.to(device), labels.to(device)
