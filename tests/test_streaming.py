@@ -264,3 +264,15 @@ def test_background_writer_writes_in_order_and_reports_errors():
     with pytest.raises(OSError, match="disk full"):
         with BackgroundWriter(broken, depth=2) as writer:
             writer.put(1)
+
+
+def test_stack_object_counts_read_only_the_masks(data):
+    from em_foundation.data.prepared import read_split
+    from em_foundation.evaluation.evaluate import stack_object_counts
+    from em_foundation.evaluation.objects import stack_counts
+
+    truth = read_split(data["fibsem"]["prepared"], "test")
+    rng = np.random.default_rng(0)
+    predictions = [(rng.random(label.shape) > 0.7).astype(np.uint8) for label in truth.labels]
+    expected = stack_counts(predictions, list(truth.labels), 5, three_d=True)  # names sort in file order here
+    assert stack_object_counts(data["fibsem"]["prepared"], predictions, 5) == expected

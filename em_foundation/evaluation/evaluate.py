@@ -17,7 +17,6 @@ import torch
 from tqdm import tqdm
 
 from em_foundation.alignment import adapt_batchnorm, domain_stats_from_cache, iterate_batches, segmenter_forward
-from em_foundation.data.prepared import read_split
 from em_foundation.data.splits import section_order
 from em_foundation.data.streaming import Part, StoredRows, choose_loading
 from em_foundation.data.tiles import TileSet, read_tiles
@@ -48,7 +47,7 @@ def predict_image(
     return tile_set.to_native(np.concatenate(probabilities))
 
 
-def test_inputs(
+def split_inputs(
     regime: str, tiles: str | Path, features: str | Path | None, split: str, stats: Any = None
 ) -> StoredRows:
     """A split's model inputs on disk: cached tokens (standardised with ``stats`` if given) or tile pixels."""
@@ -94,14 +93,14 @@ def evaluate_model(
         check_cache_matches_tiles(features, tiles)
     stats = domain_stats_from_cache(features, statistics_split) if options["feature_std"] else None
     to_tensor = (lambda chunk: torch.from_numpy(np.ascontiguousarray(chunk))) if cached else to_unit_float
-    stored = test_inputs(regime, tiles, features, "test", stats)
+    stored = split_inputs(regime, tiles, features, "test", stats)
     loading = choose_loading(stored.nbytes, data_in_memory, "the test inputs")
     print(f"evaluation inputs: {loading['mode']} ({loading['reason']})", flush=True)
     inputs_of = stored[:] if loading["mode"] == "in-memory" else stored
     model = model.to(device).eval()
     if options["adabn"]:
         # The statistics' split streamed batch by batch (standardised as the scored inputs are).
-        source = stored if options["transductive"] else test_inputs(regime, tiles, features, "train", stats)
+        source = stored if options["transductive"] else split_inputs(regime, tiles, features, "train", stats)
         model = adapt_batchnorm(model, iterate_batches(source, batch_size, to_tensor), segmenter_forward)
     names, truth_of = _truth_reader(prepared)
     rows, predictions = [], []
@@ -147,12 +146,10 @@ def stack_object_counts(prepared: str | Path, predictions: list[np.ndarray], min
     Only meaningful where the test split is a contiguous stack (data/registry.has_stack_test_split);
     the slices are put in stack order by their names first.
     """
-    truth = read_split(prepared, "test")
-    position = {name: i for i, name in enumerate(map(str, truth.names))}
+    names, truth_of = _truth_reader(prepared)  # the masks only, not the images
+    position = {name: i for i, name in enumerate(map(str, names))}
     order = [position[name] for name in section_order(list(position))]
-    return stack_counts(
-        [predictions[i] for i in order], [truth.labels[i] for i in order], min_object_size, three_d=True
-    )
+    return stack_counts([predictions[i] for i in order], [truth_of(i) for i in order], min_object_size, three_d=True)
 
 
 def pooled_scores(per_image: pd.DataFrame, objects_3d: ObjectCounts | None = None) -> dict[str, Any]:

@@ -58,8 +58,7 @@ def load_training_data(
     ``TrainingData.loading`` (the run record's ``data_loading``).
     """
     cached = regime in CACHED_REGIMES
-    parts: dict[str, dict[str, list]] = {"train": {"inputs": [], "labels": [], "sources": []}, "val": {}}
-    parts["val"] = {"inputs": [], "labels": [], "sources": []}
+    parts: dict[str, dict[str, list]] = {part: {"inputs": [], "labels": [], "sources": []} for part in ("train", "val")}
     record: dict[str, Any] = {}
     for dataset in datasets:
         tile_set = read_tiles(tiles[dataset], "train", with_pixels=False, with_labels=False)
@@ -112,6 +111,8 @@ def load_training_data(
 
 def _concatenate_padded(arrays, fill) -> np.ndarray:
     """Concatenate along the first axis, padding the last two axes (bottom, right) to a common size.
+
+    (data/streaming.StoredRows pads each batch the same way; this whole-array form is its reference.)
 
     Only the resize input mode gives datasets of different shapes (768×1024 and 1024×1024
     slices resize to 756×1022 and 1022×1022); padded labels are IGNORE_LABEL, so the loss
