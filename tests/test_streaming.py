@@ -115,6 +115,7 @@ def test_stored_rows_read_in_any_order_and_pad_like_the_whole_split(tmp_path):
     mask = np.zeros(8, dtype=bool)
     mask[[1, 5, 6]] = True
     np.testing.assert_array_equal(rows.select(mask)[:], whole[mask])
+    np.testing.assert_array_equal(np.asarray(rows), whole)  # code written for arrays still works
 
 
 def test_the_memory_check_chooses_the_mode_and_says_why(data, monkeypatch):

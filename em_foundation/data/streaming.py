@@ -147,6 +147,11 @@ class StoredRows:
                 out[mine, ..., : values.shape[-2], : values.shape[-1]] = values
         return out
 
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        """``np.asarray(rows)`` reads them all: correct for code written for arrays, but not bounded."""
+        values = self[:]
+        return values if dtype is None else values.astype(dtype)
+
     def select(self, index: Any) -> "StoredRows":
         """A view of some rows (still on disk)."""
         positions = self._positions(index)
