@@ -191,7 +191,7 @@ def available_memory() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def choose_loading(needed: int, mode: str = "auto", what: str = "the split") -> dict[str, Any]:
+def choose_loading(needed: int, mode: str = "auto", what: str = "the split's inputs") -> dict[str, Any]:
     """Read ``needed`` bytes once ("in-memory") or batch by batch ("streaming"), and why.
 
     ``mode`` is compute.data_in_memory: ``always``, ``never`` or ``auto`` (in memory when
@@ -206,7 +206,7 @@ def choose_loading(needed: int, mode: str = "auto", what: str = "the split") -> 
     free = available_memory()
     fits = needed <= MEMORY_MARGIN * free
     reason = (
-        f"{what} takes {needed / gib:.2f} GiB, {'within' if fits else 'more than'} "
+        f"{what} need {needed / 2**20:.1f} MiB, {'within' if fits else 'more than'} "
         f"{MEMORY_MARGIN:.0%} of the {free / gib:.2f} GiB available"
     )
     return {"mode": "in-memory" if fits else "streaming", "reason": reason, "bytes": int(needed)}

@@ -97,7 +97,7 @@ def load_training_data(
         for part, chunks in parts.items()
     }
     needed = sum(inputs.nbytes + labels.nbytes for inputs, labels in stored.values())
-    loading = choose_loading(needed, data_in_memory, "the training and validation tiles")
+    loading = choose_loading(needed, data_in_memory, "the training and validation inputs and labels")
     print(f"training data: {loading['mode']} ({loading['reason']})", flush=True)
 
     def merge(part: str) -> TrainingData:
