@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from em_foundation.backbones.base import Backbone
+from em_foundation.data.streaming import PREFETCH_DEPTH, BackgroundWriter, prefetched, read_rows
 from em_foundation.data.tiles import read_tiles, tiles_provenance
 from em_foundation.io import atomic_path, check_finite, create_dataset, damaged, open_h5
 
@@ -62,10 +63,17 @@ def cache_features(
     device: torch.device,
     attrs: dict[str, Any],
     precision: str = "auto",
+    overlap_io: bool = True,
 ) -> dict[str, int]:
     """Run the backbone once over every tile of every split and write the cache atomically.
 
     ``precision``: ``auto`` is bf16 autocast on CUDA and float32 elsewhere.
+
+    ``overlap_io``: a reader thread reads and decodes the next batches of tiles and a writer
+    thread digests and writes the previous batches' tokens while the backbone runs on the
+    current one (bounded queues, data/streaming.PREFETCH_DEPTH batches each way), so a GPU
+    does not wait on the disk; only one split's per-tile pooled vectors stay in memory.
+    The file is the same, byte for byte, as with ``overlap_io=False`` (one after another).
     """
     backbone = backbone.to(device).eval()
     counts = {}
@@ -80,8 +88,8 @@ def cache_features(
         with open_h5(tiles_path) as tiles_file:
             split_names = list(tiles_file)
         for split_name in split_names:
-            tiles = read_tiles(tiles_path, split_name)
-            n_tiles = len(tiles.raw)
+            tiles = read_tiles(tiles_path, split_name, with_pixels=False, with_labels=False)
+            n_tiles = len(tiles.image_index)
             grid_shape = tuple(side // backbone.patch_size for side in tiles.tile_shape)
             group = handle.create_group(split_name)
             tokens = create_dataset(
@@ -93,15 +101,26 @@ def cache_features(
             )
             tile_pooled = np.zeros((n_tiles, backbone.embed_dim), dtype=np.float32)
             digests = np.zeros(n_tiles, dtype=np.uint64)
-            with torch.inference_mode(), _autocast(device, precision):
-                for start in tqdm(range(0, n_tiles, batch_size), desc=f"features {split_name}", unit="batch"):
-                    batch = to_unit_float(tiles.raw[start : start + batch_size], device)
-                    output = backbone(batch)
+            starts = range(0, n_tiles, batch_size)
+            depth = PREFETCH_DEPTH if overlap_io else 0
+
+            def read(start: int, split: str = split_name) -> tuple[int, np.ndarray]:
+                with open_h5(tiles_path) as source:
+                    return start, source[split]["raw"][start : start + batch_size]
+
+            def write(item: tuple[int, np.ndarray, np.ndarray], dataset: Any = tokens, out_digests=digests) -> None:
+                start, grid, pooled = item
+                dataset[start : start + len(grid)] = grid
+                out_digests[start : start + len(grid)] = tile_digests(grid)
+                tile_pooled[start : start + len(grid)] = pooled
+
+            with torch.inference_mode(), _autocast(device, precision), BackgroundWriter(write, depth) as writer:
+                batches = prefetched(starts, read, depth)
+                for start, raw in tqdm(batches, total=len(starts), desc=f"features {split_name}", unit="batch"):
+                    output = backbone(to_unit_float(raw, device))
                     # Cast on the device: half the bytes cross to the host.
                     grid = output.grid.to(torch.float16).cpu().numpy()
-                    tokens[start : start + len(batch)] = grid
-                    digests[start : start + len(batch)] = tile_digests(grid)
-                    tile_pooled[start : start + len(batch)] = output.pooled.float().cpu().numpy()
+                    writer.put((start, grid, output.pooled.float().cpu().numpy()))
             n_images = len(tiles.names)
             pooled = np.stack([tile_pooled[tiles.image_index == i].mean(axis=0) for i in range(n_images)])
             create_dataset(group, "pooled", data=pooled)
@@ -128,18 +147,21 @@ class CheckedTokens:
     """A cache's ``/<split>/tokens`` read row-wise, each read checked against the stored
     digests and for finiteness, so damage stops the run with the file named."""
 
-    def __init__(self, handle: Any, split: str, path: str | Path) -> None:
+    def __init__(self, handle: Any, split: str, path: str | Path, digests: np.ndarray | None = None) -> None:
         group = handle[split]
         self._tokens, self._path, self._what = group["tokens"], path, f"/{split}/tokens"
         # Caches written before digests existed are read with the checksum and finiteness checks only.
-        self._digests = group["tokens_digest"][()] if "tokens_digest" in group else None
+        # A reader of many batches passes the digests it read once (read_digests).
+        if digests is None and "tokens_digest" in group:
+            digests = group["tokens_digest"][()]
+        self._digests = digests
         self.shape, self.dtype = self._tokens.shape, self._tokens.dtype
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def __getitem__(self, rows: slice | np.ndarray) -> np.ndarray:
-        values = self._tokens[rows]
+        values = read_rows(self._tokens, rows) if isinstance(rows, np.ndarray) else self._tokens[rows]
         check_finite(values, self._path, self._what)
         if self._digests is not None:
             expected = self._digests[rows]
@@ -187,6 +209,13 @@ def read_tokens(path: str | Path, split: str, indices: np.ndarray | None = None)
     with open_h5(path) as handle:
         tokens = CheckedTokens(handle, split, path)
         return tokens[slice(None)] if indices is None else tokens[np.sort(indices)]
+
+
+def read_digests(path: str | Path, split: str) -> np.ndarray | None:
+    """A cache's per-tile token digests (None for caches written before they existed)."""
+    with open_h5(path) as handle:
+        group = handle[split]
+        return group["tokens_digest"][()] if "tokens_digest" in group else None
 
 
 def read_cache_attrs(path: str | Path) -> dict[str, Any]:

@@ -34,6 +34,7 @@ with logged(snakemake.log[0]):
             device,
             alignment=w.alignment,
             min_object_size=min_size,
+            data_in_memory=snakemake.params.compute.get("data_in_memory", "auto"),
         )
         stack = has_stack_test_split(spec)
         objects_3d = stack_object_counts(inputs.prepared[k], predictions, min_size) if stack else None

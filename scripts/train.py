@@ -34,5 +34,6 @@ with logged(snakemake.log[0]):
             out_run=Path(snakemake.output.run),
             code=p.code,
             n_train_slices=n_train_slices_of(w.labels),
+            data_in_memory=p.compute.get("data_in_memory", "auto"),
         )
     print(f"best epoch {record['best_epoch']} ({record['stop_reason']}), validation loss {record['best_val_loss']:.4f}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import pandas as pd
 import torch
 
 from benchmarks.run import COLUMNS, DRY_RUN_FAILED, NO_GPU, Settings, run_benchmarks, vit_spec
@@ -76,3 +77,24 @@ def test_benchmark_table_has_every_row(tmp_path):
     gpu = table[table["benchmark"] == "gpu"]
     assert len(gpu) >= 4 and (torch.cuda.is_available() or (gpu["note"] == NO_GPU).all())
     assert set(table[table["benchmark"] == "machine"]["setting"]) >= {"total benchmark time"}
+
+
+def test_memory_benchmark_writes_its_table(tmp_path):
+    from benchmarks.memory import main
+
+    out = tmp_path / "results-memory.csv"
+    main(
+        ["--scales", "1", "2", "--base-train", "2", "--base-test", "1", "--size", "128"]
+        + ["--time-repeats", "1", "--time-epochs", "2", "--workdir", str(tmp_path / "work"), "--out", str(out)]
+    )
+    table = pd.read_csv(out)
+    assert list(table.columns) == COLUMNS
+    assert (table["value"] > 0).all() and table["value"].map(math.isfinite).all()
+    settings = table["setting"]
+    # streaming at both scales (training and evaluation), in-memory at the largest, two size ratios, the time ratio
+    peaks = settings[settings.str.startswith("peak RSS")]
+    assert peaks.str.contains("streaming, 1x").sum() == 2 and peaks.str.contains("streaming, 2x").sum() == 2
+    assert peaks.str.contains("in-memory, 2x").sum() == 2 and len(peaks) == 6
+    assert settings.str.startswith("ratio peak RSS 2x / 1x").sum() == 2
+    assert settings.str.startswith("ratio streaming / in-memory").sum() == 1
+    assert len(table) == 11

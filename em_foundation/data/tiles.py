@@ -242,13 +242,16 @@ def tiles_provenance(path: str | Path) -> dict[str, str]:
     return {"tile_view": "", "tiles_digest": f"file:{file_sha256(path)[:16]}"}
 
 
-def read_tiles(path: str | Path, split: str, with_pixels: bool = True) -> TileSet:
+def read_tiles(path: str | Path, split: str, with_pixels: bool = True, with_labels: bool = True) -> TileSet:
+    """A split's tiles; without pixels or labels only their index (the arrays are empty, (0, h, w)),
+    for readers that fetch the tiles batch by batch (data/streaming.py)."""
     with open_h5(path) as handle:
         group = handle[split]
         attrs = dict(group.attrs)
+        empty = np.empty((0, *group["labels"].shape[1:]), np.uint8)
         return TileSet(
-            raw=group["raw"][()] if with_pixels else np.empty(0, np.uint8),
-            labels=group["labels"][()],
+            raw=group["raw"][()] if with_pixels else empty,
+            labels=group["labels"][()] if with_labels else empty,
             image_index=group["image_index"][()],
             positions=group["positions"][()],
             names=[decode(n) for n in group["names"][()]],

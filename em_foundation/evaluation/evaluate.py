@@ -16,15 +16,9 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from em_foundation.alignment import (
-    adapt_batchnorm,
-    domain_stats_from_cache,
-    iterate_batches,
-    segmenter_forward,
-    standardise,
-)
-from em_foundation.data.prepared import read_split
+from em_foundation.alignment import adapt_batchnorm, domain_stats_from_cache, iterate_batches, segmenter_forward
 from em_foundation.data.splits import section_order
+from em_foundation.data.streaming import Part, StoredRows, choose_loading
 from em_foundation.data.tiles import TileSet, read_tiles
 from em_foundation.evaluation.metrics import Counts, confusion, scores
 from em_foundation.evaluation.objects import (
@@ -36,9 +30,9 @@ from em_foundation.evaluation.objects import (
     scores_columns,
     stack_counts,
 )
-from em_foundation.feature_cache import check_cache_matches_tiles, read_tokens, to_unit_float
+from em_foundation.feature_cache import check_cache_matches_tiles, to_unit_float
 from em_foundation.grid import CACHED_REGIMES, parse_alignment
-from em_foundation.io import atomic_path, create_dataset, write_csv, write_json
+from em_foundation.io import atomic_path, create_dataset, decode, open_h5, write_csv, write_json
 
 
 def predict_image(
@@ -53,6 +47,17 @@ def predict_image(
     return tile_set.to_native(np.concatenate(probabilities))
 
 
+def split_inputs(
+    regime: str, tiles: str | Path, features: str | Path | None, split: str, stats: Any = None
+) -> StoredRows:
+    """A split's model inputs on disk: cached tokens (standardised with ``stats`` if given) or tile pixels."""
+    tile_set = read_tiles(tiles, split, with_pixels=False, with_labels=False)
+    rows = np.arange(len(tile_set.image_index))
+    if regime in CACHED_REGIMES:
+        return StoredRows([Part(str(features), split, "tokens", rows, stats)])
+    return StoredRows([Part(str(tiles), split, "raw", rows)])
+
+
 def evaluate_model(
     model: torch.nn.Module,
     regime: str,
@@ -63,6 +68,7 @@ def evaluate_model(
     batch_size: int = 8,
     alignment: str = "none",
     min_object_size: int = 0,
+    data_in_memory: str = "auto",
 ) -> tuple[pd.DataFrame, list[np.ndarray]]:
     """Per-image metrics (one row per slice) and the predicted masks, at native resolution.
 
@@ -74,46 +80,42 @@ def evaluate_model(
 
     Each row also carries the slice's object counts (evaluation/objects.py; objects under
     ``min_object_size`` pixels dropped from both sides), pooled by ``pooled_scores``.
+
+    Inputs and masks are read slice by slice as each is scored (``data_in_memory`` never,
+    or auto where the test split does not fit in memory), or the test split's inputs once
+    (always, or auto where they fit); the metrics are the same.
     """
     options = parse_alignment(alignment)
     statistics_split = "test" if options["transductive"] else "train"
-    truth = read_split(prepared, "test")
     cached = regime in CACHED_REGIMES
-    tile_set = read_tiles(tiles, "test", with_pixels=not cached)
+    tile_set = read_tiles(tiles, "test", with_pixels=False, with_labels=False)
     if cached:
         check_cache_matches_tiles(features, tiles)
-    tokens = read_tokens(features, "test") if cached else None
-    if options["feature_std"]:
-        tokens = standardise(tokens, domain_stats_from_cache(features, statistics_split), dtype=np.float16)
+    stats = domain_stats_from_cache(features, statistics_split) if options["feature_std"] else None
+    to_tensor = (lambda chunk: torch.from_numpy(np.ascontiguousarray(chunk))) if cached else to_unit_float
+    stored = split_inputs(regime, tiles, features, "test", stats)
+    loading = choose_loading(stored.nbytes, data_in_memory, "the test inputs")
+    print(f"evaluation inputs: {loading['mode']} ({loading['reason']})", flush=True)
+    inputs_of = stored[:] if loading["mode"] == "in-memory" else stored
     model = model.to(device).eval()
     if options["adabn"]:
-        if cached:
-            inputs = tokens if options["transductive"] else read_tokens(features, "train")
-            if options["feature_std"] and not options["transductive"]:
-                inputs = standardise(inputs, domain_stats_from_cache(features, "train"), dtype=np.float16)
-        else:
-            inputs = tile_set.raw if options["transductive"] else read_tiles(tiles, "train").raw
-        to_tensor = torch.from_numpy if cached else to_unit_float
-        model = adapt_batchnorm(
-            model,
-            iterate_batches(inputs, batch_size, lambda chunk: to_tensor(np.ascontiguousarray(chunk))),
-            segmenter_forward,
-        )
+        # The statistics' split streamed batch by batch (standardised as the scored inputs are).
+        source = stored if options["transductive"] else split_inputs(regime, tiles, features, "train", stats)
+        model = adapt_batchnorm(model, iterate_batches(source, batch_size, to_tensor), segmenter_forward)
+    names, truth_of = _truth_reader(prepared)
     rows, predictions = [], []
-    for image in tqdm(range(len(truth)), desc="evaluate", unit="slice"):
-        indices = tile_set.tiles_of(image)
-        inputs = torch.from_numpy(tokens[indices]) if tokens is not None else to_unit_float(tile_set.raw[indices])
+    for image in tqdm(range(len(names)), desc="evaluate", unit="slice"):
+        inputs = to_tensor(inputs_of[tile_set.tiles_of(image)])
         probability = predict_image(model, inputs, tile_set, batch_size, device)
         prediction = (probability >= 0.5).astype(np.uint8)
-        if prediction.shape != truth.labels[image].shape:
-            raise AssertionError(
-                f"prediction {prediction.shape} is not at native resolution {truth.labels[image].shape}"
-            )
-        counts = confusion(prediction, truth.labels[image])
-        objects = object_counts(prediction, truth.labels[image], min_object_size)
+        truth = truth_of(image)
+        if prediction.shape != truth.shape:
+            raise AssertionError(f"prediction {prediction.shape} is not at native resolution {truth.shape}")
+        counts = confusion(prediction, truth)
+        objects = object_counts(prediction, truth, min_object_size)
         rows.append(
             {
-                "image": truth.names[image],
+                "image": names[image],
                 "height": prediction.shape[0],
                 "width": prediction.shape[1],
                 **scores(counts),
@@ -124,18 +126,30 @@ def evaluate_model(
     return pd.DataFrame(rows), predictions
 
 
+def _truth_reader(prepared: str | Path) -> tuple[list[str], Any]:
+    """The test slices' names, and a reader of one slice's native mask (one slice in memory at a time)."""
+    with open_h5(prepared) as handle:
+        if "test" not in handle:
+            raise KeyError(f"{prepared}: no split 'test'; has {', '.join(handle)}")
+        names = [decode(n) for n in handle["test"]["names"][()]]
+
+    def truth_of(image: int) -> np.ndarray:
+        with open_h5(prepared) as handle:
+            return handle["test"]["labels"][image]
+
+    return names, truth_of
+
+
 def stack_object_counts(prepared: str | Path, predictions: list[np.ndarray], min_object_size: int = 0) -> ObjectCounts:
     """Object counts over the test split as one volume: components joined across consecutive slices.
 
     Only meaningful where the test split is a contiguous stack (data/registry.has_stack_test_split);
     the slices are put in stack order by their names first.
     """
-    truth = read_split(prepared, "test")
-    position = {name: i for i, name in enumerate(map(str, truth.names))}
+    names, truth_of = _truth_reader(prepared)  # the masks only, not the images
+    position = {name: i for i, name in enumerate(map(str, names))}
     order = [position[name] for name in section_order(list(position))]
-    return stack_counts(
-        [predictions[i] for i in order], [truth.labels[i] for i in order], min_object_size, three_d=True
-    )
+    return stack_counts([predictions[i] for i in order], [truth_of(i) for i in order], min_object_size, three_d=True)
 
 
 def pooled_scores(per_image: pd.DataFrame, objects_3d: ObjectCounts | None = None) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from torch import nn
 from em_foundation.data.prepared import IGNORE_LABEL
 from em_foundation.io import atomic_path, write_csv, write_json
 from em_foundation.runtime import seed_everything
-from em_foundation.training.losses import soft_dice_loss
+from em_foundation.training.losses import dice_sums
 
 
 def token_labels(labels: np.ndarray, patch_size: int) -> np.ndarray:
@@ -54,20 +54,38 @@ class ForestSegmenter(nn.Module):
         return torch.log(grid.clamp_min(1e-6)).to(tokens.device)
 
 
+# Tiles read at a time while sampling: the forest keeps only the sampled tokens of each.
+SAMPLE_CHUNK_TILES = 32
+
+
 def fit_forest(
-    tokens: np.ndarray, labels: np.ndarray, patch_size: int, forest: dict[str, Any], seed: int, threads: int = 1
+    tokens: Any,
+    labels: Any,
+    patch_size: int,
+    forest: dict[str, Any],
+    seed: int,
+    threads: int = 1,
+    chunk_tiles: int = SAMPLE_CHUNK_TILES,
 ) -> tuple[RandomForestClassifier, int]:
-    """Fit on a seeded sample of labelled tokens; returns the forest and the sample size."""
+    """Fit on a seeded sample of labelled tokens; returns the forest and the sample size.
+
+    ``tokens`` and ``labels`` may be arrays or rows read from disk (data/streaming.StoredRows):
+    they are read ``chunk_tiles`` tiles at a time and only the sampled tokens are kept, so
+    memory holds the sample, not the split. Tiles are visited in order with one generator,
+    so the sample (and the forest) does not depend on ``chunk_tiles``.
+    """
     rng = np.random.default_rng(seed)
-    targets = token_labels(labels, patch_size)
     features, classes = [], []
-    for tile_tokens, tile_targets in zip(tokens, targets):
-        flat_tokens = tile_tokens.reshape(tile_tokens.shape[0], -1).T
-        flat_targets = tile_targets.ravel()
-        labelled = np.flatnonzero(flat_targets != IGNORE_LABEL)
-        chosen = rng.choice(labelled, size=min(forest["tokens_per_tile"], len(labelled)), replace=False)
-        features.append(flat_tokens[chosen])
-        classes.append(flat_targets[chosen])
+    for start in range(0, len(labels), max(1, chunk_tiles)):
+        chunk_tokens = np.asarray(tokens[start : start + chunk_tiles])
+        targets = token_labels(np.asarray(labels[start : start + chunk_tiles]), patch_size)
+        for tile_tokens, tile_targets in zip(chunk_tokens, targets):
+            flat_tokens = tile_tokens.reshape(tile_tokens.shape[0], -1).T
+            flat_targets = tile_targets.ravel()
+            labelled = np.flatnonzero(flat_targets != IGNORE_LABEL)
+            chosen = rng.choice(labelled, size=min(forest["tokens_per_tile"], len(labelled)), replace=False)
+            features.append(flat_tokens[chosen])
+            classes.append(flat_targets[chosen])
     model = RandomForestClassifier(
         n_estimators=forest["n_estimators"],
         max_depth=forest["max_depth"],
@@ -78,6 +96,26 @@ def fit_forest(
     x, y = np.concatenate(features).astype(np.float32), np.concatenate(classes)
     model.fit(x, y)
     return model, len(y)
+
+
+def soft_dice_in_batches(
+    segmenter: nn.Module, data: Any, batch_size: int = SAMPLE_CHUNK_TILES, eps: float = 1.0
+) -> float:
+    """training.losses.soft_dice_loss over a whole split, its sums accumulated batch by batch.
+
+    The Dice sums run over every tile of the split (as one call on the whole split would),
+    but only one batch of tokens and tile-sized probabilities is in memory at a time.
+    """
+    intersection = total = None
+    with torch.no_grad():
+        for inputs, labels in data.batches(slice(s, s + batch_size) for s in range(0, len(data), batch_size)):
+            logits = segmenter(inputs, tuple(labels.shape[-2:]))
+            sums = dice_sums(logits, labels)
+            intersection = sums[0] if intersection is None else intersection + sums[0]
+            total = sums[1] if total is None else total + sums[1]
+    if intersection is None:
+        return float("nan")
+    return float(1 - ((2 * intersection + eps) / (total + eps)).mean())
 
 
 def train_forest_run(
@@ -104,9 +142,7 @@ def train_forest_run(
     segmenter = ForestSegmenter(model).eval()
 
     def loss_of(data) -> float:
-        with torch.no_grad():
-            logits = segmenter(torch.from_numpy(data.inputs), tuple(data.labels.shape[-2:]))
-        return float(soft_dice_loss(logits, torch.from_numpy(data.labels)))
+        return soft_dice_in_batches(segmenter, data)
 
     history = pd.DataFrame(
         [
@@ -159,6 +195,7 @@ def train_forest_run(
         "tokens_sampled": n_samples,
         "trainable_parameters": 0,
         "data": data_record,
+        "data_loading": train.loading,
         "seconds": time.perf_counter() - started,
     }
     write_json(out_run, record)

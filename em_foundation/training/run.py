@@ -11,13 +11,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from em_foundation.alignment import domain_stats, standardise
+from em_foundation.alignment import domain_stats, domain_stats_from_cache
 from em_foundation.backbones.lora import trainable_state_dict
 from em_foundation.data.prepared import IGNORE_LABEL
 from em_foundation.data.splits import labelled_subset
+from em_foundation.data.streaming import Part, StoredRows, choose_loading
 from em_foundation.data.tiles import read_tiles, tiles_provenance
 from em_foundation.families import STANDARDISED_FAMILIES
-from em_foundation.feature_cache import check_cache_matches_tiles, read_cache_attrs, read_tokens, to_unit_float
+from em_foundation.feature_cache import check_cache_matches_tiles, read_cache_attrs, to_unit_float
 from em_foundation.grid import CACHED_REGIMES, Run, parse_alignment
 from em_foundation.io import atomic_path, read_json, write_csv, write_json
 from em_foundation.runtime import seed_everything
@@ -38,6 +39,7 @@ def load_training_data(
     feature_std: bool = False,
     n_train_slices: str = "all",
     seed: int = 0,
+    data_in_memory: str = "auto",
 ) -> tuple[TrainingData, TrainingData, dict[str, Any]]:
     """Training and validation tiles of every dataset in the training set, with their source.
 
@@ -46,12 +48,20 @@ def load_training_data(
     is unchanged, so early stopping sees the same slices at every size.
 
     ``feature_std`` standardises each dataset's tokens with that dataset's own per-channel
-    statistics (per-domain standardisation), before datasets of different shapes are padded.
+    statistics (per-domain standardisation, computed in a streaming pass over its cache),
+    before datasets of different shapes are padded.
+
+    ``data_in_memory`` (compute.data_in_memory): ``auto`` reads both splits whole where they
+    fit in the available memory with a margin, and otherwise streams them batch by batch
+    from the HDF5 files (data/streaming.py); ``always`` and ``never`` force one or the
+    other. The values are the same either way; the choice is printed (job log) and kept in
+    ``TrainingData.loading`` (the run record's ``data_loading``).
     """
-    parts: dict[str, list] = {"train": [], "val": []}
+    cached = regime in CACHED_REGIMES
+    parts: dict[str, dict[str, list]] = {part: {"inputs": [], "labels": [], "sources": []} for part in ("train", "val")}
     record: dict[str, Any] = {}
     for dataset in datasets:
-        tile_set = read_tiles(tiles[dataset], "train", with_pixels=regime not in CACHED_REGIMES)
+        tile_set = read_tiles(tiles[dataset], "train", with_pixels=False, with_labels=False)
         split = read_json(splits[dataset])
         val_names = set(split["val"])
         # A contiguous validation block may drop its neighbours ("dropped"): neither train nor val.
@@ -60,15 +70,20 @@ def load_training_data(
         train_names = set(labelled)
         is_val = np.array([tile_set.names[i] in val_names for i in tile_set.image_index])
         is_train = np.array([tile_set.names[i] in train_names for i in tile_set.image_index])
-        if regime in CACHED_REGIMES:
+        stats = None
+        if cached:
             check_cache_matches_tiles(features[dataset], tiles[dataset])
-            inputs = read_tokens(features[dataset], "train")
             if feature_std:
-                inputs = standardise(inputs, domain_stats(inputs, dataset=dataset), dtype=np.float16)
-        else:
-            inputs = tile_set.raw
+                stats = domain_stats_from_cache(features[dataset], "train", dataset=dataset)
         for part, mask in (("train", is_train), ("val", is_val)):
-            parts[part].append((inputs[mask], tile_set.labels[mask], np.full(mask.sum(), dataset)))
+            rows = np.flatnonzero(mask)
+            if cached:
+                inputs = Part(features[dataset], "train", "tokens", rows, stats)
+            else:
+                inputs = Part(tiles[dataset], "train", "raw", rows)
+            parts[part]["inputs"].append(inputs)
+            parts[part]["labels"].append(Part(tiles[dataset], "train", "labels", rows))
+            parts[part]["sources"].append(np.full(len(rows), dataset))
         record[dataset] = {
             "val_slices": split["val"],
             "dropped_slices": split.get("dropped", []),
@@ -76,22 +91,28 @@ def load_training_data(
             "train_tiles": int(is_train.sum()),
             "val_tiles": int(is_val.sum()),
         }
-    to_tensor = _tokens_to_tensor if regime in CACHED_REGIMES else to_unit_float
+    to_tensor = _tokens_to_tensor if cached else to_unit_float
+    stored = {
+        part: (StoredRows(chunks["inputs"], 0), StoredRows(chunks["labels"], IGNORE_LABEL))
+        for part, chunks in parts.items()
+    }
+    needed = sum(inputs.nbytes + labels.nbytes for inputs, labels in stored.values())
+    loading = choose_loading(needed, data_in_memory, "the training and validation inputs and labels")
+    print(f"training data: {loading['mode']} ({loading['reason']})", flush=True)
 
-    def merge(chunks):
-        inputs, labels, sources = zip(*chunks)
-        return TrainingData(
-            _concatenate_padded(inputs, 0),
-            _concatenate_padded(labels, IGNORE_LABEL),
-            np.concatenate(sources),
-            to_tensor=to_tensor,
-        )
+    def merge(part: str) -> TrainingData:
+        inputs, labels = stored[part]
+        if loading["mode"] == "in-memory":
+            inputs, labels = inputs[:], labels[:]
+        return TrainingData(inputs, labels, np.concatenate(parts[part]["sources"]), to_tensor, loading)
 
-    return merge(parts["train"]), merge(parts["val"]), record
+    return merge("train"), merge("val"), record
 
 
 def _concatenate_padded(arrays, fill) -> np.ndarray:
     """Concatenate along the first axis, padding the last two axes (bottom, right) to a common size.
+
+    (data/streaming.StoredRows pads each batch the same way; this whole-array form is its reference.)
 
     Only the resize input mode gives datasets of different shapes (768×1024 and 1024×1024
     slices resize to 756×1022 and 1022×1022); padded labels are IGNORE_LABEL, so the loss
@@ -153,10 +174,12 @@ def train_run(
     stop_after_epochs: int | None = None,
     code: str | None = None,
     n_train_slices: str = "all",
+    data_in_memory: str = "auto",
 ) -> dict[str, Any]:
     """Train one (backbone, regime, training set, seed) cell and write model, log and record.
 
     ``n_train_slices``: 'all', or the number of labelled training slices per source dataset.
+    ``data_in_memory``: compute.data_in_memory (load_training_data); the record's ``data_loading`` says what was done.
 
     ``code`` is the rule's code digest: a checkpoint written by other code is not resumed.
     """
@@ -179,7 +202,7 @@ def train_run(
     }
     generator = seed_everything(seed)
     train, val, data_record = load_training_data(
-        regime, datasets, tiles, features, splits, aligned["feature_std"], str(n_train_slices), seed
+        regime, datasets, tiles, features, splits, aligned["feature_std"], str(n_train_slices), seed, data_in_memory
     )
     if regime == "forest":
         from em_foundation.training.forest import train_forest_run
@@ -265,6 +288,7 @@ def train_run(
         "tiles_drawn_per_source": result.sampled_per_source,
         "trainable_parameters": int(sum(p.numel() for p in model.parameters() if p.requires_grad)),
         "data": data_record,
+        "data_loading": train.loading,
         "seconds": time.perf_counter() - started,
     }
     write_json(out_run, record)

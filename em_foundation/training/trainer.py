@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -20,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from em_foundation.backbones.lora import trainable_state_dict
+from em_foundation.data.streaming import PREFETCH_DEPTH, StoredRows, prefetched, take
 from em_foundation.io import atomic_path
 from em_foundation.training.losses import soft_dice_loss
 from em_foundation.training.sampling import epoch_batches
@@ -29,15 +31,48 @@ InputFn = Callable[[np.ndarray], torch.Tensor]
 
 @dataclass
 class TrainingData:
-    """Inputs stay in their stored form (float16 tokens or uint8 pixels) until batched."""
+    """Inputs stay in their stored form (float16 tokens or uint8 pixels) until batched.
 
-    inputs: np.ndarray
-    labels: np.ndarray
+    ``inputs`` and ``labels`` are arrays in memory, or ``StoredRows`` read batch by batch
+    from their HDF5 files (streaming); ``loading`` says which and why (data.streaming.choose_loading).
+    """
+
+    inputs: np.ndarray | StoredRows
+    labels: np.ndarray | StoredRows
     sources: np.ndarray
     to_tensor: InputFn
+    loading: dict[str, Any] = field(default_factory=lambda: {"mode": "in-memory", "reason": "arrays given"})
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def streaming(self) -> bool:
+        return isinstance(self.inputs, StoredRows) or isinstance(self.labels, StoredRows)
+
+    def subset(self, index: Any) -> "TrainingData":
+        """Some tiles (a mask or sorted indices), still in memory or still on disk."""
+        return TrainingData(
+            take(self.inputs, index), take(self.labels, index), self.sources[index], self.to_tensor, self.loading
+        )
+
+    def batch(self, index: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch's inputs and labels as CPU tensors, in the order of ``index``."""
+        return self.to_tensor(self.inputs[index]), torch.from_numpy(np.ascontiguousarray(self.labels[index]))
+
+    def batches(self, indices: Iterable[Any], depth: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of ``indices`` in order; streamed ones read up to ``depth`` ahead on a background thread."""
+        return prefetched(indices, self.batch, depth if self.streaming else 0)
+
+
+def prefetch_depth(device: torch.device) -> int:
+    """How many batches of a streamed split are read ahead, on a background thread.
+
+    On a GPU the host is idle while the device computes, so the next batches are read
+    meanwhile. On a CPU the same cores (and Python's GIL) do both: a reader thread made
+    epochs ~12 % slower than reading each batch in line (benchmarks/README.md, "Memory").
+    """
+    return PREFETCH_DEPTH if device.type == "cuda" else 0
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -88,9 +123,9 @@ def _validation_loss(model: torch.nn.Module, data: TrainingData, batch_size: int
     # Summed on the device and read once: a read per batch would make a GPU wait each time.
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     with torch.no_grad():
-        for start in range(0, len(data), batch_size):
-            inputs = data.to_tensor(data.inputs[start : start + batch_size]).to(device)
-            labels = torch.from_numpy(data.labels[start : start + batch_size]).to(device)
+        starts = range(0, len(data), batch_size)
+        for inputs, labels in data.batches((slice(s, s + batch_size) for s in starts), prefetch_depth(device)):
+            inputs, labels = inputs.to(device), labels.to(device)
             logits = model(inputs, tuple(labels.shape[-2:]))
             total += soft_dice_loss(logits, labels).double() * len(labels)
             count += len(labels)
@@ -139,9 +174,7 @@ def validation_losses(
         return loss, {}
     per_source = {}
     for name in names:
-        mask = data.sources == name
-        subset = TrainingData(data.inputs[mask], data.labels[mask], data.sources[mask], data.to_tensor)
-        per_source[name] = _validation_loss(model, subset, batch_size, device)
+        per_source[name] = _validation_loss(model, data.subset(data.sources == name), batch_size, device)
     if mode == "per_source":
         return float(np.mean(list(per_source.values()))), per_source
     return _validation_loss(model, data, batch_size, device), per_source
@@ -207,11 +240,11 @@ def fit(
         started = time.perf_counter()
         model.train()
         losses = []
-        for batch in epoch_batches(train.sources, training["batch_size"], generator, balanced):
+        order = epoch_batches(train.sources, training["batch_size"], generator, balanced)
+        for batch, (inputs, labels) in zip(order, train.batches(order, prefetch_depth(device))):
             for source in train.sources[batch]:
                 state["drawn"][str(source)] = state["drawn"].get(str(source), 0) + 1
-            inputs = train.to_tensor(train.inputs[batch]).to(device)
-            labels = torch.from_numpy(train.labels[batch]).to(device)
+            inputs, labels = inputs.to(device), labels.to(device)
             loss = train_step(model, parameters, optimizer, inputs, labels, training["grad_clip"])
             losses.append(loss)  # read once per epoch, not per step (no GPU sync)
         train_loss = torch.stack(losses).double().mean().item() if losses else math.nan
