@@ -79,6 +79,13 @@ def forward_tflops(spec_key: str, height: int, width: int) -> tuple[float, int, 
     from benchmarks.gpu_check import forward_flops
 
     spec = {**json.loads(spec_key), "weights": "random"}
+    if grid.family_of(spec["family"]).segmenter:  # a whole segmenter (U-Net): its forward is the training unit
+        from em_foundation.backbones import load
+
+        with torch.device("meta"):
+            model = load(grid.family_of(spec["family"]).builder)(spec)
+            flops = forward_flops(lambda images: model(images, (height, width)), torch.empty(1, 1, height, width))
+        return flops / 1e12, 0, model.patch_size
     if spec["family"] in NOT_TORCH:
         backbone = build_backbone(spec)
         return 0.0, backbone.embed_dim, backbone.patch_size
@@ -236,7 +243,7 @@ def estimate(config: dict[str, Any], costs: UnitCosts, epochs: int, workdir: Pat
             jobs=1,
             gib=sum(per_split[backbone, dataset, s]["pixel_bytes"] for s in splits[dataset]) / 2**30,
         )
-    for backbone in config["backbones"]:
+    for backbone in grid.feature_backbones(config):  # whole segmenters cache no features
         for dataset in splits:
             parts = [per_split[backbone, dataset, s] for s in splits[dataset]]
             tflops = sum(p["tflops"] for p in parts)

@@ -215,11 +215,16 @@ def _check_predict(config: dict[str, Any], source: str) -> None:
 
 def _check_grid(config: dict[str, Any], source: str, warn: Callable[[str], None]) -> None:
     """A regime a family cannot run is dropped with a warning; a config with no runs at all is refused."""
-    from em_foundation.grid import FAMILY_REGIMES, runs
+    from em_foundation.grid import FAMILIES, FAMILY_REGIMES, runs
+
+    def offered(regime: str, segmenter: bool) -> bool:
+        # 'supervised' means nothing to a token backbone, nor head or lora to a U-Net: no warning for those
+        return any(regime in family.regimes for family in FAMILIES.values() if family.segmenter == segmenter)
 
     for name, backbone in config["backbones"].items():
         family = backbone["family"]
-        dropped = [regime for regime in config["regimes"] if regime not in FAMILY_REGIMES[family]]
+        kind = FAMILIES[family].segmenter
+        dropped = [r for r in config["regimes"] if r not in FAMILY_REGIMES[family] and offered(r, kind)]
         if dropped:
             warn(
                 f"{source}: regimes lists {', '.join(dropped)}, which backbone {name!r} (family {family}) cannot run: "

@@ -8,7 +8,9 @@ registry with its per-model ``pretrained_cfg``: a name maps to a builder and a r
 defaults.
 
 Adding a family: one ``Family`` row here and one builder module (a ``build(spec)`` function
-returning a ``Backbone``, and, for hub weights, a ``hub_source(spec)`` function).
+returning a ``Backbone``, and, for hub weights, a ``hub_source(spec)`` function). A family
+whose builder returns a whole segmenter (``segmenter=True``: ``(images, out_size) -> logits``,
+the U-Net) has no token grid: it runs no cached regime and gets no domain analysis.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ class Family:
     # keys the builder reads from ``backbones.<name>.options`` and their types: the config
     # check at start-up names any other key (a typo is otherwise silently ignored)
     options: dict[str, type] = field(default_factory=dict)
+    # the builder returns a complete segmenter, not a Backbone: no patch tokens, so no feature
+    # cache, no domain analysis, and training.build_segmenter adds no head
+    segmenter: bool = False
     note: str = ""
 
 
@@ -139,6 +144,22 @@ FAMILIES: dict[str, Family] = {
                 "is dropped; inputs padded to a multiple of 32 and the grid cropped back"
             ),
         ),
+        Family(
+            name="unet",
+            builder="unet:build",
+            # Tile views are planned with this multiple (the resize views of patch-16 families
+            # are shared); the U-Net pads its input to its own stride 2**encoder_depth and crops back.
+            default_patch=16,
+            regimes=("supervised",),
+            # Grey replicated to 3 channels with ImageNet's constants: what the ImageNet encoder
+            # weights were trained with; from scratch it is a fixed affine map BatchNorm absorbs.
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            hub="unet:hub_source",
+            segmenter=True,
+            options={"encoder": str, "encoder_depth": int, "decoder_channels": list},
+            note="2-D U-Net of segmentation-models-pytorch (ResNet encoders), every parameter trained from tiles",
+        ),
     )
 }
 
@@ -156,6 +177,7 @@ FAMILY_REGIMES: dict[str, tuple[str, ...]] = {name: family.regimes for name, fam
 FAMILY_OPTIONS: dict[str, dict[str, type]] = {name: family.options for name, family in FAMILIES.items()}
 FAMILY_DEFAULT_PATCH: dict[str, int] = {name: family.default_patch for name, family in FAMILIES.items()}
 HUB_FAMILIES: tuple[str, ...] = tuple(name for name, family in FAMILIES.items() if family.hub)
+SEGMENTER_FAMILIES: frozenset[str] = frozenset(name for name, family in FAMILIES.items() if family.segmenter)
 STANDARDISED_FAMILIES: frozenset[str] = frozenset(
     name for name, family in FAMILIES.items() if family.standardise_tokens
 )

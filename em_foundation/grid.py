@@ -221,6 +221,12 @@ def n_train_slices_for(config: dict[str, Any], train_set: str) -> list[str]:
     return [str(size) for size in sizes]
 
 
+def feature_backbones(config: dict[str, Any]) -> list[str]:
+    """Backbones with a patch-token grid: every one but whole segmenters (the U-Net), which the
+    domain analysis (features of every dataset) cannot read."""
+    return [name for name, spec in config["backbones"].items() if not FAMILIES[spec["family"]].segmenter]
+
+
 def regimes_for(config: dict[str, Any], backbone: str) -> list[str]:
     family = config["backbones"][backbone]["family"]
     return [r for r in config["regimes"] if r in FAMILIES[family].regimes]

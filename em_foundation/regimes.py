@@ -51,6 +51,17 @@ REGIMES: dict[str, Regime] = {
             checkpoint="every backbone parameter and the head state",
         ),
         Regime(
+            # A family whose builder is a whole segmenter (families.Family.segmenter: the U-Net),
+            # trained end to end from tiles: its encoder is the "backbone", its decoder the "head".
+            "supervised",
+            cached=False,
+            trains_backbone=True,
+            trains=("backbone", "head"),
+            rule="train_supervised",
+            blocks=("backbone", "training"),
+            checkpoint="every parameter of the family's segmenter (U-Net encoder, decoder and output layer)",
+        ),
+        Regime(
             "forest",
             cached=True,
             trains_backbone=False,

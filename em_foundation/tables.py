@@ -1,7 +1,8 @@
 """Aggregate every evaluation into the tables other tools rely on.
 
 ``runs.csv``: one row per (backbone, regime, training set, seed, test set), with a 95 %
-bootstrap interval over test images (``fg_iou_ci_low``/``fg_iou_ci_high``, ``n_images``).
+bootstrap interval over test images (``fg_iou_ci_low``/``fg_iou_ci_high``, ``n_images``) and
+whether the training batches were augmented (``augment``: training.augment, none or flips_rot90).
 ``summary.csv`` / ``summary.md``: mean, sample standard deviation (ddof 1) and n per cell
 (the spread over seeds), beside the 95 % bootstrap interval over test images of that mean.
 
@@ -82,7 +83,11 @@ def union_rows(rows: list[dict]) -> list[dict]:
         total = Counts(*(sum(int(row[k]) for row in scored) for k in ("tp", "fp", "fn", "tn")))
         unions.append(
             {
-                **{k: v for k, v in scored[0].items() if k in RUN_KEYS or k in ("train_datasets", "n_labelled_slices")},
+                **{
+                    k: v
+                    for k, v in scored[0].items()
+                    if k in RUN_KEYS or k in ("train_datasets", "n_labelled_slices", "augment")
+                },
                 "test_set": "+".join(sources),
                 **scores(total),
                 "n_images": sum(int(r["n_images"]) for r in scored),
@@ -226,6 +231,7 @@ def collect_runs(
     for row in rows:
         row.setdefault("alignment", "none")
         row["n_train_slices"] = str(row.get("n_train_slices", "all"))
+        row.setdefault("augment", "none")  # training.augment of the run (evaluations before it: none)
     runs = pd.DataFrame(rows + union_rows(rows))
     if runs.empty:
         raise ValueError("no evaluation results to aggregate")
@@ -243,7 +249,8 @@ def collect_runs(
     keys = RUN_KEYS[:-1] + ["fold", "test_set"] if folds else RUN_KEYS
     if not folds:
         runs = runs.drop(columns="fold")
-    first = keys + METRICS + ["fg_iou_ci_low", "fg_iou_ci_high", "n_pixels", "n_images", "in_domain", "transductive"]
+    first = keys + METRICS
+    first += ["fg_iou_ci_low", "fg_iou_ci_high", "n_pixels", "n_images", "in_domain", "transductive", "augment"]
     return runs[first + [c for c in runs.columns if c not in first]].sort_values(keys, ignore_index=True)
 
 
@@ -269,6 +276,8 @@ def summarise(
     if "n_labelled_slices" in runs.columns:  # what 'all' means in slices (seeds agree unless the split differs)
         summary["n_labelled_slices"] = grouped["n_labelled_slices"].mean()
     summary["transductive"] = grouped["transductive"].first()
+    if "augment" in runs.columns:  # one setting per config; "+"-joined if tables of two configs were merged
+        summary["augment"] = grouped["augment"].agg(lambda a: "+".join(sorted(set(map(str, a)))))
     summary["n_images"] = runs.drop_duplicates(CELL_KEYS + ["fold"]).groupby(CELL_KEYS, sort=True)["n_images"].sum()
     if folds:
         summary["folds"] = grouped["fold"].agg(lambda f: " ".join(map(str, sorted(set(f)))))

@@ -8,11 +8,11 @@ REPORT_ANALYSIS_TABLES = ["counts", "frechet", "probe", "ood"]
 REPORT_TABLES = (
     [results("report/summary.html")]
     + expand(results("report/datasets/{dataset}.html"), dataset=list(config["datasets"]))
-    + expand(results("report/analysis/{backbone}.html"), backbone=list(config["backbones"]))
+    + expand(results("report/analysis/{backbone}.html"), backbone=FEATURE_BACKBONES)
 )
 ANALYSIS = (
-    expand(results("analysis/{backbone}/{table}.csv"), backbone=list(config["backbones"]), table=ANALYSIS_TABLES)
-    + expand(results("analysis/{backbone}/summary.json"), backbone=list(config["backbones"]))
+    expand(results("analysis/{backbone}/{table}.csv"), backbone=FEATURE_BACKBONES, table=ANALYSIS_TABLES)
+    + expand(results("analysis/{backbone}/summary.json"), backbone=FEATURE_BACKBONES)
     + REPORT_TABLES
 )
 
@@ -43,7 +43,7 @@ rule report_tables:
         **{f"integrity_{d}": results(f"prepared/{d}.integrity.json") for d in config["datasets"]},
         **{
             f"analysis_{b}_{t}": results(f"analysis/{b}/{t}.csv")
-            for b in config["backbones"]
+            for b in FEATURE_BACKBONES
             for t in REPORT_ANALYSIS_TABLES
         },
         summary=results("tables/summary.csv"),
@@ -58,7 +58,7 @@ rule report_tables:
             f"analysis_{b}": report_page(
                 results(f"report/analysis/{b}.html"), "analysis_tables", "Domain analysis", backbone=b
             )
-            for b in config["backbones"]
+            for b in FEATURE_BACKBONES
         },
         summary=report_page(results("report/summary.html"), "summary_table", "Tables", table="foreground IoU per cell"),
     log:
@@ -68,7 +68,7 @@ rule report_tables:
     conda:
         "../envs/workflow.yaml"
     params:
-        backbones=list(config["backbones"]),
+        backbones=FEATURE_BACKBONES,
         tables=REPORT_ANALYSIS_TABLES,
         code=code_digest("report_tables.py"),
     script:

@@ -12,6 +12,8 @@ from em_foundation.references import in_domain_training_sets, reference_runs
 from em_foundation.regimes import REGIMES
 
 RUNS = grid.runs(config)
+# backbones the domain analysis reads features of (whole segmenters, the U-Net, have none)
+FEATURE_BACKBONES = grid.feature_backbones(config)
 TEST_SETS = grid.test_sets(config)
 # One trained model: {backbone}/{regime}/{train_set}/{alignment}/seed{seed}{labels}, written once (in grid);
 # {labels} is empty (all training slices) or -n<k> (k labelled slices: training.n_train_slices).
@@ -239,7 +241,7 @@ def figure_params(name, **extra):
 
 def analysis_tables(table):
     """One domain-analysis table of every backbone: what a domain figure reads."""
-    return expand(results("analysis/{backbone}/{table}.csv"), backbone=list(config["backbones"]), table=table)
+    return expand(results("analysis/{backbone}/{table}.csv"), backbone=FEATURE_BACKBONES, table=table)
 
 
 def qualitative_runs():

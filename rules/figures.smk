@@ -7,7 +7,9 @@ if set(config["alignment"]["variants"]) - {"none"}:
 # Label efficiency: only when some training set is trained at more than one size.
 if any(len(grid.n_train_slices_for(config, t)) > 1 for t in config["training_sets"]):
     FIGURE_NAMES.append("label_efficiency")
-FIGURE_NAMES += ["pca", "frechet", "probe"]
+# Domain figures: only with a backbone that has features (a config of U-Nets alone has none).
+if FEATURE_BACKBONES:
+    FIGURE_NAMES += ["pca", "frechet", "probe"]
 # The paired comparison needs a training set that unites several datasets.
 if any(len(members) > 1 for members in config["training_sets"].values()):
     FIGURE_NAMES.append("paired")

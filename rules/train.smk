@@ -1,6 +1,6 @@
 # Training: one job per (backbone, regime, training set, alignment, seed), one rule per
 # regime of em_foundation/regimes.py. Cached regimes (head, forest) read only the feature
-# cache; the others (LoRA, full fine-tuning) read tiles and weights.
+# cache; the others (LoRA, full fine-tuning, a whole supervised U-Net) read tiles and weights.
 
 
 rule train_head:
@@ -58,3 +58,14 @@ use rule train_lora as train_fullft with:
         benchmarks(f"train_fullft/{run_flat('fullft')}.tsv")
     params:
         **train_params("fullft"),
+
+
+use rule train_lora as train_supervised with:
+    output:
+        **run_outputs("supervised"),
+    log:
+        logs(f"train_supervised/{run_flat('supervised')}.log"),
+    benchmark:
+        benchmarks(f"train_supervised/{run_flat('supervised')}.tsv")
+    params:
+        **train_params("supervised"),

@@ -47,6 +47,7 @@ with logged(snakemake.log[0]):
             "n_train_slices": n_train_slices_of(w.labels),
             # how many labelled slices the model really trained on (all sources; 'all' made a number)
             "n_labelled_slices": int(trained.get("n_labelled_slices", -1)),
+            "augment": trained.get("augment", "none"),
             "test_set": test_set,
             "train_datasets": list(params.datasets),
         }

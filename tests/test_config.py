@@ -77,7 +77,8 @@ def test_a_config_with_no_runs_is_refused_listing_each_familys_regimes():
 
 def test_a_regime_a_family_drops_is_warned_about():
     warnings = []
-    validate_config(demo_config(), warn=warnings.append)  # regimes head, lora; filterbank has no lora
+    # regimes head, lora, supervised; filterbank has no lora (supervised is the U-Net's alone: not warned about)
+    validate_config(demo_config(), warn=warnings.append)
     print(warnings)
     assert len(warnings) == 1 and "'filterbank'" in warnings[0] and "lora" in warnings[0]
 

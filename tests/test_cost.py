@@ -70,7 +70,7 @@ def test_jobs_match_the_grid_and_training_hours_scale_with_epochs(tmp_path):
     three = cost.estimate(config, costs, epochs=3).set_index("stage")
     six = cost.estimate(config, costs, epochs=6).set_index("stage")
     runs = grid.runs(config)
-    for regime in ("head", "lora"):
+    for regime in ("head", "lora", "supervised"):
         assert three.loc[f"train_{regime}", "jobs"] == sum(run.regime == regime for run in runs)
         assert six.loc[f"train_{regime}", "hours_expected"] == pytest.approx(
             2 * three.loc[f"train_{regime}", "hours_expected"]
@@ -79,7 +79,7 @@ def test_jobs_match_the_grid_and_training_hours_scale_with_epochs(tmp_path):
             three.loc[f"train_{regime}", "hours_expected"] * config["training"]["max_epochs"] / 3
         )
     assert three.loc["evaluate", "jobs"] == len(runs)
-    assert three.loc["cache_features", "jobs"] == len(config["backbones"]) * len(config["datasets"])
+    assert three.loc["cache_features", "jobs"] == len(grid.feature_backbones(config)) * len(config["datasets"])
     assert three.loc["evaluate", "hours_expected"] == six.loc["evaluate", "hours_expected"]
     assert three.loc["total", "hours_expected"] == pytest.approx(three.drop(index="total").hours_expected.sum())
     assert three.loc["cache_features", "backbone_tflops"] > 0  # the ViT is counted; the filter bank is not torch work

@@ -124,6 +124,7 @@ def test_training(published):
         # every training slice: the label-efficiency sweep is off in the published setup
         "n_train_slices": ["all"],
         "n_train_slices_for": None,
+        "augment": "none",  # no flips or rotations: the published training batches as they are
         **{k: v for k, v in published["training"].items() if k in ("val_loss", "val_split", "val_gap")},
     }
     assert published["training"].get("val_loss", "pooled") == "pooled"
@@ -152,7 +153,7 @@ def test_extended_preset_adds_only_the_study_beyond():
     published = load_config(REPO / "config.yaml")
     extended = load_config(REPO / "profiles/extended/workflow_config.yaml")
     assert extended["tiling"]["mode"] == "tile"
-    assert set(extended["regimes"]) == {"head", "lora", "fullft", "forest"}
+    assert set(extended["regimes"]) == {"head", "lora", "fullft", "forest", "supervised"}
     assert "filterbank" in extended["backbones"] and len(extended["alignment"]["variants"]) > 1
     same = ("seeds", "head", "lora", "training")
     sweep = ("n_train_slices", "n_train_slices_for")  # the label-efficiency sweep is added, the rest kept
@@ -163,7 +164,7 @@ def test_extended_preset_adds_only_the_study_beyond():
         assert strip(extended[key]) == strip(published[key]), key
     assert extended["training"]["n_train_slices"] == [1, 2, 4, 8, "all"]
     assert extended["training"]["n_train_slices_for"] == ["lucchi", "vnc", "kasthuri"]
-    beyond = ("filterbank", "samB", "usamB")
+    beyond = ("filterbank", "samB", "usamB", "unetR50", "unetR50IN")
     assert {k: v for k, v in extended["backbones"].items() if k not in beyond} == published["backbones"]
     # General versus EM-pretrained: one architecture, SAM's weights against micro-sam's EM fine-tuning.
     sam, usam = extended["backbones"]["samB"], extended["backbones"]["usamB"]

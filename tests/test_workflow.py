@@ -101,11 +101,12 @@ def test_demo_runs_end_to_end(demo_run):
     runs = pd.read_csv(demo_run / "results/tables/runs.csv")
     for column in ["backbone", "regime", "train_set", "seed", "test_set", "fg_iou", "fg_dice", "mean_iou", "n_pixels"]:
         assert column in runs.columns
-    # 2 backbones: filterbank (head) and tinyvit (head, lora); 3 training sets; 2 seeds; 2 test
-    # sets; plus the paired models scored on the union of their sources.
+    # 3 backbones: filterbank (head), tinyvit (head, lora) and the U-Net (supervised); 3 training sets;
+    # 2 seeds; 2 test sets; plus the paired models scored on the union of their sources.
     union = runs["test_set"].str.contains("+", regex=False)
-    assert (~union).sum() == 3 * PER_MODEL * 2
-    assert set(runs[union]["train_set"]) == {"paired"} and union.sum() == 3 * 2
+    assert (~union).sum() == 4 * PER_MODEL * 2
+    assert set(runs[union]["train_set"]) == {"paired"} and union.sum() == 4 * 2
+    assert set(runs[runs.backbone == "unet"]["regime"]) == {"supervised"} and (runs["augment"] == "none").all()
     assert runs.groupby(["backbone", "regime", "train_set", "n_train_slices", "test_set"]).size().eq(2).all()
     summary = pd.read_csv(demo_run / "results/tables/summary.csv")
     assert {"fg_iou_mean", "fg_iou_std", "fg_iou_n", "n_train_slices", "obj_f1_mean", "obj_f1_std"} <= set(

@@ -45,11 +45,14 @@ def count_parameters(
     """Total and trainable parameters of one (backbone, regime) cell, built from random weights."""
     from em_foundation.backbones import build_backbone
     from em_foundation.backbones.lora import add_lora, make_fully_trainable
+    from em_foundation.families import family_of
     from em_foundation.heads.deconv import DeconvHead
     from em_foundation.regimes import regime_of
 
     trains = regime_of(regime).trains
     spec = {**spec, "weights": "random"}
+    if family_of(spec["family"]).segmenter:
+        return _segmenter_count(spec, regime, device)
     with torch.device(device):
         backbone = build_backbone(spec)
         head = DeconvHead(backbone.embed_dim, head_width) if "head" in trains else None
@@ -79,6 +82,33 @@ def count_parameters(
         "total_params": total,
         "trainable_params": trainable,
         "trainable_fraction": trainable / total if total else 0.0,
+    }
+
+
+def _segmenter_count(spec: dict[str, Any], regime: str, device: str) -> dict[str, Any]:
+    """A whole segmenter (the U-Net): its encoder counts as the backbone, the rest as the head; all of it trains."""
+    from em_foundation.backbones import load
+    from em_foundation.families import family_of
+
+    with torch.device(device):
+        model = load(family_of(spec["family"]).builder)(spec)
+    total = _count(model)
+    encoder = _count(model.model.encoder)
+    trainable = _count(model, trainable_only=True)
+    if trainable != total:
+        raise RuntimeError(f"{spec['family']} {regime}: {trainable} of {total} parameters trainable, expected all")
+    return {
+        "family": spec["family"],
+        "model": str((spec.get("options") or {}).get("encoder", "")),
+        "regime": regime,
+        "embed_dim": 0,  # no token grid
+        "patch_size": int(model.patch_size),
+        "backbone_params": encoder,
+        "adapter_params": 0,
+        "head_params": total - encoder,
+        "total_params": total,
+        "trainable_params": trainable,
+        "trainable_fraction": 1.0 if total else 0.0,
     }
 
 

@@ -22,6 +22,7 @@ from em_foundation.feature_cache import check_cache_matches_tiles, read_cache_at
 from em_foundation.grid import CACHED_REGIMES, Run, parse_alignment
 from em_foundation.io import atomic_path, read_json, write_csv, write_json
 from em_foundation.runtime import seed_everything
+from em_foundation.training.augment import augmentation_of
 from em_foundation.training.segmenter import build_segmenter
 from em_foundation.training.trainer import NonFiniteLoss, TrainingData, TrainingDiverged, fit
 
@@ -237,7 +238,8 @@ def train_run(
             input_standardisation = {"mean": stats.mean.tolist(), "scale": stats.scale.tolist()}
     model = build_segmenter(regime, backbone, head, lora, in_channels, patch_size, input_standardisation)
     checkpoint = out_model.with_name("checkpoint.pt")
-    weights_identity = snapshot.get("weights_identity") or getattr(getattr(model, "backbone", None), "identity", None)
+    # a whole segmenter (the U-Net) carries its weights' identity itself
+    weights_identity = snapshot.get("weights_identity") or getattr(getattr(model, "backbone", model), "identity", None)
     fingerprint = resume_fingerprint(snapshot, tiles, splits, weights_identity, code)
     try:
         result = fit(
@@ -280,6 +282,7 @@ def train_run(
             )
         },
         "n_labelled_slices": sum(len(part["labelled_slices"]) for part in data_record.values()),
+        "augment": augmentation_of(training),
         "best_epoch": result.best_epoch,
         "best_val_loss": result.best_val_loss,
         "epochs_run": int(len(result.history)),

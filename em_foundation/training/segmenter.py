@@ -2,7 +2,8 @@
 
 ``head`` works on cached patch tokens and owns no backbone at all, which is how head
 training is guaranteed never to run the backbone. ``lora`` and ``fullft`` wrap the
-backbone and the head and take tile pixels.
+backbone and the head and take tile pixels. A family whose builder is a whole segmenter
+(``Family.segmenter``: the U-Net) is used as it is, every parameter trainable.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import torch
 from torch import nn
 
 from em_foundation.alignment.features import FeatureStandardiser
-from em_foundation.backbones import build_backbone
+from em_foundation.backbones import build_backbone, load
 from em_foundation.backbones.lora import add_lora, make_fully_trainable
+from em_foundation.families import family_of
 from em_foundation.heads import DeconvHead
 from em_foundation.heads.deconv import up_blocks_for
 from em_foundation.regimes import regime_of
@@ -82,6 +84,11 @@ def build_segmenter(
     ``input_standardisation`` ({"mean": [...], "scale": [...]}) only applies to ``head``.
     """
     spec = regime_of(regime)
+    family = family_of(backbone_spec["family"]) if backbone_spec else None
+    if family is not None and regime not in family.regimes:
+        raise ValueError(f"family {family.name!r} does not run regime {regime!r}; it runs {', '.join(family.regimes)}")
+    if family is not None and family.segmenter:
+        return load(family.builder)(backbone_spec)
     if "head" not in spec.trains:
         raise ValueError(f"regime {regime!r} has no torch segmenter")
     if spec.cached:

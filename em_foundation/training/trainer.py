@@ -23,6 +23,7 @@ from tqdm import tqdm
 from em_foundation.backbones.lora import trainable_state_dict
 from em_foundation.data.streaming import PREFETCH_DEPTH, StoredRows, prefetched, take
 from em_foundation.io import atomic_path
+from em_foundation.training.augment import augment_batch
 from em_foundation.training.losses import soft_dice_loss
 from em_foundation.training.sampling import epoch_batches
 
@@ -245,6 +246,7 @@ def fit(
             for source in train.sources[batch]:
                 state["drawn"][str(source)] = state["drawn"].get(str(source), 0) + 1
             inputs, labels = inputs.to(device), labels.to(device)
+            inputs, labels = augment_batch(inputs, labels, training.get("augment", "none"), generator)
             loss = train_step(model, parameters, optimizer, inputs, labels, training["grad_clip"])
             losses.append(loss)  # read once per epoch, not per step (no GPU sync)
         train_loss = torch.stack(losses).double().mean().item() if losses else math.nan
