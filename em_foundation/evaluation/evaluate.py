@@ -39,16 +39,26 @@ from em_foundation.evaluation.objects import (
 from em_foundation.feature_cache import check_cache_matches_tiles, read_tokens, to_unit_float
 from em_foundation.grid import CACHED_REGIMES, parse_alignment
 from em_foundation.io import atomic_path, create_dataset, write_csv, write_json
+from em_foundation.regimes import regime_of
 
 
 def predict_image(
-    model: torch.nn.Module, inputs: torch.Tensor, tile_set: TileSet, batch_size: int, device: torch.device
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
+    tile_set: TileSet,
+    batch_size: int,
+    device: torch.device,
+    tokens: torch.Tensor | None = None,
 ) -> np.ndarray:
-    """Foreground probability map of one slice on its native (H, W) grid, from its tiles' inputs."""
+    """Foreground probability map of one slice on its native (H, W) grid, from its tiles' inputs.
+
+    ``tokens``: a per-pixel regime's second input beside the pixels (regimes.Regime.pixels).
+    """
     probabilities = []
     with torch.inference_mode():
         for start in range(0, len(inputs), batch_size):
-            logits = model(inputs[start : start + batch_size].to(device), tile_set.tile_shape)
+            extra = {} if tokens is None else {"tokens": tokens[start : start + batch_size].to(device)}
+            logits = model(inputs[start : start + batch_size].to(device), tile_set.tile_shape, **extra)
             probabilities.append(logits.float().softmax(dim=1)[:, 1].cpu().numpy())
     return tile_set.to_native(np.concatenate(probabilities))
 
@@ -78,8 +88,10 @@ def evaluate_model(
     options = parse_alignment(alignment)
     statistics_split = "test" if options["transductive"] else "train"
     truth = read_split(prepared, "test")
-    cached = regime in CACHED_REGIMES
-    tile_set = read_tiles(tiles, "test", with_pixels=not cached)
+    # A per-pixel regime reads pixels, and tokens where it was given a cache (regimes.reads_tokens).
+    pixel_regime = regime_of(regime).pixels
+    cached = regime in CACHED_REGIMES and not (pixel_regime and features is None)
+    tile_set = read_tiles(tiles, "test", with_pixels=not cached or pixel_regime)
     if cached:
         check_cache_matches_tiles(features, tiles)
     tokens = read_tokens(features, "test") if cached else None
@@ -102,8 +114,13 @@ def evaluate_model(
     rows, predictions = [], []
     for image in tqdm(range(len(truth)), desc="evaluate", unit="slice"):
         indices = tile_set.tiles_of(image)
-        inputs = torch.from_numpy(tokens[indices]) if tokens is not None else to_unit_float(tile_set.raw[indices])
-        probability = predict_image(model, inputs, tile_set, batch_size, device)
+        if pixel_regime:
+            inputs = to_unit_float(tile_set.raw[indices])
+            extra = torch.from_numpy(tokens[indices]) if tokens is not None else None
+        else:
+            inputs = torch.from_numpy(tokens[indices]) if tokens is not None else to_unit_float(tile_set.raw[indices])
+            extra = None
+        probability = predict_image(model, inputs, tile_set, batch_size, device, extra)
         prediction = (probability >= 0.5).astype(np.uint8)
         if prediction.shape != truth.labels[image].shape:
             raise AssertionError(
