@@ -164,8 +164,6 @@ class PixelForestSegmenter(nn.Module):
     returns (B, 2, H, W) log-probabilities whose softmax crosses 0.5 at the calibrated decision.
     """
 
-    needs_pixels = True
-
     def __init__(self, forest: RandomForestClassifier, spec: PixelFeatures, log_odds_shift: float) -> None:
         super().__init__()
         self.forest, self.spec, self.log_odds_shift = forest, spec, float(log_odds_shift)
