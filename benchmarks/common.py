@@ -75,6 +75,10 @@ class Settings:
     large_grid: bool = True
     dryrun_repeats: int = 3  # timed `-n --quiet` runs after the counting run (0: time the counting run)
     overhead_probe: bool = True  # per-batch caching overhead at the published batch size 8
+    # the per-pixel forest (benchmarks/pixelforest.py): slices measured (train, test), their shape, threads
+    pixelforest_slices: tuple[int, int] = (8, 4)
+    pixelforest_shape: tuple[int, int] = (768, 1024)
+    pixelforest_threads: int = 2
 
     @classmethod
     def for_device(cls, quick: bool = False) -> "Settings":
@@ -94,6 +98,7 @@ class Settings:
                 dryrun_repeats=1,
                 cache_batch_size=min(s.cache_batch_size, 2),
                 step_repeats=2,
+                pixelforest_slices=(2, 1),
             )
         return s
 

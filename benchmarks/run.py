@@ -14,7 +14,9 @@ module each:
 3. ``cache_size``: feature-cache size (measured, and extrapolated per real dataset and ViT size);
    every stage records its peak resident memory;
 4. ``dry_run``: Snakemake dry-run time of the published grid and of a grid about ten times larger;
-5. ``gpu``, on a GPU only: ViT-L caching under bf16 (tiles/s, peak GPU memory) and the LoRA step.
+5. ``pixelforest``: the per-pixel forest's training and prediction seconds and peak memory per
+   100 slices of 768×1024 (benchmarks/pixelforest.py; also runnable alone);
+6. ``gpu``, on a GPU only: ViT-L caching under bf16 (tiles/s, peak GPU memory) and the LoRA step.
 
 Every training step is ``em_foundation.training.trainer.train_step`` with the optimiser,
 learning rate, weight decay, clipping and LoRA settings of config.yaml. Every number is a
@@ -53,6 +55,7 @@ from benchmarks.common import (  # noqa: E402, F401 (COLUMNS, DRY_RUN_FAILED, NO
 from benchmarks.dry_run import bench_dry_runs  # noqa: E402
 from benchmarks.gpu import bench_gpu_lora  # noqa: E402
 from benchmarks.head_training import bench_training  # noqa: E402
+from benchmarks.pixelforest import bench_pixelforest  # noqa: E402
 from em_foundation.backbones import build_backbone  # noqa: E402
 
 
@@ -85,6 +88,14 @@ def run_benchmarks(settings: Settings, workdir: Path | None = None) -> pd.DataFr
             if settings.device.type == "cuda":
                 torch.cuda.empty_cache()
         bench_cache_extrapolation(settings, table)
+        (root / "pixelforest").mkdir(exist_ok=True)
+        bench_pixelforest(
+            table,
+            root / "pixelforest",
+            *settings.pixelforest_slices,
+            threads=settings.pixelforest_threads,
+            shape=settings.pixelforest_shape,
+        )
         if settings.dryrun:
             bench_dry_runs(settings, table, root)
         bench_gpu_lora(settings, table)

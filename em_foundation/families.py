@@ -41,6 +41,9 @@ class Family:
     lora_targets: str | None = None  # regex over module names that LoRA adapts; None: no LoRA
     default_model: str | None = None  # architecture when the config entry names none
     standardise_tokens: bool = False  # head sees tokens standardised with training-set statistics
+    # its tokens are per-pixel features pooled to patches: a per-pixel regime (pixelforest)
+    # computes them itself at full resolution and reads no cache
+    pooled_pixel_features: bool = False
     # keys the builder reads from ``backbones.<name>.options`` and their types: the config
     # check at start-up names any other key (a typo is otherwise silently ignored)
     options: dict[str, type] = field(default_factory=dict)
@@ -58,7 +61,7 @@ FAMILIES: dict[str, Family] = {
             builder="filterbank:build",
             default_patch=8,
             # Hand-crafted filters have nothing to adapt: only the learners on top train.
-            regimes=("head", "forest"),
+            regimes=("head", "forest", "pixelforest"),
             # Pixels in [0, 1] as they come (no 3-channel ImageNet constants).
             mean=IDENTITY_MEAN,
             std=IDENTITY_STD,
@@ -66,6 +69,7 @@ FAMILIES: dict[str, Family] = {
             # eigenvalues); fed raw, the head's BatchNorm behaves very differently in training
             # and evaluation mode. ViT tokens are layer-normalised and reach the head untouched.
             standardise_tokens=True,
+            pooled_pixel_features=True,
             options={"sigmas": list, "patch_size": int},
             note="ilastik's default Gaussian-derivative filter bank, pooled to a patch grid",
         ),
@@ -77,7 +81,7 @@ FAMILIES: dict[str, Family] = {
                 name=name,
                 builder="timm_vit:build",
                 default_patch=patch,
-                regimes=("head", "lora", "fullft", "forest"),
+                regimes=("head", "lora", "fullft", "forest", "pixelforest"),
                 mean=IMAGENET_MEAN,
                 std=IMAGENET_STD,
                 hub="timm_vit:hub_source",
@@ -94,7 +98,7 @@ FAMILIES: dict[str, Family] = {
             name="openclip",
             builder="openclip:build",
             default_patch=14,
-            regimes=("head", "lora", "fullft", "forest"),
+            regimes=("head", "lora", "fullft", "forest", "pixelforest"),
             # Without a pretrained tag; with one, the builder uses the tag's own constants
             # from open_clip's registry (ViT-L-14 laion2b_s32b_b82k: 0.5 / 0.5).
             mean=CLIP_MEAN,
@@ -109,7 +113,7 @@ FAMILIES: dict[str, Family] = {
             name="sam",
             builder="sam:build",
             default_patch=16,
-            regimes=("head", "lora", "fullft", "forest"),
+            regimes=("head", "lora", "fullft", "forest", "pixelforest"),
             # SAM's pixel mean/std on the 0-255 scale are ImageNet's constants x 255: on
             # [0, 1] inputs its own normalisation is ImageNet's (backbones/sam.SAM_PIXEL_MEAN).
             mean=IMAGENET_MEAN,
@@ -129,7 +133,7 @@ FAMILIES: dict[str, Family] = {
             name="sam2",
             builder="sam2:build",
             default_patch=16,
-            regimes=("head", "lora", "fullft", "forest"),
+            regimes=("head", "lora", "fullft", "forest", "pixelforest"),
             # SAM2 normalises [0, 1] pixels with ImageNet's constants.
             mean=IMAGENET_MEAN,
             std=IMAGENET_STD,

@@ -161,12 +161,15 @@ def predict_images(
     batch_size: int = 8,
     threshold: float = 0.5,
     record: Optional[dict[str, Any]] = None,
+    pixel_regime: bool = False,
     alignment: str = "none",
     reference: Optional[str | Path] = None,
     percentiles: tuple[float, float] = (1.0, 99.0),
 ) -> dict[str, Any]:
     """Write <name>_probability.tif, <name>_mask.tif (0/255) and <name>_overlay.png per image, and a summary.
 
+    ``pixel_regime`` (the per-pixel forest): the model takes the tiles' pixels, and the
+    backbone's tokens beside them where a backbone is given.
     ``alignment``: the variant the model was trained with, its statistics taken from the
     images given (``reference``: histogram matching's reference prepared dataset). Without
     featstd or adabn every image is read, predicted and written before the next.
@@ -179,6 +182,8 @@ def predict_images(
     options = parse_alignment(alignment)
     model_view = normalise_intensity(eight_bit, options["intensity"], reference, percentiles)
     whole_domain = options["feature_std"] or options["adabn"]
+    if whole_domain and pixel_regime:
+        raise ValueError(f"alignment {alignment!r}: featstd and adabn do not apply to a per-pixel forest")
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".part")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -195,8 +200,15 @@ def predict_images(
             inputs_of = dict(enumerate(aligned))
         for index, (name, image) in enumerate(tqdm(list(zip(names, eight_bit)), desc="predict", unit="image")):
             tile_set = tile_image(model_view[index], view, pixel_size_nm)
-            inputs = inputs_of.pop(index) if whole_domain else model_inputs(tile_set, backbone, batch_size, device)
-            probability = predict_image(model, inputs, tile_set, batch_size, device).astype(np.float32)
+            tokens = None
+            if pixel_regime:
+                inputs = to_unit_float(tile_set.raw)
+                tokens = model_inputs(tile_set, backbone, batch_size, device) if backbone is not None else None
+            elif whole_domain:
+                inputs = inputs_of.pop(index)
+            else:
+                inputs = model_inputs(tile_set, backbone, batch_size, device)
+            probability = predict_image(model, inputs, tile_set, batch_size, device, tokens).astype(np.float32)
             mask = (probability >= threshold).astype(np.uint8) * 255
             write_tiff(tmp / f"{name}_probability.tif", probability, pixel_size_nm)
             write_tiff(tmp / f"{name}_mask.tif", mask, pixel_size_nm)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from em_foundation.families import family_of
+
 
 @dataclass(frozen=True)
 class Regime:
@@ -18,6 +20,9 @@ class Regime:
     checkpoint: str  # what model.pt holds, for readers of the files
     rule: str  # the Snakemake rule that trains it
     blocks: tuple[str, ...]  # config blocks the training rule passes as params
+    # also reads the tiles' pixels at full resolution (beside the cache where ``cached``):
+    # training and evaluation feed the model pixels, and tokens where ``reads_tokens``
+    pixels: bool = False
 
 
 REGIMES: dict[str, Regime] = {
@@ -70,11 +75,34 @@ REGIMES: dict[str, Regime] = {
             blocks=("forest",),
             checkpoint="pickled scikit-learn random forest on cached tokens",
         ),
+        Regime(
+            "pixelforest",
+            cached=True,
+            trains_backbone=False,
+            trains=(),
+            rule="train_pixelforest",
+            blocks=("pixelforest",),
+            checkpoint="pickled scikit-learn random forest on per-pixel features, with its feature spec and calibration",
+            pixels=True,
+        ),
     )
 }
 
 CACHED_REGIMES: tuple[str, ...] = tuple(name for name, regime in REGIMES.items() if regime.cached)
 BACKBONE_REGIMES: tuple[str, ...] = tuple(name for name, regime in REGIMES.items() if regime.trains_backbone)
+
+
+PIXEL_REGIMES: tuple[str, ...] = tuple(name for name, regime in REGIMES.items() if regime.pixels)
+
+
+def reads_tokens(regime: str, family: str) -> bool:
+    """Whether a run of ``regime`` on a backbone of ``family`` reads the feature cache.
+
+    A cached regime does, except a per-pixel one on a family whose tokens are pooled
+    per-pixel features (the filter bank): it recomputes those at full resolution instead.
+    """
+    row = regime_of(regime)
+    return row.cached and not (row.pixels and family_of(family).pooled_pixel_features)
 
 
 def regime_of(name: str) -> Regime:

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 from em_foundation import grid
 from em_foundation.provenance import code_digest as _code_digest
 from em_foundation.references import in_domain_training_sets, reference_runs
-from em_foundation.regimes import REGIMES
+from em_foundation.regimes import REGIMES, reads_tokens
 
 RUNS = grid.runs(config)
 # backbones the domain analysis reads features of (whole segmenters, the U-Net, have none)
@@ -165,6 +165,15 @@ def feature_inputs(w):
     return {f"features_{d}": features_path(w.backbone, d, variant_of(w)) for d in train_datasets(w)}
 
 
+def token_inputs(regime):
+    """The feature caches where ``regime`` on this backbone reads them (em_foundation/regimes.reads_tokens)."""
+
+    def inputs(w):
+        return feature_inputs(w) if reads_tokens(regime, config["backbones"][w.backbone]["family"]) else {}
+
+    return inputs
+
+
 def run_outputs(regime):
     return {
         key: model_path(name, regime)
@@ -194,9 +203,9 @@ def evaluation_inputs(w):
         "prepared": [prepared_path(dataset) for dataset in TEST_SETS],
         "tiles": [tiles_path(w.backbone, dataset, variant_of(w)) for dataset in TEST_SETS],
     }
-    if REGIMES[w.regime].cached:
+    if reads_tokens(w.regime, config["backbones"][w.backbone]["family"]):
         inputs["features"] = [features_path(w.backbone, dataset, variant_of(w)) for dataset in TEST_SETS]
-    else:
+    elif not REGIMES[w.regime].cached:
         inputs["weights"] = weights_input(w)
     return inputs
 

@@ -1,6 +1,7 @@
 # Training: one job per (backbone, regime, training set, alignment, seed), one rule per
 # regime of em_foundation/regimes.py. Cached regimes (head, forest) read only the feature
-# cache; the others (LoRA, full fine-tuning, a whole supervised U-Net) read tiles and weights.
+# cache; the others (LoRA, full fine-tuning, a whole supervised U-Net) read tiles and weights;
+# the per-pixel forest reads tiles, and the cache where its backbone's tokens are not the filter bank.
 
 
 rule train_head:
@@ -32,6 +33,21 @@ use rule train_head as train_forest with:
         benchmarks(f"train_forest/{run_flat('forest')}.tsv")
     params:
         **train_params("forest"),
+
+
+use rule train_head as train_pixelforest with:
+    input:
+        unpack(split_inputs),
+        unpack(tile_inputs),
+        unpack(token_inputs("pixelforest")),
+    output:
+        **run_outputs("pixelforest"),
+    log:
+        logs(f"train_pixelforest/{run_flat('pixelforest')}.log"),
+    benchmark:
+        benchmarks(f"train_pixelforest/{run_flat('pixelforest')}.tsv")
+    params:
+        **train_params("pixelforest"),
 
 
 use rule train_head as train_lora with:

@@ -8,7 +8,7 @@ from em_foundation.data.generic import pixel_size_option
 from em_foundation.data.prepared import pixel_size_of
 from em_foundation.grid import parse_view
 from em_foundation.predict import predict_images, read_unlabelled
-from em_foundation.regimes import REGIMES
+from em_foundation.regimes import REGIMES, reads_tokens
 from em_foundation.runtime import configure
 from em_foundation.scripting import logged
 from em_foundation.training.run import load_segmenter
@@ -20,7 +20,8 @@ with logged(snakemake.log[0]):
     regime = REGIMES[run["regime"]]
     with hub_environment(params.hub["cache_dir"], offline=True):
         model = load_segmenter(Path(snakemake.input.model), spec if regime.trains_backbone else {})
-        backbone = build_backbone(spec) if regime.cached else None
+        # tokens on the fly where the regime read the cache (the per-pixel forest's only on a ViT)
+        backbone = build_backbone(spec) if reads_tokens(run["regime"], spec["family"]) else None
     given = params.predict["pixel_size_nm"]
     pixel_size = tuple(pixel_size_option(given)) if given is not None else pixel_size_of(snakemake.input.prepared)
     images = read_unlabelled(params.predict["images"])
@@ -36,6 +37,7 @@ with logged(snakemake.log[0]):
         batch_size=params.batch_size,
         threshold=params.predict["threshold"],
         record={**run, "model": str(snakemake.input.model), "view": params.view},
+        pixel_regime=regime.pixels,
         alignment=run["alignment"],
         reference=snakemake.input.get("reference"),
         percentiles=tuple(params.percentiles),

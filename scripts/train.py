@@ -23,6 +23,7 @@ with logged(snakemake.log[0]):
             lora=dict(p.get("lora", {})),
             training=dict(p.get("training", {})),
             forest=dict(p.get("forest", {})),
+            pixelforest=dict(p.get("pixelforest", {})),
             alignment=w.alignment,
             threads=snakemake.threads,
             tiles=unpack_prefixed(snakemake.input, "tiles_"),

@@ -33,6 +33,9 @@ def test_benchmark_table_has_every_row(tmp_path):
         dryrun=True,
         large_grid=False,
         dryrun_repeats=0,
+        pixelforest_slices=(2, 1),
+        pixelforest_shape=(64, 96),
+        pixelforest_threads=1,
     )
     table = run_benchmarks(settings, workdir=tmp_path)
 
@@ -71,6 +74,9 @@ def test_benchmark_table_has_every_row(tmp_path):
     assert sorted(set(extrapolated["backbone"])) == ["ViT-B/14", "ViT-L/14", "ViT-S/14", "ViT-g/14"]
     assert len(extrapolated) == 8  # 4 sizes x (lucchi, vnc)
     assert (table[table["benchmark"] == "memory"]["backbone"] == "tinyViT").sum() == 4  # caching + 3 training stages
+    for setting in ("train, per 100 slices 64x96", "predict, per 100 slices 64x96", "pixels sampled"):
+        assert has("pixelforest", setting, "filterbank"), setting
+    assert (table[table["benchmark"] == "memory"]["backbone"] == "filterbank").sum() == 2  # its training and prediction
     assert has("dry_run", "snakemake -n --quiet, published")
     jobs = table[table["setting"] == "jobs in the DAG, published"]["value"]
     assert jobs.empty or int(jobs.iloc[0]) > 100

@@ -72,7 +72,7 @@ def test_a_config_with_no_runs_is_refused_listing_each_familys_regimes():
     with pytest.raises(ConfigError) as raised:
         validate_config(config, warn=lambda message: None)
     print(raised.value)
-    assert "give no runs" in str(raised.value) and "filterbank: head, forest" in str(raised.value)
+    assert "give no runs" in str(raised.value) and "filterbank: head, forest, pixelforest" in str(raised.value)
 
 
 def test_a_regime_a_family_drops_is_warned_about():

@@ -16,7 +16,7 @@ from em_foundation.config import load_config
 from em_foundation.heads.deconv import DeconvHead
 
 REPO = Path(__file__).resolve().parents[1]
-ALL_REGIMES = ["head", "lora", "fullft", "forest"]
+ALL_REGIMES = ["head", "lora", "fullft", "forest", "pixelforest"]
 LORA_L = 2_359_296  # 24 blocks x rank 16 x (1024 + 3072 + 1024 + 1024)
 
 LARGE = {
@@ -68,6 +68,7 @@ def test_regime_rules(table):
         assert rows.loc["lora", "total_params"] == encoder + LORA_L + head
         assert rows.loc["fullft", "trainable_params"] == rows.loc["fullft", "total_params"] == encoder + head
         assert rows.loc["forest", "trainable_params"] == 0 and rows.loc["forest", "head_params"] == 0
+        assert rows.loc["pixelforest", "trainable_params"] == 0 and rows.loc["pixelforest", "head_params"] == 0
     patch = table.groupby("backbone").patch_size.first().to_dict()
     assert patch == {"dinov2L": 14, "dinov3L": 16, "openclipL": 14}
 
@@ -108,7 +109,7 @@ def test_parameters_script_writes_the_csv(tmp_path):
     with hub_environment(tmp_path / "cache", offline=True):
         runpy.run_path(str(REPO / "scripts" / "parameters.py"), init_globals={"snakemake": snakemake})
     frame = pd.read_csv(output)
-    assert len(frame) == 12 and list(frame.columns) == COLUMNS
+    assert len(frame) == len(LARGE) * len(ALL_REGIMES) and list(frame.columns) == COLUMNS
     lora = frame[(frame.backbone == "dinov2L") & (frame.regime == "lora")]
     assert int(lora.adapter_params.iloc[0]) == LORA_L
     assert [p.name for p in output.parent.iterdir()] == ["parameters.csv"]  # no temporary left

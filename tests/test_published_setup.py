@@ -153,7 +153,7 @@ def test_extended_preset_adds_only_the_study_beyond():
     published = load_config(REPO / "config.yaml")
     extended = load_config(REPO / "profiles/extended/workflow_config.yaml")
     assert extended["tiling"]["mode"] == "tile"
-    assert set(extended["regimes"]) == {"head", "lora", "fullft", "forest", "supervised"}
+    assert set(extended["regimes"]) == {"head", "lora", "fullft", "forest", "pixelforest", "supervised"}
     assert "filterbank" in extended["backbones"] and len(extended["alignment"]["variants"]) > 1
     same = ("seeds", "head", "lora", "training")
     sweep = ("n_train_slices", "n_train_slices_for")  # the label-efficiency sweep is added, the rest kept

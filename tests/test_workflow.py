@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -101,11 +102,12 @@ def test_demo_runs_end_to_end(demo_run):
     runs = pd.read_csv(demo_run / "results/tables/runs.csv")
     for column in ["backbone", "regime", "train_set", "seed", "test_set", "fg_iou", "fg_dice", "mean_iou", "n_pixels"]:
         assert column in runs.columns
-    # 3 backbones: filterbank (head), tinyvit (head, lora) and the U-Net (supervised); 3 training sets;
-    # 2 seeds; 2 test sets; plus the paired models scored on the union of their sources.
+    # 3 backbones: filterbank (head, pixelforest), tinyvit (head, lora, pixelforest) and the U-Net
+    # (supervised); 3 training sets; 2 seeds; 2 test sets; plus the paired models scored on the
+    # union of their sources.
     union = runs["test_set"].str.contains("+", regex=False)
-    assert (~union).sum() == 4 * PER_MODEL * 2
-    assert set(runs[union]["train_set"]) == {"paired"} and union.sum() == 4 * 2
+    assert (~union).sum() == 6 * PER_MODEL * 2
+    assert set(runs[union]["train_set"]) == {"paired"} and union.sum() == 6 * 2
     assert set(runs[runs.backbone == "unet"]["regime"]) == {"supervised"} and (runs["augment"] == "none").all()
     assert runs.groupby(["backbone", "regime", "train_set", "n_train_slices", "test_set"]).size().eq(2).all()
     summary = pd.read_csv(demo_run / "results/tables/summary.csv")
@@ -126,6 +128,26 @@ def test_demo_runs_end_to_end(demo_run):
     assert not (REPO / "results").exists() and not (REPO / "resources").exists(), "the demo wrote into the clone"
     filterbank = runs[(runs.backbone == "filterbank") & (runs.train_set == runs.test_set)]
     assert filterbank["fg_iou"].mean() > 0.3, "the filter-bank head learned nothing on its own domain"
+
+
+def test_demo_pixelforest_predicts_every_native_pixel_from_tiles_and_tokens(demo_run):
+    """The per-pixel forest runs on both backbones: the filter bank from the tiles alone, the ViT
+    from its upsampled tokens beside the bank; scored on the same native pixels as the head."""
+    runs = pd.read_csv(demo_run / "results/tables/runs.csv")
+    pixel = runs[runs.regime == "pixelforest"].set_index(
+        ["backbone", "train_set", "n_train_slices", "seed", "test_set"]
+    )
+    head = runs[runs.regime == "head"].set_index(pixel.index.names)
+    assert set(pixel.index.get_level_values("backbone")) == {"filterbank", "tinyvit"}
+    assert (pixel["n_pixels"] == head.loc[pixel.index, "n_pixels"]).all()
+    in_domain = pixel.reset_index().query("backbone == 'filterbank' and train_set == test_set")
+    assert in_domain["fg_iou"].mean() > 0.3, "the per-pixel filter-bank forest learned nothing on its own domain"
+    for backbone, tokens in (("filterbank", 0), ("tinyvit", 192)):
+        record = json.loads(
+            (demo_run / f"results/models/{backbone}/pixelforest/fibsem/none/seed0/run.json").read_text()
+        )
+        assert record["features"]["token_channels"] == tokens and record["features"]["filterbank"]
+        assert record["calibration"] == "validation" and 0 < record["threshold"] < 1
 
 
 def test_demo_is_complete_and_the_figures_target_schedules_only_figures(demo_run):
@@ -232,5 +254,6 @@ def test_changing_one_backbones_weights_reruns_only_its_jobs(demo_run, tmp_path)
     config["backbones"]["tinyvit"]["options"] = {"init_seed": 7}
     jobs = scheduled_jobs(snakemake(demo_run, "-n", configfile=write_config(tmp_path / "c.yaml", config)))
     assert jobs["cache_features"] == 2, "only tinyvit's two feature caches"
-    assert jobs["train_head"] == jobs["train_lora"] == PER_MODEL and jobs["evaluate"] == 2 * PER_MODEL, dict(jobs)
+    assert jobs["train_head"] == jobs["train_lora"] == jobs["train_pixelforest"] == PER_MODEL, dict(jobs)
+    assert jobs["evaluate"] == 3 * PER_MODEL, dict(jobs)
     assert not {"prepare_dataset", "tile_dataset", "split_validation"} & set(jobs), dict(jobs)

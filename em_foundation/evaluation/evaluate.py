@@ -33,27 +33,42 @@ from em_foundation.evaluation.objects import (
 from em_foundation.feature_cache import check_cache_matches_tiles, to_unit_float
 from em_foundation.grid import CACHED_REGIMES, parse_alignment
 from em_foundation.io import atomic_path, create_dataset, decode, open_h5, write_csv, write_json
+from em_foundation.regimes import regime_of
 
 
 def predict_image(
-    model: torch.nn.Module, inputs: torch.Tensor, tile_set: TileSet, batch_size: int, device: torch.device
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
+    tile_set: TileSet,
+    batch_size: int,
+    device: torch.device,
+    tokens: torch.Tensor | None = None,
 ) -> np.ndarray:
-    """Foreground probability map of one slice on its native (H, W) grid, from its tiles' inputs."""
+    """Foreground probability map of one slice on its native (H, W) grid, from its tiles' inputs.
+
+    ``tokens``: a per-pixel regime's second input beside the pixels (regimes.Regime.pixels).
+    """
     probabilities = []
     with torch.inference_mode():
         for start in range(0, len(inputs), batch_size):
-            logits = model(inputs[start : start + batch_size].to(device), tile_set.tile_shape)
+            extra = {} if tokens is None else {"tokens": tokens[start : start + batch_size].to(device)}
+            logits = model(inputs[start : start + batch_size].to(device), tile_set.tile_shape, **extra)
             probabilities.append(logits.float().softmax(dim=1)[:, 1].cpu().numpy())
     return tile_set.to_native(np.concatenate(probabilities))
+
+
+def _tokens_tensor(chunk: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(chunk))
 
 
 def split_inputs(
     regime: str, tiles: str | Path, features: str | Path | None, split: str, stats: Any = None
 ) -> StoredRows:
-    """A split's model inputs on disk: cached tokens (standardised with ``stats`` if given) or tile pixels."""
+    """A split's model inputs on disk: cached tokens (standardised with ``stats`` if given) or tile
+    pixels (regimes that train the backbone, and the per-pixel forest's first input)."""
     tile_set = read_tiles(tiles, split, with_pixels=False, with_labels=False)
     rows = np.arange(len(tile_set.image_index))
-    if regime in CACHED_REGIMES:
+    if regime in CACHED_REGIMES and not regime_of(regime).pixels:
         return StoredRows([Part(str(features), split, "tokens", rows, stats)])
     return StoredRows([Part(str(tiles), split, "raw", rows)])
 
@@ -87,16 +102,21 @@ def evaluate_model(
     """
     options = parse_alignment(alignment)
     statistics_split = "test" if options["transductive"] else "train"
-    cached = regime in CACHED_REGIMES
+    # A per-pixel regime reads pixels, and tokens where it was given a cache (regimes.reads_tokens).
+    pixel_regime = regime_of(regime).pixels
+    cached = regime in CACHED_REGIMES and not (pixel_regime and features is None)
     tile_set = read_tiles(tiles, "test", with_pixels=False, with_labels=False)
     if cached:
         check_cache_matches_tiles(features, tiles)
     stats = domain_stats_from_cache(features, statistics_split) if options["feature_std"] else None
-    to_tensor = (lambda chunk: torch.from_numpy(np.ascontiguousarray(chunk))) if cached else to_unit_float
+    to_tensor = _tokens_tensor if cached and not pixel_regime else to_unit_float
     stored = split_inputs(regime, tiles, features, "test", stats)
-    loading = choose_loading(stored.nbytes, data_in_memory, "the test inputs")
+    # the per-pixel forest's second input: the tokens it upsamples beside its filters
+    tokens = split_inputs("head", tiles, features, "test", stats) if pixel_regime and cached else None
+    loading = choose_loading(stored.nbytes + (tokens.nbytes if tokens else 0), data_in_memory, "the test inputs")
     print(f"evaluation inputs: {loading['mode']} ({loading['reason']})", flush=True)
     inputs_of = stored[:] if loading["mode"] == "in-memory" else stored
+    tokens_of = tokens[:] if tokens is not None and loading["mode"] == "in-memory" else tokens
     model = model.to(device).eval()
     if options["adabn"]:
         # The statistics' split streamed batch by batch (standardised as the scored inputs are).
@@ -105,8 +125,10 @@ def evaluate_model(
     names, truth_of = _truth_reader(prepared)
     rows, predictions = [], []
     for image in tqdm(range(len(names)), desc="evaluate", unit="slice"):
-        inputs = to_tensor(inputs_of[tile_set.tiles_of(image)])
-        probability = predict_image(model, inputs, tile_set, batch_size, device)
+        indices = tile_set.tiles_of(image)
+        inputs = to_tensor(inputs_of[indices])
+        extra = _tokens_tensor(tokens_of[indices]) if tokens_of is not None else None
+        probability = predict_image(model, inputs, tile_set, batch_size, device, extra)
         prediction = (probability >= 0.5).astype(np.uint8)
         truth = truth_of(image)
         if prediction.shape != truth.shape:

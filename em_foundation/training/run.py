@@ -170,6 +170,7 @@ def train_run(
     out_log: Path,
     out_run: Path,
     forest: dict[str, Any] | None = None,
+    pixelforest: dict[str, Any] | None = None,
     alignment: str = "none",
     threads: int = 1,
     stop_after_epochs: int | None = None,
@@ -201,6 +202,26 @@ def train_run(
         "alignment": alignment,
         "n_train_slices": str(n_train_slices),
     }
+    if regime == "pixelforest":
+        # reads tiles (and tokens) tile by tile itself: per-pixel features of a split never fit in memory
+        from em_foundation.training.pixelforest import train_pixelforest_run
+
+        return train_pixelforest_run(
+            backbone_name=backbone_name,
+            train_set=train_set,
+            datasets=datasets,
+            seed=seed,
+            pixelforest=pixelforest or {},
+            tiles=tiles,
+            features=features,
+            splits=splits,
+            threads=threads,
+            alignment=alignment,
+            out_model=out_model,
+            out_log=out_log,
+            out_run=out_run,
+            n_train_slices=str(n_train_slices),
+        )
     generator = seed_everything(seed)
     train, val, data_record = load_training_data(
         regime, datasets, tiles, features, splits, aligned["feature_std"], str(n_train_slices), seed, data_in_memory
@@ -306,6 +327,10 @@ def load_segmenter(model_path: Path, backbone: dict[str, Any]) -> torch.nn.Modul
         from em_foundation.training.forest import ForestSegmenter
 
         return ForestSegmenter(saved["forest"]).eval()
+    if saved["regime"] == "pixelforest":
+        from em_foundation.training.pixelforest import load_pixel_forest
+
+        return load_pixel_forest(saved)
     config = saved["config"]
     model = build_segmenter(
         saved["regime"],
