@@ -242,8 +242,8 @@ def alignments_for(config: dict[str, Any], regime: str, train_set: str) -> list[
         options = parse_alignment(name)
         if regime in PIXEL_REGIMES and (options["feature_std"] or options["adabn"] or options["balanced"]):
             continue  # a per-pixel forest: no batch norm, no batches; only intensity normalisation applies
-        if options["feature_std"] and (regime not in CACHED_REGIMES or regime in PIXEL_REGIMES):
-            continue  # the tokens of a backbone that trains change every step; per-pixel features are not tokens
+        if options["feature_std"] and regime not in CACHED_REGIMES:
+            continue  # the tokens of a backbone that trains change every step
         if options["adabn"] and "head" not in REGIMES[regime].trains:
             continue  # a forest has no batch-norm statistics
         if options["balanced"] and len(config["training_sets"][train_set]) < 2:
@@ -355,8 +355,6 @@ def predict_run(config: dict[str, Any]) -> dict[str, Any]:
     regime = block.get("regime") or (runnable[0] if runnable else config["regimes"][0])
     if regime not in runnable:
         problems.append(f"predict.regime {regime!r}: backbone {backbone!r} runs {', '.join(runnable) or 'nothing'}")
-    if regime in PIXEL_REGIMES:
-        problems.append(f"predict.regime {regime!r}: the predict target does not run per-pixel regimes; name another")
     train_set = block.get("train_set") or next(iter(config["training_sets"]))
     if train_set not in config["training_sets"]:
         problems.append(f"predict.train_set {train_set!r} is not under training_sets")

@@ -39,7 +39,7 @@ def reference_runs(config: dict[str, Any]) -> list[dict[str, str]]:
                 continue
             for regime in regimes_for(config, backbone):
                 if reference.regime in (None, regime):
-                    label = f"{reference.label} ({backbone})"
+                    label = f"{reference.label}: {backbone}"
                     chosen.append({"backbone": backbone, "regime": regime, "label": label, "style": reference.style})
     return chosen
 

@@ -11,10 +11,8 @@ with logged(snakemake.log[0]):
         key: [str(path) for path in (paths if isinstance(paths, list) else [paths])]
         for key, paths in snakemake.input.items()
     }
-    figure = build_figure(
-        params.name,
-        inputs,
-        {key: params.get(key) for key in ("panels", "training_sets") if params.get(key) is not None},
-    )
+    # every figure-specific param (figure_params' extras); name, style and code digest are the rule's
+    extras = {key: value for key, value in params.items() if key not in ("name", "figures", "code")}
+    figure = build_figure(params.name, inputs, extras)
     save_figure(figure, list(snakemake.output))
     print(f"wrote {', '.join(snakemake.output)}")

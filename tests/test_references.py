@@ -15,7 +15,7 @@ def test_reference_runs_are_the_configured_baselines_only():
     config = validate_config({**demo_config(), "regimes": ["head", "lora", "pixelforest"]})
     runs = reference_runs(config)
     assert [(r["backbone"], r["regime"]) for r in runs] == [("filterbank", "pixelforest")]
-    assert runs[0]["label"].endswith("(filterbank)")
+    assert runs[0]["label"].endswith(": filterbank")
     assert in_domain_training_sets(config) == {"fibsem": "fibsem", "sstem": "sstem"}
     without = validate_config({**demo_config(), "regimes": ["head", "lora"]})
     assert reference_runs(without) == []

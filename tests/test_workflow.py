@@ -150,6 +150,44 @@ def test_demo_pixelforest_predicts_every_native_pixel_from_tiles_and_tokens(demo
         assert record["calibration"] == "validation" and 0 < record["threshold"] < 1
 
 
+def test_predict_with_the_per_pixel_forest_gives_the_evaluated_masks(demo_run, tmp_path):
+    """predict_images on a demo test slice with the ViT's per-pixel forest (pixels and tokens) and the
+    filter bank's (pixels only) reproduces the masks evaluation saved for that slice."""
+    import tifffile
+    import torch
+
+    from em_foundation.backbones import build_backbone
+    from em_foundation.config import validate_config
+    from em_foundation.data.prepared import pixel_size_of, read_split
+    from em_foundation.grid import parse_view, view_of
+    from em_foundation.io import open_h5
+    from em_foundation.predict import predict_images
+    from em_foundation.regimes import reads_tokens
+    from em_foundation.training.run import load_segmenter
+
+    config = validate_config(demo_config())
+    prepared = demo_run / "results/prepared/fibsem.h5"
+    truth = read_split(prepared, "test")
+    for backbone in ("filterbank", "tinyvit"):
+        run = demo_run / f"results/models/{backbone}/pixelforest/fibsem/none/seed0"
+        spec = {**config["backbones"][backbone]}
+        model = load_segmenter(run / "model.pt", {})
+        features = build_backbone(spec) if reads_tokens("pixelforest", spec["family"]) else None
+        with open_h5(
+            demo_run / f"results/evaluation/{backbone}/pixelforest/fibsem/none/seed0/fibsem.predictions.h5"
+        ) as h:
+            name = sorted(h)[0]
+            saved = h[name][()]
+        image = truth.raw[truth.names.index(name)]
+        out = tmp_path / backbone
+        predict_images(
+            model, features, [(name, image)], parse_view(view_of(config, backbone)), out, pixel_size_of(prepared),
+            torch.device("cpu"), pixel_regime=True,
+        )  # fmt: skip
+        mask = tifffile.imread(out / f"{name}_mask.tif") == 255
+        assert (mask == saved.astype(bool)).mean() > 0.999, backbone
+
+
 def test_demo_is_complete_and_the_figures_target_schedules_only_figures(demo_run):
     assert not scheduled_jobs(snakemake(demo_run, "-n"))
     for figure in (demo_run / "results/figures").iterdir():

@@ -59,7 +59,7 @@ def draw_references(
         ]
         if not len(row):
             continue
-        color = f"C{(k + 5) % 10}"
+        color = f"C{(k + 3) % 10}"  # the bars use the first colours, one per training set
         ax.axhline(row[f"{metric}_mean"].iloc[0], color=color, ls=reference["style"], lw=0.9, label=reference["label"])
         low, high = row.get(f"{metric}_ci_low"), row.get(f"{metric}_ci_high")
         if low is not None and np.isfinite(low.iloc[0]):
@@ -83,8 +83,9 @@ def iou_bars(
     test_sets = sorted(summary["test_set"].unique())
     train_sets = list(dict.fromkeys(summary["train_set"]))
     models = list(dict.fromkeys(zip(summary["backbone"], summary["regime"])))
+    panel_width = max(2.3, 0.45 * len(models))
     figure, axes = plt.subplots(
-        1, len(test_sets), sharey=True, squeeze=False, figsize=(max(3.4, 2.3 * len(test_sets)), 2.6)
+        1, len(test_sets), sharey=True, squeeze=False, figsize=(max(3.4, panel_width * len(test_sets)), 2.6)
     )
     width = 0.8 / len(train_sets)
     for ax, test_set in zip(axes[0], test_sets):
@@ -100,7 +101,13 @@ def iou_bars(
             ax.bar(x, means, width, label=f"trained on {train_set}")
             draw_intervals(ax, x, means, stds, image_interval(rows, means, metric), width)
         draw_references(ax, panel, references, (in_domain or {}).get(test_set), metric)
-        ax.set_xticks(np.arange(len(models)), [_model_label(*m) for m in models])
+        many = len(models) > 4  # long labels side by side would overlap
+        ax.set_xticks(
+            np.arange(len(models)),
+            [" ".join(m) if many else _model_label(*m) for m in models],
+            rotation=30 if many else 0,
+            ha="right" if many else "center",
+        )
         ax.set_title(f"test set: {test_set}")
         ax.set_ylim(0, 1)
     axes[0][0].set_ylabel("foreground IoU (mean over seeds)")
