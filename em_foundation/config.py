@@ -253,6 +253,11 @@ def _check_weights(config: dict[str, Any], source: str) -> None:
             raise ConfigError(
                 f"{source}: {key} is {weights!r}: not 'pretrained', 'random', or an existing checkpoint file "
                 f"(no file {path.resolve()})"
+                + (
+                    "; for ImageNet weights write 'pretrained' (every family's hub weights: the U-Net's ImageNet encoder)"
+                    if weights.lower() == "imagenet"
+                    else ""
+                )
             )
         # torch.save writes a zip archive; safetensors starts with its header length and a JSON header.
         with open(path, "rb") as handle:

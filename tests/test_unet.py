@@ -299,3 +299,16 @@ def test_tables_carry_the_augment_column(tmp_path):
     summary = summarise(table)
     assert dict(zip(summary["backbone"], summary["augment"])) == {"unet": "flips_rot90", "old": "none"}
     assert np.isfinite(summary["fg_iou_mean"]).all()
+
+
+def test_weights_imagenet_points_to_pretrained():
+    """The literature's word for the U-Net's encoder weights names the project's keyword in the error."""
+    from em_foundation.config import ConfigError, validate_config
+    from tests.test_config import demo_config
+
+    config = demo_config()
+    config["backbones"]["unet"]["weights"] = "imagenet"
+    with pytest.raises(
+        ConfigError, match="backbones.unet.weights is 'imagenet'.*for ImageNet weights write 'pretrained'"
+    ):
+        validate_config(config)
