@@ -16,7 +16,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOW_PROFILE = REPO / "profiles" / "default" / "config.yaml"
 # Rules that need a GPU; every other rule runs on CPUs (train_forest: a random forest on cached features).
-GPU_RULES = {"cache_features", "cache_features_aligned", "train_head", "train_lora", "train_fullft"}
+GPU_RULES = {"cache_features", "cache_features_aligned", "train_head", "train_lora", "train_fullft", "train_supervised"}
 SUMMARY_RULES = {"aggregate", "domain_analysis", "parameters", "report_tables"}
 # A cluster user's generic profile, written long before they met this workflow.
 SITE_PROFILE = {
