@@ -181,11 +181,25 @@ def run_outputs(regime):
     }
 
 
+# every config block some training rule reads (regimes table)
+TRAIN_BLOCKS = sorted({block for regime in REGIMES.values() for block in regime.blocks})
+
+
 def train_params(regime):
-    """The regime, the config blocks it uses (regimes table), compute and hub, the code digest."""
+    """The regime, the config blocks it uses (regimes table), compute and hub, the code digest.
+
+    Blocks the regime does not use are passed empty: a rule derived with `use rule ... with`
+    inherits every param it does not set, so without them a LoRA change would rerun the
+    U-Net (derived from train_lora) and a head change the forests (derived from train_head).
+    """
+    used = REGIMES[regime].blocks
     blocks = {
-        block: (lambda w: config["backbones"][w.backbone]) if block == "backbone" else config[block]
-        for block in REGIMES[regime].blocks
+        block: (
+            ((lambda w: config["backbones"][w.backbone]) if block == "backbone" else config[block])
+            if block in used
+            else {}
+        )
+        for block in TRAIN_BLOCKS
     }
     if "training" in blocks:
         # The sweep is in the path ({labels}), not a param: adding it leaves the other runs' params as they were.
