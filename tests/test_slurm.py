@@ -371,7 +371,7 @@ def test_profile_dry_run_parses(tmp_path: Path) -> None:
 
 
 # Rules that need a GPU (profiles/default gives them gpu: 1; tests/test_profiles.py checks it).
-GPU_RULES = {"cache_features", "cache_features_aligned", "train_head", "train_lora", "train_fullft"}
+GPU_RULES = {"cache_features", "cache_features_aligned", "train_head", "train_lora", "train_fullft", "train_supervised"}
 
 
 def test_toy_workflow_on_slurm(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
