@@ -118,6 +118,30 @@ def soft_dice_in_batches(
     return float(1 - ((2 * intersection + eps) / (total + eps)).mean())
 
 
+def fitted_run_record(
+    snapshot: dict[str, Any], data: dict[str, Any], val_loss: float, started: float, **extra: Any
+) -> dict[str, Any]:
+    """run.json of a fitted forest (token or per-pixel): fitted once, so one "epoch" and no torch
+    parameters; ``extra`` holds what the forest itself records (sample, calibration, features)."""
+    return {
+        **{
+            k: snapshot[k]
+            for k in ("regime", "backbone_name", "train_set", "datasets", "seed", "alignment", "n_train_slices")
+        },
+        "n_labelled_slices": sum(len(part["labelled_slices"]) for part in data.values()),
+        "balanced": False,
+        "best_epoch": 1,
+        "best_val_loss": val_loss,
+        "epochs_run": 1,
+        "stop_reason": "fitted",
+        "resumed_from_epoch": 0,
+        **extra,
+        "trainable_parameters": 0,
+        "data": data,
+        "seconds": time.perf_counter() - started,
+    }
+
+
 def train_forest_run(
     *,
     backbone_name: str,
@@ -180,23 +204,13 @@ def train_forest_run(
             tmp,
         )
     write_csv(history, out_log)
-    record = {
-        **{
-            k: snapshot[k]
-            for k in ("regime", "backbone_name", "train_set", "datasets", "seed", "alignment", "n_train_slices")
-        },
-        "n_labelled_slices": sum(len(part["labelled_slices"]) for part in data_record.values()),
-        "balanced": False,
-        "best_epoch": 1,
-        "best_val_loss": float(history["val_loss"].iloc[0]),
-        "epochs_run": 1,
-        "stop_reason": "fitted",
-        "resumed_from_epoch": 0,
-        "tokens_sampled": n_samples,
-        "trainable_parameters": 0,
-        "data": data_record,
-        "data_loading": train.loading,
-        "seconds": time.perf_counter() - started,
-    }
+    record = fitted_run_record(
+        snapshot,
+        data_record,
+        float(history["val_loss"].iloc[0]),
+        started,
+        tokens_sampled=n_samples,
+        data_loading=train.loading,
+    )
     write_json(out_run, record)
     return record

@@ -57,6 +57,7 @@ from em_foundation.data.tiles import TileSet, read_tiles
 from em_foundation.feature_cache import check_cache_matches_tiles, read_tokens, to_unit_float
 from em_foundation.io import atomic_path, read_json, write_csv, write_json
 from em_foundation.runtime import seed_everything
+from em_foundation.training.forest import fitted_run_record
 from em_foundation.training.losses import soft_dice_loss
 
 DEFAULT_SIGMAS = (0.7, 1.0, 1.6, 3.5, 5.0, 10.0)  # ilastik's default scales from 0.7 to 10 px
@@ -432,25 +433,8 @@ def train_pixelforest_run(
             tmp,
         )
     write_csv(history, out_log)
-    record = {
-        **{
-            k: snapshot[k]
-            for k in ("regime", "backbone_name", "train_set", "datasets", "seed", "alignment", "n_train_slices")
-        },
-        "n_labelled_slices": sum(len(part.record["labelled_slices"]) for part in parts),
-        "balanced": False,
-        "best_epoch": 1,
-        "best_val_loss": val_loss,
-        "epochs_run": 1,
-        "stop_reason": "fitted",
-        "resumed_from_epoch": 0,
-        **sample,
-        **calibration,
-        "features": features_record,
-        "trainable_parameters": 0,
-        "data": {part.dataset: part.record for part in parts},
-        "seconds": time.perf_counter() - started,
-    }
+    data = {part.dataset: part.record for part in parts}
+    record = fitted_run_record(snapshot, data, val_loss, started, **sample, **calibration, features=features_record)
     write_json(out_run, record)
     return record
 
