@@ -110,3 +110,20 @@ def warnings_to_console(level: int = logging.WARNING) -> None:
 def unpack_prefixed(named: dict, prefix: str) -> dict[str, str]:
     """{'tiles_lucchi': path, ...} to {'lucchi': path, ...} for inputs named per dataset."""
     return {key[len(prefix) :]: str(value) for key, value in named.items() if key.startswith(prefix)}
+
+
+def job_settings(job) -> dict:
+    """The settings a job needs that cannot change its numbers: threads, data_in_memory, hub cache.
+
+    They are not params (rules/common.smk compute_params): Snakemake reruns a job whose params
+    changed, and these give the same numbers either way. They come from the rule's threads and
+    from ``snakemake.config``, which every script receives but Snakemake never compares; the
+    training record (run.json) keeps them. ``device`` comes from the params: it is a trigger.
+    """
+    config = getattr(job, "config", None) or {}
+    return {
+        "device": dict(job.params.get("compute", {})).get("device", "auto"),
+        "threads": int(job.threads),
+        "data_in_memory": config.get("compute", {}).get("data_in_memory", "auto"),
+        "hub_cache_dir": config.get("hub", {}).get("cache_dir", "resources/weights"),
+    }

@@ -65,8 +65,15 @@ def code_digest(script):
 
 
 def compute_params():
-    """The compute and hub blocks, which every torch script needs."""
-    return {"compute": config["compute"], "hub": config["hub"]}
+    """The compute settings that can change a number (the device), as a param: a rerun trigger.
+
+    Settings that cannot (compute.threads, compute.data_in_memory, hub.cache_dir) are no
+    params: Snakemake's params trigger compares every param with the last run, so they would
+    rerun the study for the same numbers. The job reads them from ``snakemake.config``
+    (em_foundation.scripting.job_settings), which Snakemake passes to every script but never
+    compares, and records them in run.json.
+    """
+    return {"compute": {"device": config["compute"]["device"]}}
 
 
 def variant_of(w):
@@ -185,25 +192,26 @@ def run_outputs(regime):
 TRAIN_BLOCKS = sorted({block for regime in REGIMES.values() for block in regime.blocks})
 
 
+def regime_training_block(regime):
+    """The training keys ``regime`` reads: none for a regime without the training block (the
+    forests), else the block less the sweep, which is in the path ({labels}), so that adding
+    a sweep leaves the other runs' params as they were."""
+    if "training" not in REGIMES[regime].blocks:
+        return {}
+    return {k: v for k, v in config["training"].items() if k not in grid.SWEEP_KEYS}
+
+
 def train_params(regime):
-    """The regime, the config blocks it uses (regimes table), compute and hub, the code digest.
+    """The regime, the config blocks it uses (regimes table), the device, the code digest.
 
     Blocks the regime does not use are passed empty: a rule derived with `use rule ... with`
     inherits every param it does not set, so without them a LoRA change would rerun the
     U-Net (derived from train_lora) and a head change the forests (derived from train_head).
     """
     used = REGIMES[regime].blocks
-    blocks = {
-        block: (
-            ((lambda w: config["backbones"][w.backbone]) if block == "backbone" else config[block])
-            if block in used
-            else {}
-        )
-        for block in TRAIN_BLOCKS
-    }
-    if "training" in blocks:
-        # The sweep is in the path ({labels}), not a param: adding it leaves the other runs' params as they were.
-        blocks["training"] = {k: v for k, v in config["training"].items() if k not in grid.SWEEP_KEYS}
+    blocks = {block: (config[block] if block in used else {}) for block in TRAIN_BLOCKS if block != "backbone"}
+    blocks["backbone"] = (lambda w: config["backbones"][w.backbone]) if "backbone" in used else {}
+    blocks["training"] = regime_training_block(regime)
     return {"regime": regime, "datasets": train_datasets, **blocks, **compute_params(), "code": code_digest("train.py")}
 
 

@@ -4,13 +4,13 @@ from em_foundation.backbones import build_backbone
 from em_foundation.backbones.hub import hub_environment
 from em_foundation.feature_cache import cache_features
 from em_foundation.runtime import configure
-from em_foundation.scripting import logged
+from em_foundation.scripting import job_settings, logged
 
 with logged(snakemake.log[0]):
-    compute = {**snakemake.params.compute, "threads": snakemake.threads}
-    device = configure(compute)
+    settings = job_settings(snakemake)
+    device = configure(settings)
     spec = dict(snakemake.params.backbone)
-    with hub_environment(snakemake.params.hub["cache_dir"], offline=True):
+    with hub_environment(settings["hub_cache_dir"], offline=True):
         backbone = build_backbone(spec)
     counts = cache_features(
         backbone,

@@ -10,13 +10,14 @@ from em_foundation.evaluation.objects import min_object_size
 from em_foundation.grid import n_train_slices_of
 from em_foundation.io import read_json
 from em_foundation.runtime import configure
-from em_foundation.scripting import logged
+from em_foundation.scripting import job_settings, logged
 from em_foundation.training.run import load_segmenter
 
 with logged(snakemake.log[0]):
-    device = configure({**snakemake.params.compute, "threads": snakemake.threads})
+    settings = job_settings(snakemake)
+    device = configure(settings)
     w, inputs, outputs, params = snakemake.wildcards, snakemake.input, snakemake.output, snakemake.params
-    with hub_environment(snakemake.params.hub["cache_dir"], offline=True):
+    with hub_environment(settings["hub_cache_dir"], offline=True):
         model = load_segmenter(Path(inputs.model), dict(params.backbone))
     trained = read_json(inputs.run)
     for k, test_set in enumerate(params.test_sets):
@@ -34,7 +35,7 @@ with logged(snakemake.log[0]):
             device,
             alignment=w.alignment,
             min_object_size=min_size,
-            data_in_memory=snakemake.params.compute.get("data_in_memory", "auto"),
+            data_in_memory=settings["data_in_memory"],
         )
         stack = has_stack_test_split(spec)
         objects_3d = stack_object_counts(inputs.prepared[k], predictions, min_size) if stack else None

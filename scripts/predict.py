@@ -10,15 +10,16 @@ from em_foundation.grid import parse_view
 from em_foundation.predict import predict_images, read_unlabelled
 from em_foundation.regimes import REGIMES, reads_tokens
 from em_foundation.runtime import configure
-from em_foundation.scripting import logged
+from em_foundation.scripting import job_settings, logged
 from em_foundation.training.run import load_segmenter
 
 with logged(snakemake.log[0]):
     params, run = snakemake.params, dict(snakemake.params.run)
-    device = configure({**params.compute, "threads": snakemake.threads})
+    settings = job_settings(snakemake)
+    device = configure(settings)
     spec = dict(params.backbone)
     regime = REGIMES[run["regime"]]
-    with hub_environment(params.hub["cache_dir"], offline=True):
+    with hub_environment(settings["hub_cache_dir"], offline=True):
         model = load_segmenter(Path(snakemake.input.model), spec if regime.trains_backbone else {})
         # tokens on the fly where the regime read the cache (the per-pixel forest's only on a ViT)
         backbone = build_backbone(spec) if reads_tokens(run["regime"], spec["family"]) else None

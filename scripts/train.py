@@ -5,13 +5,14 @@ from pathlib import Path
 from em_foundation.backbones.hub import hub_environment
 from em_foundation.grid import n_train_slices_of
 from em_foundation.runtime import configure
-from em_foundation.scripting import logged, unpack_prefixed
+from em_foundation.scripting import job_settings, logged, unpack_prefixed
 from em_foundation.training.run import train_run
 
 with logged(snakemake.log[0]):
     w, p = snakemake.wildcards, snakemake.params
-    device = configure({**p.compute, "threads": snakemake.threads})
-    with hub_environment(p.hub["cache_dir"], offline=True):
+    settings = job_settings(snakemake)
+    device = configure(settings)
+    with hub_environment(settings["hub_cache_dir"], offline=True):
         record = train_run(
             regime=p.regime,
             backbone_name=w.backbone,
@@ -35,6 +36,7 @@ with logged(snakemake.log[0]):
             out_run=Path(snakemake.output.run),
             code=p.code,
             n_train_slices=n_train_slices_of(w.labels),
-            data_in_memory=p.compute.get("data_in_memory", "auto"),
+            data_in_memory=settings["data_in_memory"],
+            settings=settings,
         )
     print(f"best epoch {record['best_epoch']} ({record['stop_reason']}), validation loss {record['best_val_loss']:.4f}")

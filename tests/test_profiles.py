@@ -87,4 +87,11 @@ def test_workflow_profile_covers_every_rule_and_names_no_partition() -> None:
     assert groups.get("evaluate") == "evaluation", groups
     wanted = {rule for rule in rules if rule.startswith("figure_")} | (SUMMARY_RULES & rules)
     assert not {rule for rule in wanted if groups.get(rule) != "summaries"}, groups
-    assert profile["retries"] >= 1
+
+
+def test_only_the_cluster_profile_retries() -> None:
+    """profiles/default applies to local runs as well, where a failure is deterministic: no retries
+    there; the SLURM template retries (time-outs and out-of-memory kills get more on the next try)."""
+    assert not yaml.safe_load(WORKFLOW_PROFILE.read_text()).get("retries"), "local runs would repeat each failure"
+    slurm = yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())
+    assert slurm["retries"] >= 1

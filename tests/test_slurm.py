@@ -12,7 +12,7 @@ the ``cpu`` partition as the site's default) plus the workflow profile ``profile
 that Snakemake loads by itself, with only the overrides a one-node test cluster needs (see
 ``cluster_overrides``), among them the partition file ``tests/slurm/partitions.yaml``: the
 plugin's own partition selection sends the GPU rules to the ``gpu`` partition. GPU requests,
-groups and retries come from the workflow profile, as users get them. What ran where is read back from the
+groups come from the workflow profile, retries from the site profile, as users get them. What ran where is read back from the
 jobs themselves (``$SLURM_JOB_PARTITION``, ``scontrol -d show job``) and from the sbatch
 calls in Snakemake's log.
 """

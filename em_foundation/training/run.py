@@ -177,8 +177,12 @@ def train_run(
     code: str | None = None,
     n_train_slices: str = "all",
     data_in_memory: str = "auto",
+    settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train one (backbone, regime, training set, seed) cell and write model, log and record.
+
+    ``settings`` (scripting.job_settings: device, threads, data_in_memory, hub cache) go into
+    the record as ``compute``: the ones that are no rerun trigger are kept there instead.
 
     ``n_train_slices``: 'all', or the number of labelled training slices per source dataset.
     ``data_in_memory``: compute.data_in_memory (load_training_data); the record's ``data_loading`` says what was done.
@@ -206,7 +210,7 @@ def train_run(
         # reads tiles (and tokens) tile by tile itself: per-pixel features of a split never fit in memory
         from em_foundation.training.pixelforest import train_pixelforest_run
 
-        return train_pixelforest_run(
+        record = train_pixelforest_run(
             backbone_name=backbone_name,
             train_set=train_set,
             datasets=datasets,
@@ -222,6 +226,7 @@ def train_run(
             out_run=out_run,
             n_train_slices=str(n_train_slices),
         )
+        return _record_settings(record, settings, out_run)
     generator = seed_everything(seed)
     train, val, data_record = load_training_data(
         regime, datasets, tiles, features, splits, aligned["feature_std"], str(n_train_slices), seed, data_in_memory
@@ -230,7 +235,7 @@ def train_run(
         from em_foundation.training.forest import train_forest_run
 
         patch_size = int(read_cache_attrs(features[datasets[0]])["patch_size"])
-        return train_forest_run(
+        record = train_forest_run(
             backbone_name=backbone_name,
             train_set=train_set,
             datasets=datasets,
@@ -247,6 +252,7 @@ def train_run(
             out_run=out_run,
             n_train_slices=str(n_train_slices),
         )
+        return _record_settings(record, settings, out_run)
     in_channels = patch_size = input_standardisation = None
     if regime == "head":
         cache = {d: read_cache_attrs(features[d]) for d in datasets}
@@ -314,9 +320,18 @@ def train_run(
         "data": data_record,
         "data_loading": train.loading,
         "seconds": time.perf_counter() - started,
+        **({"compute": settings} if settings else {}),
     }
     write_json(out_run, record)
     checkpoint.unlink(missing_ok=True)
+    return record
+
+
+def _record_settings(record: dict[str, Any], settings: dict[str, Any] | None, out_run: Path) -> dict[str, Any]:
+    """Add the job's compute settings to a forest's run record (written by the forest's own module)."""
+    if settings:
+        record = {**record, "compute": settings}
+        write_json(out_run, record)
     return record
 
 
