@@ -27,10 +27,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from em_foundation.data.generic import (
-    IMAGE_SUFFIXES,
     read_plane,
     read_volume,
     stretch_to_uint8,
+    unlabelled_files,
 )
 from em_foundation.data.tile_grid import TileGrid, extract_tiles
 from em_foundation.data.tiles import TileSet, intensity_table, resample_split, resize_images, resized_shape
@@ -45,12 +45,64 @@ def read_unlabelled(source: str | Path) -> list[tuple[str, np.ndarray]]:
     """(name, 2-D image) pairs from a folder (file stems) or a stack (slice numbers)."""
     path = Path(source)
     if path.is_dir() and path.suffix != ".zarr":
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise FileNotFoundError(f"predict.images: no {', '.join(IMAGE_SUFFIXES)} files in {path}")
-        return [(p.stem, read_plane(p, "predict")) for p in files]
+        return [(name, read_plane(file, "predict")) for name, file in unlabelled_files(path)]
     stack = read_volume(Path.cwd(), str(source), "predict", "images")
     return [(str(z), image) for z, image in enumerate(stack)]
+
+
+def read_model_record(path: str | Path) -> dict[str, Any]:
+    """What a model.pt records, read without building anything (memory-mapped: a full
+    fine-tuning checkpoint is not read twice into memory)."""
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+
+
+def check_model_fits(
+    path: str | Path,
+    saved: dict[str, Any],
+    regime: str,
+    backbone_name: str,
+    spec: dict[str, Any],
+    backbone: Optional[torch.nn.Module],
+) -> None:
+    """Stop, naming both sides, where the model does not fit the configured backbone and regime.
+
+    Everything model.pt records is compared: its regime; the backbone spec it was trained
+    with (family, model, weights, layers, options ... : backbone-training regimes keep it);
+    the patch size, token channels and weights identity of the tokens it read (the head and
+    the forests, which keep no spec). A model on a look-alike backbone would otherwise run and
+    return wrong probabilities.
+    """
+    config = saved.get("config") or {}
+    problems = []
+    if saved.get("regime") != regime:
+        problems.append(f"it is a {saved.get('regime')!r} model, and predict.regime is {regime!r}")
+    recorded = config.get("backbone") or {}
+    for key in sorted(recorded):
+        if key in spec and recorded[key] != spec[key]:
+            problems.append(
+                f"it was trained with {key} {recorded[key]!r}, and backbones.{backbone_name}.{key} is {spec[key]!r}"
+            )
+    if backbone is not None:
+        for key, ours in (("patch_size", backbone.patch_size), ("in_channels", backbone.embed_dim)):
+            if saved.get(key) is not None and int(saved[key]) != int(ours):
+                problems.append(f"it reads tokens of {key} {saved[key]}, and backbone {backbone_name!r} gives {ours}")
+        identities = set((config.get("weights_identity") or {}).values())
+        if identities and identities != {backbone.identity}:
+            problems.append(
+                f"it was trained on tokens of weights {sorted(identities)}, and backbone {backbone_name!r} has {backbone.identity!r}"
+            )
+    tokens = (saved.get("features") or {}).get("token_channels")
+    if tokens is not None and int(tokens) != (backbone.embed_dim if backbone is not None else 0):
+        ours = backbone.embed_dim if backbone is not None else 0
+        problems.append(f"it reads {tokens} token channels per pixel, and backbone {backbone_name!r} gives {ours}")
+    if problems:
+        trained_on = config.get("backbone_name")
+        raise ValueError(
+            f"predict: {path} (trained as {saved.get('regime')!r} on backbone {trained_on!r}) does not fit backbone "
+            f"{backbone_name!r} ({spec.get('family')}) with regime {regime!r}: "
+            + "; ".join(problems)
+            + ". Set predict.backbone and predict.regime to the ones the model was trained with."
+        )
 
 
 def tile_image(image: np.ndarray, view: dict[str, Any], pixel_size_nm: Optional[tuple[float, float]]) -> TileSet:

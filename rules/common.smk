@@ -7,6 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from em_foundation import grid
+from em_foundation.data.generic import unlabelled_files
 from em_foundation.provenance import code_digest as _code_digest
 from em_foundation.references import in_domain_training_sets, reference_runs
 from em_foundation.regimes import REGIMES, reads_tokens
@@ -300,10 +301,10 @@ PREDICT = grid.predict_run(config)
 
 
 def predict_inputs(w):
-    """The model (trained by the workflow unless predict.model names a file).
+    """The model (trained by the workflow unless predict.model names a file) and the images.
 
-    The images are a parameter, not an input: the script reads them and names a missing one,
-    and a dry run works before they are copied over.
+    The images are inputs, so that a new, removed or changed image reruns predict (a changed
+    list of inputs, or a newer file); a missing folder or stack is named by Snakemake.
     """
     if not PREDICT["images"]:
         raise ValueError(
@@ -313,6 +314,7 @@ def predict_inputs(w):
     run = {key: PREDICT[key] for key in ("backbone", "regime", "train_set", "alignment", "seed")}
     # the model trained on every labelled slice (no label-efficiency suffix)
     inputs = {"model": PREDICT["model"] or model_path("model.pt", regime=run["regime"]).format(**run, labels="")}
+    inputs["images"] = [str(file) for _, file in unlabelled_files(PREDICT["images"])]
     if config["predict"]["pixel_size_nm"] is None:
         inputs["prepared"] = prepared_path(config["training_sets"][run["train_set"]][0])
     if REGIMES[run["regime"]].cached or REGIMES[run["regime"]].trains_backbone:

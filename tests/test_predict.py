@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from PIL import Image
 from em_foundation.data.tile_grid import stitch_tiles
 from em_foundation.grid import parse_view
 from em_foundation.predict import read_unlabelled, tile_image, write_tiff
-from tests.workflow import demo_config, snakemake, write_config
+from tests.workflow import demo_config, scheduled_jobs, snakemake, write_config
 
 
 def tiny_config() -> dict:
@@ -84,6 +85,34 @@ def test_predict_target_on_new_images(tmp_path):
     assert "predicting 2 image(s)" in log and "a: [70, 90], foreground" in log, log[-2000:]
     assert "rule predict" in result.stdout + result.stderr
     assert not list(tmp_path.glob("results/predictions/*.part"))
+    # the images are inputs: a new, a removed or a replaced image reruns predict
+    target = ("predict", "-n", "--config", "predict={images: new, pixel_size_nm: [5.0, 5.0]}")
+    assert not scheduled_jobs(snakemake(tmp_path, *target, configfile=configfile))
+    Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8)).save(folder / "c.png")
+    assert scheduled_jobs(snakemake(tmp_path, *target, configfile=configfile))["predict"] == 1, "a new image"
+    (folder / "c.png").unlink()
+    assert not scheduled_jobs(snakemake(tmp_path, *target, configfile=configfile))
+    (folder / "b.tif").rename(tmp_path / "b.tif")
+    assert scheduled_jobs(snakemake(tmp_path, *target, configfile=configfile))["predict"] == 1, "a removed image"
+    (tmp_path / "b.tif").rename(folder / "b.tif")
+    time.sleep(0.01)
+    tifffile.imwrite(folder / "b.tif", rng.integers(0, 256, (64, 64), dtype=np.uint8))
+    assert scheduled_jobs(snakemake(tmp_path, *target, configfile=configfile))["predict"] == 1, "a replaced image"
+    # a look-alike backbone (patch 16 where the model was trained on patch-8 tokens) is refused, naming both
+    lookalike = tiny_config()
+    lookalike["backbones"]["filterbank"]["options"] = {"patch_size": 16}
+    wrong = snakemake(
+        tmp_path,
+        "predict",
+        "--config",
+        "predict={images: new, pixel_size_nm: [5.0, 5.0], name: wrong, "
+        "model: results/models/filterbank/head/fibsem/none/seed0/model.pt}",
+        configfile=write_config(tmp_path / "lookalike.yaml", lookalike),
+        check=False,
+    )
+    log = (tmp_path / "results/logs/predict/wrong.log").read_text()
+    assert wrong.returncode != 0 and "patch_size 8, and backbone 'filterbank' gives 16" in log, log[-2000:]
+    assert not (tmp_path / "results/predictions/wrong").exists()
     # the same model named by its file: nothing is trained again, and the maps are the same
     model = "results/models/filterbank/head/fibsem/none/seed0/model.pt"
     again = snakemake(
@@ -257,3 +286,40 @@ def test_predict_images_standardises_tokens_and_adapts_batchnorm_over_all_images
         predict_images(
             Brightness(), None, images, parse_view("tile32o8"), tmp_path / "px", (5.0, 5.0), cpu, alignment="featstd"
         )
+
+
+def test_two_images_with_one_name_are_refused_naming_both(tmp_path):
+    for name in ("a.png", "a.tif"):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / name)
+    with pytest.raises(ValueError, match=r"a\.png and .*a\.tif have one name 'a'"):
+        read_unlabelled(tmp_path)
+
+
+def test_a_model_for_another_backbone_or_regime_is_refused_naming_both():
+    """What model.pt records (regime, spec, patch size, token channels, weights) against the config."""
+    from em_foundation.backbones import build_backbone
+    from em_foundation.predict import check_model_fits
+
+    patch8 = build_backbone({"family": "filterbank", "options": {"patch_size": 8}})
+    patch16 = build_backbone({"family": "filterbank", "options": {"patch_size": 16}})
+    head = {
+        "regime": "head",
+        "patch_size": 8,
+        "in_channels": patch8.embed_dim,
+        "config": {"backbone_name": "filterbank", "backbone": {}, "weights_identity": {"fibsem": patch8.identity}},
+    }
+    spec = {"family": "filterbank", "options": {"patch_size": 16}}
+    check_model_fits("m.pt", head, "head", "filterbank", {"family": "filterbank"}, patch8)  # fits: no error
+    with pytest.raises(ValueError, match="m.pt .*patch_size 8, and backbone 'filterbank' gives 16"):
+        check_model_fits("m.pt", head, "head", "filterbank", spec, patch16)
+    vit = {**head, "in_channels": 48, "patch_size": 14, "config": {"backbone_name": "tinyvit", "backbone": {}}}
+    with pytest.raises(ValueError, match=f"in_channels 48, and backbone 'filterbank' gives {patch8.embed_dim}"):
+        check_model_fits("m.pt", vit, "head", "filterbank", {"family": "filterbank"}, patch8)
+    lora = {"regime": "lora", "config": {"backbone_name": "tinyvit", "backbone": {"family": "dinov2", "layers": [-1]}}}
+    with pytest.raises(ValueError, match="it is a 'lora' model, and predict.regime is 'head'"):
+        check_model_fits("m.pt", lora, "head", "tinyvit", {"family": "dinov2", "layers": [-1]}, None)
+    with pytest.raises(ValueError, match=r"trained with layers \[-1\], and backbones.tinyvit.layers is \[-2\]"):
+        check_model_fits("m.pt", lora, "lora", "tinyvit", {"family": "dinov2", "layers": [-2]}, None)
+    pixel = {"regime": "pixelforest", "features": {"token_channels": 48}, "config": {"backbone_name": "tinyvit"}}
+    with pytest.raises(ValueError, match="48 token channels per pixel, and backbone 'filterbank' gives 0"):
+        check_model_fits("m.pt", pixel, "pixelforest", "filterbank", {"family": "filterbank"}, None)

@@ -242,6 +242,8 @@ def read_plane(path: Path, dataset: str) -> np.ndarray:
         raise IntegrityError(
             dataset, f"cannot decode the image ({type(err).__name__}: {err})", "replace the file", [str(path)]
         ) from None
+    if array.ndim == 3 and array.shape[0] == 1:  # a one-page TIFF saved as a (1, H, W) stack
+        array = array[0]
     if array.ndim != 2:
         raise IntegrityError(
             dataset,
@@ -250,6 +252,31 @@ def read_plane(path: Path, dataset: str) -> np.ndarray:
             [str(path)],
         )
     return array
+
+
+def unlabelled_files(source: str | Path) -> list[tuple[str, Path]]:
+    """(name, file) of every image ``predict.images`` names: a folder's images by stem, or the stack file.
+
+    Torch-free, so that the predict rule lists them as its inputs (a new, removed or changed
+    image reruns predict) with the same names the script writes. Two images with one stem
+    would write the same ``<stem>_*`` files: refused, naming both.
+    """
+    path = Path(source)
+    if path.is_dir() and path.suffix != ".zarr":
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise FileNotFoundError(f"predict.images: no {', '.join(IMAGE_SUFFIXES)} files in {path}")
+        seen: dict[str, Path] = {}
+        for file in files:
+            if file.stem in seen:
+                raise ValueError(
+                    f"predict.images: {seen[file.stem]} and {file} have one name {file.stem!r} and would "
+                    f"write the same {file.stem}_* files; rename one of them"
+                )
+            seen[file.stem] = file
+        return list(seen.items())
+    container = _CONTAINER.fullmatch(str(source))
+    return [(str(source), Path(container.group("file") if container else source))]
 
 
 # --- intensities and labels -----------------------------------------------------------
