@@ -189,6 +189,7 @@ def validate_config(
     _check_converters(config, source)
     _check_backbone_options(config, source)
     _check_references(config, source)
+    _check_resampling(config, source)
     from em_foundation.grid import expand_folds
 
     try:
@@ -439,6 +440,47 @@ def check_rescale(config: dict[str, Any], variant: str, source: str) -> None:
             f"{source}: alignment variant {variant!r} and tiling.pixel_size_nm both set a pixel size; "
             "tiling.pixel_size_nm already resamples every run, so drop one of them"
         )
+
+
+# The most a pixel size may be resampled by along one side (either way): EM pixel sizes run
+# from about 2 to 50 nm, so 16 covers any real pair; beyond it is a typo (500 for 5 nm).
+MAX_RESAMPLING = 16.0
+
+
+def _native_pixel_size(dataset: dict[str, Any]) -> list[float] | None:
+    """The [y, x] pixel size a dataset's options give (your own data, Kasthuri's voxel size), or None."""
+    options = dataset.get("options") or {}
+    value = options.get("pixel_size_nm")
+    if value is None and options.get("voxel_size_nm") is not None:
+        value = list(options["voxel_size_nm"])[:2]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value, value]
+    if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(isinstance(v, (int, float)) for v in value):
+        return None  # the converter's own check names a malformed value
+    return [float(v) for v in value]
+
+
+def _check_resampling(config: dict[str, Any], source: str) -> None:
+    """A common pixel size far from a dataset's own would resample every slice into a huge array."""
+    targets = [
+        (key, config.get(block, {}).get("pixel_size_nm"))
+        for key, block in (("tiling.pixel_size_nm", "tiling"), ("alignment.pixel_size_nm", "alignment"))
+    ]
+    for key, target in targets:
+        if target is None:
+            continue
+        for name, dataset in config["datasets"].items():
+            native = _native_pixel_size(dataset)
+            if native is None or min(native) <= 0:
+                continue
+            factor = max(max(n / target, target / n) for n in native)
+            if factor > MAX_RESAMPLING:
+                pixels = native[0] / target * native[1] / target  # resampled pixels per native pixel
+                raise ConfigError(
+                    f"{source}: datasets.{name} has pixel size {native} nm and {key} is {target} nm: every slice would "
+                    f"be resampled by {factor:g}× along a side (at most {MAX_RESAMPLING:g}), each 1000×1000 slice into "
+                    f"{pixels * 1e6 / 2**30:.3g} GiB of 8-bit pixels. Check both values (a typo such as 500 for 5?)"
+                )
 
 
 def check_tile_fits(tile: int, height: int, width: int, what: str, source: str = "config") -> None:

@@ -348,3 +348,50 @@ def test_config_check_at_start_up_names_a_missing_pixel_size():
     config["datasets"]["fibsem"] = {"converter": "folder", "options": {"train": {"images": "a", "labels": "b"}}}
     with pytest.raises(ConfigError, match=r"datasets\.fibsem\.options needs pixel_size_nm for converter 'folder'"):
         validate_config(config)
+
+
+def test_one_page_tiff_of_shape_1_h_w_is_read_as_a_2d_image(in_tmp):
+    images, labels = volumes()
+    write_folders(in_tmp, images, labels)
+    tifffile.imwrite(in_tmp / "train" / "img" / "img_002.tif", images[2][None])  # (1, H, W), as Fiji may save
+    report, out_h5, _ = prepare(in_tmp, "mine", folder_spec(), None)
+    assert_prepared(out_h5, images, expected_classes(labels), range(6, 8))
+
+
+def test_a_bar_in_a_file_name_keeps_image_and_label_apart(in_tmp):
+    images, labels = volumes()
+    write_folders(in_tmp, images, labels)
+    os.rename(in_tmp / "train" / "img" / "img_001.tif", in_tmp / "train" / "img" / "img|001.tif")
+    report, out_h5, _ = prepare(in_tmp, "mine", folder_spec(), None)
+    assert_prepared(out_h5, images, expected_classes(labels), range(6, 8))
+    assert "train/img/img|001.tif|train/lab/mask_1.png" in read_split(out_h5, "train").sources
+
+
+def test_images_of_different_sizes_in_one_split_name_the_rule_and_the_files(in_tmp):
+    """One size per split (README, 'Your own data'): the error says so, names the odd files and the way out."""
+    images, labels = volumes()
+    write_folders(in_tmp, images, labels)
+    tifffile.imwrite(in_tmp / "train" / "img" / "img_004.tif", np.zeros((H + 8, W), np.uint8))
+    Image.fromarray(np.ones((H + 8, W), np.uint8)).save(in_tmp / "train" / "lab" / "mask_4.png")
+    assert_fails_cleanly(
+        in_tmp, "mine", folder_spec(), None, "must have one size", f"img_004.tif {H + 8}×{W}", "a dataset of its own"
+    )
+
+
+@pytest.mark.parametrize("native, key", [(500.0, "tiling"), (0.05, "tiling"), (500.0, "alignment")])
+def test_a_resampling_far_beyond_any_real_pixel_size_stops_at_start_up(native, key):
+    from em_foundation.config import validate_config
+    from tests.test_config import demo_config
+
+    config = demo_config()
+    config["datasets"]["fibsem"] = {"converter": "folder", "options": folder_spec(pixel_size_nm=native)["options"]}
+    if key == "tiling":
+        config["tiling"]["pixel_size_nm"] = 5
+    else:
+        config["alignment"] = {"variants": ["none", "rescale"], "pixel_size_nm": 5}
+    with pytest.raises(
+        ConfigError, match=rf"pixel size \[{native}, {native}\] nm and {key}.pixel_size_nm is 5 nm.* GiB"
+    ):
+        validate_config(config)
+    config["datasets"]["fibsem"]["options"]["pixel_size_nm"] = 6.0  # a real pair: fine
+    validate_config(config)

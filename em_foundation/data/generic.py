@@ -369,13 +369,37 @@ def classify(
     return classes
 
 
-def check_has_foreground(split: Split, split_name: str, dataset: str, foreground: Optional[list[int]]) -> None:
+def check_has_foreground(
+    split: Split, split_name: str, dataset: str, foreground: Optional[list[int]], label_files: Sequence[str]
+) -> None:
     if not (split.labels == 1).any():
         raise IntegrityError(
             dataset,
             f"split {split_name!r} has no foreground pixel under foreground={foreground or '>0'}",
             "check options.foreground against the label values, and that the label files are masks",
-            sorted({s.split("|")[-1] for s in split.sources})[:5],
+            sorted(set(label_files))[:5],
+        )
+
+
+def check_one_size(images: Sequence[np.ndarray], files: Sequence[str], dataset: str, split_name: str) -> None:
+    """One split of your own data holds images of one size (README, 'Your own data').
+
+    Not padded to a common size: padding would enter the intensity statistics, the feature
+    cache and the domain analysis as black pixels. Each size can be a dataset of its own,
+    joined with the others in a training set (training pads across datasets, with labels the
+    loss ignores).
+    """
+    shapes = [image.shape for image in images]
+    common = max(set(shapes), key=shapes.count)
+    odd = [f"{file} {shape[0]}×{shape[1]}" for file, shape in zip(files, shapes) if shape != common]
+    if odd:
+        raise IntegrityError(
+            dataset,
+            f"split {split_name!r}: the images of one split must have one size; most are {common[0]}×{common[1]}, "
+            f"{len(odd)} differ",
+            "crop them to one size, or put each size in a dataset of its own and join those in a training set "
+            "(training_sets: {mine: [small, large]})",
+            odd,
         )
 
 
@@ -394,32 +418,37 @@ def _digest(files: Sequence[Path], root: Path) -> str:
 
 
 def _finish(
-    parts: dict[str, tuple[list[np.ndarray], list[np.ndarray], list[str], list[str]]],
+    parts: dict[str, tuple[list[np.ndarray], list[np.ndarray], list[str], list[tuple[str, str]]]],
     options: Mapping[str, Any],
     dataset: str,
 ) -> tuple[dict[str, Split], dict[str, Any]]:
-    """Stretch the images, classify the labels, stack and check each split."""
+    """Stretch the images, classify the labels, stack and check each split.
+
+    Each slice's source is an (image, label) pair, kept as a pair until the prepared file
+    stores it as ``image|label``: a file name may hold a ``|`` itself.
+    """
     foreground = foreground_option(options["foreground"])
     ignore = ignore_option(options["ignore_value"], foreground)
     train_raw, test_raw, stretch = stretch_to_uint8(
-        parts["train"][0], parts["test"][0], dataset, [s.split("|")[0] for p in parts.values() for s in p[3]]
+        parts["train"][0], parts["test"][0], dataset, [image for p in parts.values() for image, _ in p[3]]
     )
     raws = {"train": train_raw, "test": test_raw}
     splits = {}
     for split_name, (_, labels, names, sources) in parts.items():
         classes = [
-            classify(label, foreground, ignore, dataset, f"{source.split('|')[-1]} (slice {name})")
-            for label, name, source in zip(labels, names, sources)
+            classify(label, foreground, ignore, dataset, f"{label_file} (slice {name})")
+            for label, name, (_, label_file) in zip(labels, names, sources)
         ]
-        for raw, cls, source in zip(raws[split_name], classes, sources):
-            check_same_shape(raw, cls, dataset, *source.split("|"))
+        for raw, cls, (image_file, label_file) in zip(raws[split_name], classes, sources):
+            check_same_shape(raw, cls, dataset, image_file, label_file)
+        check_one_size(raws[split_name], [image for image, _ in sources], dataset, split_name)
         split = Split(
-            raw=stack_slices(raws[split_name], [s.split("|")[0] for s in sources], dataset, split_name),
-            labels=stack_slices(classes, [s.split("|")[-1] for s in sources], dataset, split_name),
+            raw=stack_slices(raws[split_name], [image for image, _ in sources], dataset, split_name),
+            labels=stack_slices(classes, [label for _, label in sources], dataset, split_name),
             names=names,
-            sources=sources,
+            sources=[f"{image}|{label}" for image, label in sources],
         )
-        check_has_foreground(split, split_name, dataset, foreground)
+        check_has_foreground(split, split_name, dataset, foreground, [label for _, label in sources])
         splits[split_name] = split
     return splits, {
         "label_rule": label_rule(foreground, ignore),
@@ -457,7 +486,7 @@ def convert_volume(archive: Optional[Path], spec: Mapping[str, Any]) -> tuple[di
                 labels = read_volume(root, pair["labels"], dataset, f"{split_name}.labels", archive)
                 _check_volume_shapes(images, labels, pair["images"], pair["labels"], dataset)
                 names = [str(z) for z in range(len(images))]
-                sources = [f"{pair['images']}[{z}]|{pair['labels']}[{z}]" for z in range(len(images))]
+                sources = [(f"{pair['images']}[{z}]", f"{pair['labels']}[{z}]") for z in range(len(images))]
                 parts[split_name] = (list(images), list(labels), names, sources)
                 files += [_container_path(root, pair["images"]), _container_path(root, pair["labels"])]
             split_info = {"rule": "train and test from separate files"}
@@ -473,7 +502,7 @@ def convert_volume(archive: Optional[Path], spec: Mapping[str, Any]) -> tuple[di
                 )
             for split_name, indices in (("train", train), ("test", list(test))):
                 names = [str(z) for z in indices]
-                sources = [f"{options['images']}[{z}]|{options['labels']}[{z}]" for z in indices]
+                sources = [(f"{options['images']}[{z}]", f"{options['labels']}[{z}]") for z in indices]
                 parts[split_name] = ([images[z] for z in indices], [labels[z] for z in indices], names, sources)
             files += [_container_path(root, str(options["images"])), _container_path(root, str(options["labels"]))]
             split_info = {"rule": f"test = slices {test.start}:{test.stop} of one volume", "test_slices": str(test)}
@@ -578,7 +607,7 @@ def convert_folder(archive: Optional[Path], spec: Mapping[str, Any]) -> tuple[di
                 [read_plane(image, dataset) for _, image, _ in matched],
                 [read_plane(label, dataset) for _, _, label in matched],
                 [str(key) for key, _, _ in matched],
-                [f"{_relative(image, root)}|{_relative(label, root)}" for _, image, label in matched],
+                [(_relative(image, root), _relative(label, root)) for _, image, label in matched],
             )
             files += [p for _, image, label in matched for p in (image, label)]
         splits, attrs = _finish(parts, options, dataset)
