@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -110,8 +112,43 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+    except (OSError, RuntimeError) as error:
+        if _is_disk_full(error):
+            tmp_path.unlink(missing_ok=True)  # frees what the partial write took before the free space is read
+            raise DiskFullError(path, error) from error
+        raise
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+# What PyTorch's C++ writer says when a write fails (the OSError it hides is ENOSPC on a full disk).
+_TORCH_WRITE_FAILURES = ("basic_ios::clear", "iostream error", "file write failed", "PytorchStreamWriter failed")
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    if isinstance(error, DiskFullError):
+        return False
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return any(text in str(error) for text in _TORCH_WRITE_FAILURES)
+
+
+class DiskFullError(OSError):
+    """A file could not be written because its disk (or quota) is full: names the file and the space left."""
+
+    def __init__(self, path: Path, error: BaseException) -> None:
+        try:
+            free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there now"
+        except OSError:
+            free = "free space unknown"
+        certain = isinstance(error, OSError)
+        cause = "the disk is full" if certain else "the write failed: the disk is full, or its quota"
+        super().__init__(
+            errno.ENOSPC,
+            f"{path} could not be written: {cause}; {free} ({type(error).__name__}: {error}). Free space on that disk "
+            "(or run with -d on a larger one) and rerun; nothing partial was left behind, and training resumes "
+            "from its last complete checkpoint.",
+        )
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

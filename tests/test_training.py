@@ -347,3 +347,37 @@ def test_non_finite_validation_loss_after_good_epochs_stops_and_drops_the_checkp
         run_head(data, tmp_path, seed=0, training={**TRAINING, "max_epochs": 6, "patience": 10})
     assert not (tmp_path / "model.pt").exists() and not (tmp_path / "checkpoint.pt").exists()
     assert not (tmp_path / "run.json").exists()
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [OSError(28, "No space left on device"), RuntimeError("basic_ios::clear: iostream error")],
+    ids=["ENOSPC", "torch-iostream"],
+)
+def test_a_full_disk_while_writing_a_checkpoint_names_the_file_and_says_so(tmp_path, monkeypatch, failure):
+    """torch.save on a full disk raises ENOSPC, or from its C++ writer only 'basic_ios::clear: iostream error'."""
+    from em_foundation.io import DiskFullError
+    from em_foundation.training import trainer
+
+    def full_disk(payload, path):
+        Path(path).write_bytes(b"partial")
+        raise failure
+
+    monkeypatch.setattr(trainer.torch, "save", full_disk)
+    checkpoint = tmp_path / "models" / "checkpoint.pt"
+    with pytest.raises(DiskFullError) as caught:
+        trainer._save_checkpoint(checkpoint, {"epoch": 1})
+    message = str(caught.value)
+    assert str(checkpoint) in message and "the disk is full" in message and "MiB free" in message, message
+    assert not list(checkpoint.parent.iterdir()), "a partial checkpoint was left behind"
+
+
+def test_other_write_errors_pass_unchanged(tmp_path, monkeypatch):
+    from em_foundation.training import trainer
+
+    def broken(payload, path):
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(trainer.torch, "save", broken)
+    with pytest.raises(RuntimeError, match="^something else$"):
+        trainer._save_checkpoint(tmp_path / "checkpoint.pt", {})
