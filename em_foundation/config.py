@@ -185,11 +185,20 @@ def validate_config(
                 f"{where}: {_key_path(error)} is {error.instance!r}, which is not of type {expected} (fix the value of this key)"
             )
         raise ConfigError(f"{where}: {_key_path(error)}: {error.message} (fix the value of this key)")
+    try:
+        _check_after_schema(config, source, warn)
+    except ConfigError as error:
+        raise _blamed_on_command_line(error, source, command_line) from None
+    return config
+
+
+def _check_after_schema(config: dict[str, Any], source: str, warn: Callable[[str], None]) -> None:
     # Free-form blocks first: the checks after them read their values.
     _check_converters(config, source)
     _check_backbone_options(config, source)
     _check_references(config, source)
     _check_resampling(config, source)
+    _check_figures(config, source)
     from em_foundation.grid import expand_folds
 
     try:
@@ -199,7 +208,38 @@ def validate_config(
     _check_grid(config, source, warn)
     _check_weights(config, source)
     _check_predict(config, source)
-    return config
+
+
+# the key a check's message names first, right after its source: "datasets.fibsem.options.n_trian: ..."
+_NAMED_KEY = re.compile(r"[A-Za-z_]\w*(?:\.[\w-]+)*")
+
+
+def _blamed_on_command_line(error: ConfigError, source: str, command_line: dict[str, Any] | None) -> ConfigError:
+    """The checks after the schema name ``source``; where the key they name first was given with
+    --config, the command line is to blame instead (as the schema errors already say)."""
+    message = str(error)
+    prefix = f"{source}: "
+    if not command_line or not message.startswith(prefix):
+        return error
+    rest = message[len(prefix) :]
+    key = _NAMED_KEY.match(rest)
+    if key and _given_on_command_line(key.group(0).split("."), command_line):
+        return ConfigError(f"the command line (--config): {rest}")
+    return error
+
+
+def _check_figures(config: dict[str, Any], source: str) -> None:
+    """An unknown figure style stops the run at start-up, not when the first figure is drawn."""
+    style = config["figures"]["style"]
+    styles = resources.files("em_foundation.figures")
+    if not styles.joinpath(f"{style}.mplstyle").is_file():
+        known = sorted(
+            entry.name.removesuffix(".mplstyle") for entry in styles.iterdir() if entry.name.endswith(".mplstyle")
+        )
+        raise ConfigError(
+            f"{source}: figures.style {style!r}: no file {style}.mplstyle in em_foundation/figures/; "
+            f"styles there: {', '.join(known)} (or add your own .mplstyle file there)"
+        )
 
 
 def _check_predict(config: dict[str, Any], source: str) -> None:

@@ -197,3 +197,30 @@ def test_backbone_options_are_checked_at_start_up_with_the_key_path(backbone, ke
     config["backbones"][backbone]["options"] = {**config["backbones"][backbone].get("options", {}), key: value}
     with pytest.raises(ConfigError, match=message):
         validate_config(config)
+
+
+def test_checks_after_the_schema_blame_the_command_line_for_its_values():
+    """A --config value failing a check after the schema (converter options, the grid ...) is named
+    as the command line's, not the preset file's, which does not have that key."""
+    preset = "profiles/demo/workflow_config.yaml"
+    config = demo_config()
+    config["datasets"]["fibsem"]["options"]["n_trian"] = 3
+    command_line = {"datasets": {"fibsem": {"options": {"n_trian": 3}}}}
+    with pytest.raises(ConfigError) as raised:
+        validate_config(config, source=preset, command_line=command_line)
+    message = str(raised.value)
+    assert message.startswith("the command line (--config): datasets.fibsem.options.n_trian"), message
+    assert preset not in message
+    config = demo_config()  # the same typo in the file itself is the file's
+    config["datasets"]["fibsem"]["options"]["n_trian"] = 3
+    with pytest.raises(ConfigError, match=rf"^{preset}: datasets.fibsem.options.n_trian"):
+        validate_config(config, source=preset, command_line={"seeds": [0]})
+
+
+def test_an_unknown_figure_style_stops_at_start_up():
+    config = demo_config()
+    config["figures"] = {"style": "nonexistent"}
+    with pytest.raises(
+        ConfigError, match=r"figures.style 'nonexistent': no file nonexistent.mplstyle.*styles there: paper"
+    ):
+        validate_config(config, source="c.yaml", command_line={"figures": {"style": "nonexistent"}})
