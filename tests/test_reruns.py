@@ -75,6 +75,8 @@ CHANGES = {
     "alignment.reference": "sstem",
     "compute.device": "cuda",
     "analysis.views": ["pooled"],
+    "alignment.percentiles": [2.0, 98.0],
+    "predict.pixel_size_nm": [5.0, 5.0],
 }
 # The rules (beyond the training rules of the regimes table) that read each key; a key not
 # here reads nothing in `all`: alignment's statistics serve aligned variants only (none in
