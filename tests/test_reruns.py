@@ -158,10 +158,16 @@ def changed_value(prop: dict, current):
 def own_and_dependant(result) -> tuple[Counter, Counter]:
     """Jobs of a dry run by rule: those rerun on their own account, and those rerun only as dependants."""
     own, dependant = Counter(), Counter()
-    text = result.stdout + result.stderr
-    for rule, body in re.findall(r"^(?:local)?rule (\w+):\n(.*?)(?=^\S|\Z)", text, flags=re.M | re.S):
-        reason = re.search(r"^\s+reason: (.*)$", body, flags=re.M)
-        causes = [c for c in (reason.group(1) if reason else "").split("; ") if c]
+    reasons: list[tuple[str, str]] = []  # (rule, reason) per job; later jobs of a dry run are indented
+    for line in (result.stdout + result.stderr).splitlines():
+        started = re.match(r"^\s*(?:local)?rule (\w+):$", line)
+        if started:
+            reasons.append((started.group(1), ""))
+        reason = re.match(r"^\s*reason: (.*)$", line)
+        if reason and reasons:
+            reasons[-1] = (reasons[-1][0], reason.group(1))
+    for rule, reason in reasons:
+        causes = [c for c in reason.split("; ") if c]
         if causes and all(c.startswith("Input files updated by another job") for c in causes):
             dependant[rule] += 1
         else:
