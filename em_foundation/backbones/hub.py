@@ -93,6 +93,9 @@ class HubSource:
     # "xxh128:<hex>" or "sha256:<hex>" as the publisher lists it (micro-sam's registry): a URL
     # source with a checksum is fetched by ``fetch_checked_url`` and verified on every read
     checksum: str | None = None
+    # the publisher's pinned revision (timm's "repo@revision", smp's settings); a config
+    # entry's own ``revision`` wins
+    revision: str | None = None
 
 
 def hub_source(spec: dict[str, Any]) -> HubSource:
@@ -139,13 +142,14 @@ def resolve_pretrained(spec: dict[str, Any], source: HubSource | None = None) ->
     """
     source = source or hub_source(spec)
     settings = hub_settings()
-    revision = spec.get("revision")
+    revision = spec.get("revision") or source.revision
     where = settings.hub_cache or "the default Hugging Face cache"
     if source.repo_id is None:
         return _resolve_url(spec, source, settings)
     from huggingface_hub import hf_hub_download
 
     errors = []
+    gated = False
     for filename in source.filenames:
         try:
             path = hf_hub_download(
@@ -156,6 +160,7 @@ def resolve_pretrained(spec: dict[str, Any], source: HubSource | None = None) ->
                 local_files_only=settings.offline,
             )
         except Exception as error:  # not in the cache, not in the repository, gated, no network
+            gated = gated or is_gated(error)
             errors.append(f"{filename}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
             continue
         return ResolvedFile(Path(path), source, filename, revision, snapshot_commit(Path(path)))
@@ -165,11 +170,28 @@ def resolve_pretrained(spec: dict[str, Any], source: HubSource | None = None) ->
             f"{list(source.filenames)}) are not in the weights cache {where}; run the fetch_weights rule "
             f"on a machine with internet first (snakemake --until fetch_weights). Tried: {errors}"
         )
+    if gated:
+        raise WeightsError(
+            f"the Hugging Face repository {source.repo_id} (pretrained weights of {source.label}) is gated: accept "
+            f"its licence on its page, https://huggingface.co/{source.repo_id}, with your Hugging Face account, "
+            "then set HF_TOKEN to a token of that account in the environment of the login node that runs "
+            f"fetch_weights (hub_environment moves HF_HOME, so a saved `huggingface-cli login` is not seen). Tried: {errors}"
+        )
     raise WeightsError(
         f"could not download the pretrained weights of {source.label} from {source.repo_id}@{revision or 'main'} "
         f"(tried {errors}); gated repositories need a token in the HF_TOKEN environment variable "
         "(hub_environment moves HF_HOME, so a token saved by `huggingface-cli login` is not seen)"
     )
+
+
+def is_gated(error: BaseException) -> bool:
+    """A refusal for want of an accepted licence or a token (huggingface_hub's GatedRepoError, HTTP 401/403)."""
+    from huggingface_hub.errors import GatedRepoError
+
+    if isinstance(error, GatedRepoError):
+        return True
+    response = getattr(error, "response", None)
+    return getattr(response, "status_code", None) in (401, 403)
 
 
 def _resolve_url(spec: dict[str, Any], source: HubSource, settings: HubSettings) -> ResolvedFile:
@@ -308,6 +330,7 @@ def fetch_weights(spec: dict[str, Any], cache_dir: str | os.PathLike) -> dict[st
         repo_id=resolved.source.repo_id,
         url=resolved.source.url,
         checksum=resolved.source.checksum,
+        revision=resolved.revision,  # asked of the hub: the config's, else the publisher's pin (None: main)
         revision_resolved=resolved.commit,
         identity=resolved.identity,
         files=[_file_record(resolved.path, name=resolved.filename)],
