@@ -78,6 +78,7 @@ include: "rules/tables.smk"
 include: "rules/analysis.smk"
 include: "rules/figures.smk"
 include: "rules/predict.smk"
+include: "rules/export.smk"
 
 
 localrules:

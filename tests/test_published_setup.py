@@ -164,13 +164,15 @@ def test_extended_preset_adds_only_the_study_beyond():
         assert strip(extended[key]) == strip(published[key]), key
     assert extended["training"]["n_train_slices"] == [1, 2, 4, 8, "all"]
     assert extended["training"]["n_train_slices_for"] == ["lucchi", "vnc", "kasthuri"]
-    beyond = ("filterbank", "samB", "usamB", "unetR50", "unetR50IN")
+    beyond = ("filterbank", "samB", "usamB", "sam2Bplus", "unetR50", "unetR50IN")
     assert {k: v for k, v in extended["backbones"].items() if k not in beyond} == published["backbones"]
     # General versus EM-pretrained: one architecture, SAM's weights against micro-sam's EM fine-tuning.
     sam, usam = extended["backbones"]["samB"], extended["backbones"]["usamB"]
     assert sam["family"] == usam["family"] == "sam"
     assert sam["model"].split(".")[0] == usam["model"] == "samvit_base_patch16"
     assert usam["options"]["micro_sam"] == "vit_b_em_organelles" and "micro_sam" not in sam["options"]
+    assert extended["backbones"]["sam2Bplus"]["family"] == "sam2"
+    assert extended["backbones"]["sam2Bplus"]["model"] == "sam2_hiera_base_plus.fb_r896"
     # Kasthuri++ joins as a third domain; the two published datasets are unchanged.
     assert {k: v for k, v in extended["datasets"].items() if k != "kasthuri"} == published["datasets"]
     assert extended["datasets"]["kasthuri"]["converter"] == "kasthuri_pp"

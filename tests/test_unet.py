@@ -166,7 +166,13 @@ def encoder_state(encoder: str = "resnet18", seed: int = 0) -> dict[str, torch.T
     return state
 
 
-def fake_hub_cache(cache: Path, encoder: str, state: dict[str, torch.Tensor], commit: str = "a" * 40) -> Path:
+# smp pins each repository to a commit; the cache fetch_weights fills holds that snapshot
+SMP_RESNET18_REVISION = "3f2325ff978283d47aa6a1d6878ca20565622683"
+
+
+def fake_hub_cache(
+    cache: Path, encoder: str, state: dict[str, torch.Tensor], commit: str = SMP_RESNET18_REVISION
+) -> Path:
     """What fetch_weights leaves in hub.cache_dir for smp-hub/<encoder>.imagenet (huggingface_hub's layout)."""
     from safetensors.torch import save_file
 
@@ -185,7 +191,7 @@ def test_imagenet_weights_load_offline_from_the_weights_cache(tmp_path):
     spec = {**NARROW, "weights": "pretrained"}
     with hub_environment(tmp_path, offline=True):
         model = build_segmenter("supervised", spec, {}, {})
-    assert "smp-hub/resnet18.imagenet@" + "a" * 40 in model.identity
+    assert "smp-hub/resnet18.imagenet@" + SMP_RESNET18_REVISION in model.identity
     loaded = model.model.encoder.state_dict()
     for key in ("conv1.weight", "layer1.0.conv1.weight", "bn1.running_mean"):
         torch.testing.assert_close(loaded[key], state[key], rtol=0, atol=0)

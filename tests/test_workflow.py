@@ -72,6 +72,8 @@ def test_extended_preset_dry_run_tiles_at_native_resolution(tmp_path):
     assert set(re.findall(r"results/tiles/(tile448o64)[/-]", result.stdout + result.stderr)) == {"tile448o64"}
     assert jobs["train_fullft"] and jobs["train_forest"] and jobs["train_head"] > 3 * 3 * 5
     assert re.search(r"prepared/kasthuri\.h5", result.stdout + result.stderr), "Kasthuri++ is the third domain"
+    assert "models/sam2Bplus/lora/" in result.stdout + result.stderr, "SAM2 Hiera-B+ beside SAM and micro-sam"
+    assert jobs["fetch_weights"] == 7  # DINOv2-L, DINOv3-L, OpenCLIP-L, SAM-B, micro-sam B, SAM2-B+, ResNet-50
 
 
 def test_bad_config_stops_with_the_key_named(tmp_path):

@@ -108,10 +108,14 @@ class Backbone(nn.Module):
 class FamilyBackbone(Backbone):
     """A backbone normalised as its family's row and the config entry's ``normalisation`` say."""
 
-    def __init__(self, spec: dict[str, Any]) -> None:
+    def __init__(
+        self, spec: dict[str, Any], weights_constants: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    ) -> None:
+        """``weights_constants``: the mean/std the weights record (timm's pretrained_cfg); else the family row's."""
         from em_foundation.families import family_of
 
         family = family_of(spec["family"])
-        super().__init__(*normalisation_constants(spec.get("normalisation"), family.mean, family.std))
+        own_mean, own_std = weights_constants or (family.mean, family.std)
+        super().__init__(*normalisation_constants(spec.get("normalisation"), own_mean, own_std))
         self.family = family.name
         self.family_row = family

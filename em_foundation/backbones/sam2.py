@@ -16,8 +16,10 @@ multiple of 32 pixels (SAM2 pads to its 1024 square the same way) and the grid i
 back to H/16 x W/16, so any multiple of 16 is accepted.
 
 Weights: ``pretrained`` (timm's hub copy of SAM2's trunk: ``.fb_r896`` SAM2, ``_2pt1``
-SAM2.1), ``random`` (``options.init_seed``) or a file with the trunk in timm's names (this
-backbone's ``model.state_dict()``), loaded strictly.
+SAM2.1), ``random`` (``options.init_seed``) or a file: SAM2's own checkpoint (the trunk under
+``image_encoder.trunk.``, beside SAM2's other modules), timm's whole trunk, or this
+backbone's ``model.state_dict()``; converted by timm's ``checkpoint_filter_fn``, loaded into
+the whole trunk and then trimmed, every key checked.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from em_foundation.backbones.base import Backbone, BackboneOutput, FamilyBackbone
-from em_foundation.backbones.checkpoint import load_state_dict_file, load_weights_strict
+from em_foundation.backbones.checkpoint import load_converted, load_state_dict_file
 from em_foundation.backbones.hub import HubSource
 from em_foundation.backbones.timm_vit import (
     check_patch_size,
@@ -38,6 +40,7 @@ from em_foundation.backbones.timm_vit import (
     resolve_layers,
     resolve_timm_weights,
     timm_hub_source,
+    timm_normalisation,
 )
 from em_foundation.families import family_of
 
@@ -61,14 +64,39 @@ def hub_source(spec: dict[str, Any]) -> HubSource:
     return timm_hub_source(_model_name(spec), f"SAM2 trunks: {trunks} (and their _2pt1 SAM2.1 tags)")
 
 
+# SAM2's own checkpoints (facebookresearch/sam2: ``{"model": {...}}``) hold the trunk under
+# this prefix beside the FPN neck, the memory modules and the mask decoder.
+SAM2_TRUNK_PREFIX = "image_encoder.trunk."
+
+
+def trunk_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The trunk of a SAM2 checkpoint (SAM2's neck, memory and decoder are not the trunk); others as they are."""
+    if any(key.startswith(SAM2_TRUNK_PREFIX) for key in state):
+        return {k.removeprefix(SAM2_TRUNK_PREFIX): v for k, v in state.items() if k.startswith(SAM2_TRUNK_PREFIX)}
+    return state
+
+
+def hieradet_filter(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """timm's SAM2 conversion (``mlp.layers.0/1`` to ``mlp.fc1/2``; ``pos_embed`` kept)."""
+    from timm.models.hieradet_sam2 import checkpoint_filter_fn
+
+    return checkpoint_filter_fn(state, model)
+
+
+def block_index(key: str) -> int:
+    """N of ``blocks.N.*`` (-1 for other keys)."""
+    parts = key.split(".")
+    return int(parts[1]) if len(parts) > 1 and parts[0] == "blocks" and parts[1].isdigit() else -1
+
+
 class Sam2Hiera(FamilyBackbone):
     """SAM2's Hiera trunk: tokens of chosen blocks of the stride-16 stage as a (C, H/16, W/16) grid."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
-        super().__init__(spec)
+        name = _model_name(spec)
+        super().__init__(spec, timm_normalisation(name))
         if (spec.get("pooling") or "mean") != "mean":
             raise ValueError("SAM2's Hiera has no class token: set pooling: mean (the grid's average)")
-        name = _model_name(spec)
         resolved = resolve_timm_weights(spec, name, hub_source)
         self.identity = resolved.identity
         model = create_timm_model(name, resolved, **dict(spec.get("model_kwargs") or {}))
@@ -78,11 +106,18 @@ class Sam2Hiera(FamilyBackbone):
         stage = stages.index(GRID_STRIDE)
         first = model.stage_ends[stage - 1] + 1 if stage else 0
         last = model.stage_ends[stage]
+        if resolved.file is not None:
+            # Into the whole trunk, before trimming: its later blocks and head are known keys.
+            load_converted(
+                model,
+                trunk_state_dict(load_state_dict_file(resolved.file)),
+                resolved.file,
+                filter_fn=hieradet_filter,
+                trimmed=lambda key: key.startswith("head.") or block_index(key) > last,
+            )
         # Drop the stride-32 stage and the classifier head (its norm has parameters): unused.
         model.blocks = model.blocks[: last + 1]
         model.head = nn.Identity()
-        if resolved.file is not None:
-            load_weights_strict(model, load_state_dict_file(resolved.file), resolved.file)
         self.model = model
         self.patch_size = GRID_STRIDE
         check_patch_size(spec, self.patch_size)

@@ -11,7 +11,11 @@ Weights (``weights`` in the config entry):
   from the hub cache that ``fetch_weights`` filled (offline on compute nodes), pinned to
   ``revision`` when given; timm's own pretrained loader loads it.
 * ``random``: seeded random initialisation (``options.init_seed``, default 0).
-* a path: a timm-format state dict (``.safetensors`` or a torch file), loaded strictly.
+* a path: a state dict (``.safetensors`` or a torch file) in timm's names or an upstream
+  layout timm converts (Meta's DINOv2 and DINOv3 releases), through timm's own
+  ``checkpoint_filter_fn``; then every key is checked and mismatches are named.
+
+Normalisation (``family``): the weights' own mean/std from timm's ``pretrained_cfg``.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from em_foundation.backbones.base import Backbone, BackboneOutput, FamilyBackbone, seeded_init
-from em_foundation.backbones.checkpoint import WeightsError, load_state_dict_file, load_weights_strict, require_file
+from em_foundation.backbones.checkpoint import WeightsError, load_converted, load_state_dict_file, require_file
 from em_foundation.backbones.hub import HubSource, resolve_pretrained
 from em_foundation.families import family_of
 from em_foundation.io import file_sha256
@@ -109,7 +113,35 @@ def timm_hub_source(name: str, known: str) -> HubSource:
         raise WeightsError(f"timm has no hub weights for {name!r}; {known}")
     # timm's own order when the config names no file: the safetensors alternative first
     filenames = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else ("model.safetensors", "pytorch_model.bin")
-    return HubSource(repo_id=cfg.hf_hub_id.split("@")[0], filenames=filenames, label=name)
+    # timm pins some weights as "<repo>@<revision>" (its own hub loader splits it the same way)
+    repo_id, _, revision = cfg.hf_hub_id.partition("@")
+    return HubSource(repo_id=repo_id, filenames=filenames, label=name, revision=revision or None)
+
+
+def timm_normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The mean/std timm's ``pretrained_cfg`` gives ``name``'s weights (None: timm has no record).
+
+    The weights' own constants: DINOv3's satellite model ``.sat493m`` was trained with
+    (0.430, 0.411, 0.296) / (0.213, 0.156, 0.143), not ImageNet's.
+    """
+    import timm
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:  # older timm raise on unknown names, newer return None
+        cfg = None
+    if cfg is None or not getattr(cfg, "mean", None) or not getattr(cfg, "std", None):
+        return None
+    mean, std = tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std)
+    return (mean, std) if len(mean) == len(std) == 3 else None
+
+
+def classifier_keys(model: torch.nn.Module) -> Callable[[str], bool]:
+    """Keys of the classifier timm builds the model without (``num_classes=0``): ignored, as timm's loader does."""
+    names = getattr(model, "pretrained_cfg", {}).get("classifier") or "head"
+    prefixes = tuple(f"{n}." for n in ((names,) if isinstance(names, str) else names))
+    own = set(model.state_dict())
+    return lambda key: key.startswith(prefixes) and key not in own
 
 
 def hub_source(spec: dict[str, Any]) -> HubSource:
@@ -174,17 +206,19 @@ class TimmViT(FamilyBackbone):
     """A timm ViT returning the patch tokens of chosen blocks as a (C, H/p, W/p) grid."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
-        # Both DINO families were trained with ImageNet's constants, so "family" and
-        # "imagenet" normalisation coincide for them.
-        super().__init__(spec)
-        family = self.family_row
-        name = spec.get("model") or family.default_model
+        # "family" normalisation is the weights' own, from timm's pretrained_cfg (ImageNet's
+        # for the LVD DINO models, the satellite constants for DINOv3 .sat493m).
+        name = spec.get("model") or family_of(spec["family"]).default_model
+        super().__init__(spec, timm_normalisation(name))
         resolved = resolve_timm_weights(spec, name, hub_source)
         self.identity = resolved.identity
         kwargs = dict(spec.get("model_kwargs") or {})
         self.model = create_timm_model(name, resolved, dynamic_img_size=True, **kwargs)
         if resolved.file is not None:
-            load_weights_strict(self.model, load_state_dict_file(resolved.file), resolved.file)
+            # Meta's own DINOv2/DINOv3 files and timm's: timm's conversion, then a strict check
+            load_converted(
+                self.model, load_state_dict_file(resolved.file), resolved.file, ignored=classifier_keys(self.model)
+            )
         self.patch_size = int(self.model.patch_embed.patch_size[0])
         check_patch_size(spec, self.patch_size)
         self.layers = list(spec.get("layers") or [-1])

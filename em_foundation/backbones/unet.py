@@ -16,8 +16,9 @@ stride is 2**depth), ``options.decoder_channels`` (one width per depth, default 
   repository ``smp-hub/<encoder>.imagenet``, ``model.safetensors``), fetched by the
   ``fetch_weights`` rule on the login node into ``hub.cache_dir`` and read offline on compute
   nodes through ``hub.resolve_pretrained``; pinned with ``revision`` like every family.
-* a file: an encoder state dict (``.safetensors`` or a torch file, the layout of smp's
-  ``model.safetensors``), loaded strictly.
+* a file: an encoder state dict (``.safetensors`` or a torch file) in the layout of smp's
+  ``model.safetensors`` or torchvision's ResNet files (``fc.*`` present, no BatchNorm
+  ``num_batches_tracked``), loaded as smp loads them: the classifier dropped, the rest strict.
 
 Input: grey tiles in [0, 1], replicated to 3 channels and normalised with the family's
 constants (ImageNet's), reflect-padded to a multiple of the stride and cropped back, so any
@@ -75,7 +76,12 @@ def hub_source(spec: dict[str, Any]) -> HubSource:
             f"segmentation-models-pytorch publishes no {PRETRAINED_TAG} weights for encoder {encoder!r}; "
             f"set options.encoder to one that has them ({', '.join(published[:12])}, ...) or weights: random"
         )
-    return HubSource(repo_id=settings["repo_id"], filenames=("model.safetensors",), label=f"U-Net encoder {encoder}")
+    return HubSource(
+        repo_id=settings["repo_id"],
+        filenames=("model.safetensors",),
+        label=f"U-Net encoder {encoder}",
+        revision=settings.get("revision"),  # smp pins each repository to a commit; so do we
+    )
 
 
 def resnet_encoders() -> list[str]:
@@ -139,7 +145,8 @@ class UNetSegmenter(nn.Module):
 
     def _load_encoder(self, path: Path) -> None:
         state = load_state_dict_file(path)
-        # smp's own loader drops a classifier the checkpoint may still carry
+        # As smp's ResNetEncoder.load_state_dict: the classifier is dropped, and torch fills the
+        # BatchNorm num_batches_tracked buffers that torchvision-layout files lack.
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         load_weights_strict(self.model.encoder, state, path)
 

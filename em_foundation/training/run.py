@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from em_foundation.alignment import domain_stats, domain_stats_from_cache
+from em_foundation.backbones.hub import manifest_citation
 from em_foundation.backbones.lora import trainable_state_dict
 from em_foundation.data.prepared import IGNORE_LABEL
 from em_foundation.data.splits import labelled_subset
@@ -317,6 +318,7 @@ def train_run(
         "resumed_from_epoch": result.resumed_from_epoch,
         "tiles_drawn_per_source": result.sampled_per_source,
         "trainable_parameters": int(sum(p.numel() for p in model.parameters() if p.requires_grad)),
+        "weights_manifest": manifest_citation(weights_identity),
         "data": data_record,
         "data_loading": train.loading,
         "seconds": time.perf_counter() - started,
