@@ -92,7 +92,7 @@ def summary_page(summary: pd.DataFrame) -> str:
         ("fg_iou", "Foreground IoU"),
         ("fg_dice", "Foreground Dice"),
         ("mean_iou", "Mean IoU (both classes)"),
-        *([("obj_f1", "Object F1 (2-D, IoU >= 0.5)")] if "obj_f1_mean" in summary else []),
+        *([("obj_f1", "Object F1 (2-D, IoU > 0.5)")] if "obj_f1_mean" in summary else []),
     ):
         wide = (
             summary.assign(value=summary.apply(cell, axis=1, metric=metric))

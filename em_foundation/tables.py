@@ -342,7 +342,7 @@ def summary_markdown(summary: pd.DataFrame, metric: str = "fg_iou") -> str:
     table = summary.assign(value=summary.apply(cell, axis=1)).pivot_table(
         index=index, columns="test_set", values="value", aggfunc="first"
     )
-    names = {"fg_iou": "Foreground IoU on each test set", "obj_f1": "Object F1 (2-D, IoU >= 0.5) on each test set"}
+    names = {"fg_iou": "Foreground IoU on each test set", "obj_f1": "Object F1 (2-D, IoU > 0.5) on each test set"}
     name = names.get(metric, metric)
     header = f"{name}: mean ± sample std over seeds (n seeds)"
     if f"{metric}_ci_low" in summary.columns and summary[f"{metric}_ci_low"].notna().any():
