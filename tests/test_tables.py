@@ -110,14 +110,19 @@ def test_image_bootstrap_interval_per_run_and_per_cell(tmp_path):
     per_image = pd.DataFrame(rows)
     runs = collect_runs(files, per_image, n_boot=500, boot_seed=0)
     assert {"fg_iou_ci_low", "fg_iou_ci_high", "n_images"} <= set(runs.columns)
-    assert (runs["fg_iou_ci_low"] < runs["fg_iou"]).all() and (runs["fg_iou"] < runs["fg_iou_ci_high"]).all()
+    enough = runs[runs.test_set != "c"]
+    assert (enough["fg_iou_ci_low"] < enough["fg_iou"]).all() and (enough["fg_iou"] < enough["fg_iou_ci_high"]).all()
+    # 3 test images: no interval, and the table says why
+    few = runs[runs.test_set == "c"]
+    assert few["fg_iou_ci_low"].isna().all() and (few["fg_iou_ci_note"] == "too few test images (3 < 10)").all()
+    assert (enough["fg_iou_ci_note"] == "").all()
     width = (runs["fg_iou_ci_high"] - runs["fg_iou_ci_low"]).set_axis(runs["test_set"])
     assert (
         set(runs["test_set"]) == {"a", "c", "a+c"} and runs.loc[runs.test_set == "a+c", "fg_iou_ci_low"].notna().all()
     )
     # Deterministic with the seed, different with another seed.
     again = collect_runs(files, per_image, n_boot=500, boot_seed=0)
-    assert again["fg_iou_ci_low"].tolist() == runs["fg_iou_ci_low"].tolist()
+    assert again["fg_iou_ci_low"].fillna(-1).tolist() == runs["fg_iou_ci_low"].fillna(-1).tolist()
     other = collect_runs(files, per_image, n_boot=500, boot_seed=1)
     assert other["fg_iou_ci_low"].tolist() != runs["fg_iou_ci_low"].tolist()
     summary = summarise(runs, per_image, n_boot=500, boot_seed=0)
@@ -137,16 +142,16 @@ def test_image_interval_shrinks_with_more_images_and_keeps_strata():
 
     def interval(n):
         counts = np.stack([rng.integers(10, 200, n), rng.integers(0, 60, n), rng.integers(0, 60, n)], axis=1)[None]
-        low, high = pooled_iou_interval(counts, np.array(["a"] * n), 400, 0)
+        low, high = pooled_iou_interval(counts, np.array(["a"] * n), 400, 0, min_images=2)
         return high - low
 
     assert interval(200) < interval(5)
     # Two strata: one perfect image in "a", one empty-of-foreground-hits image in "c"; resampling
     # within strata always keeps one of each, so the pooled IoU cannot move.
     counts = np.array([[[10, 0, 0], [0, 10, 0]]])
-    assert pooled_iou_interval(counts, np.array(["a", "c"]), 200, 0) == (0.5, 0.5)
+    assert pooled_iou_interval(counts, np.array(["a", "c"]), 200, 0, min_images=2) == (0.5, 0.5)
     # Without strata it would move.
-    low, high = pooled_iou_interval(counts, np.array(["a", "a"]), 200, 0)
+    low, high = pooled_iou_interval(counts, np.array(["a", "a"]), 200, 0, min_images=2)
     assert low < 0.5 < high or (low, high) != (0.5, 0.5)
 
 
@@ -177,7 +182,7 @@ def test_k_folds_are_a_run_dimension_without_cross_fold_scores(tmp_path):
     for seed in (0, 1):
         for train_set, members in (("vfold0", ["vfold0"]), ("vfold1", ["vfold1"]), ("a", ["a"])):
             for test_set in ("vfold0", "vfold1"):
-                counts = [(int(tp), 10, 10) for tp in rng.integers(20, 100, 3)]
+                counts = [(int(tp), 10, 10) for tp in rng.integers(20, 100, 6)]
                 path, images = _write_run(tmp_path, train_set, members, seed, test_set, counts)
                 target = tmp_path / f"{train_set}-{test_set}-{seed}.json"
                 target.write_text(path.read_text())
@@ -188,10 +193,12 @@ def test_k_folds_are_a_run_dimension_without_cross_fold_scores(tmp_path):
     assert set(runs["train_set"]) == {"v", "a"} and set(runs["test_set"]) == {"v"}
     assert len(runs[runs.train_set == "v"]) == 2 * 2, "one row per fold and seed: no cross-fold scores"
     assert sorted(runs[runs.train_set == "a"]["fold"]) == [0, 0, 1, 1]
-    assert runs["fg_iou_ci_low"].notna().all()
+    # 6 test sections per fold: no interval per run, one for the cell over both folds' 12
+    assert runs["fg_iou_ci_low"].isna().all() and (runs["fg_iou_ci_note"] == "too few test images (6 < 10)").all()
     summary = summarise(runs, per_image, n_boot=200, folds=folds)
     cell = summary[summary.train_set == "v"].iloc[0]
-    assert cell["fg_iou_n"] == 4 and cell["folds"] == "0 1" and cell["n_images"] == 6
+    assert cell["fg_iou_n"] == 4 and cell["folds"] == "0 1" and cell["n_images"] == 12
+    assert cell["n_over"] == "seeds × folds" and "over seeds × folds (n seeds × folds)" in summary_markdown(summary)
     assert cell["fg_iou_ci_low"] < cell["fg_iou_mean"] < cell["fg_iou_ci_high"]
 
 
