@@ -390,7 +390,25 @@ def paired_differences(
                     **result.as_dict("fg_iou_diff"),
                 }
             )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
+
+
+PAIRED_COLUMNS = [
+    "backbone",
+    "regime",
+    "alignment",
+    "n_train_slices",
+    "test_set",
+    "train_set_a",
+    "train_set_b",
+    "fg_iou_diff",
+    "fg_iou_diff_ci_low",
+    "fg_iou_diff_ci_high",
+    "n_images",
+    "n_runs_a",
+    "n_runs_b",
+    "ci_note",
+]
 
 
 def _interval_text(low: float, high: float, note: object = "") -> str:

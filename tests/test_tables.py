@@ -244,3 +244,35 @@ def test_object_scores_reach_runs_and_summary_and_unions_pool_their_counts(tmp_p
     assert cell["obj_f1_mean"] == pytest.approx((2 * 2 / 11 + 2 * 4 / 11) / 2)
     assert cell["obj_f1_3d_mean"] == pytest.approx((2 * 2 / 10 + 2 * 4 / 10) / 2) and cell["obj_f1_3d_n"] == 2
     assert "Object F1" in summary_markdown(summary, "obj_f1")
+
+
+def test_paired_table_gives_each_union_minus_single_with_a_paired_interval(tmp_path):
+    """paired.csv: the union's model − the single-dataset model on the same 'a' test images,
+    with an interval from resampling those images for both; 'c' has 3 images: no interval."""
+    from em_foundation.tables import paired_differences
+
+    rng = np.random.default_rng(5)
+    truth_a, truth_c = rng.integers(100, 400, 30), rng.integers(100, 400, 3)
+    files, rows = [], []
+    for seed in (0, 1):
+        for train_set, datasets, gain in (("a", ["a"], 0.0), ("c", ["c"], 0.0), ("ac", ["a", "c"], 0.1)):
+            for test_set, truth in (("a", truth_a), ("c", truth_c)):
+                if test_set not in datasets and train_set != "ac":
+                    continue
+                iou = np.clip(0.5 + gain + 0.01 * rng.normal(size=len(truth)), 0, 1)
+                counts = [(int(t * q), int(t * (1 - q) / 2), int(t * (1 - q) / 2)) for t, q in zip(truth, iou)]
+                path, images = _write_run(tmp_path, train_set, datasets, seed, test_set, counts)
+                files.append(path)
+                rows += images
+    per_image = pd.DataFrame(rows)
+    runs = collect_runs(files, per_image, n_boot=300)
+    paired = paired_differences(runs, per_image, n_boot=300).set_index("test_set")
+    assert set(paired.index) == {"a", "c"} and (paired["train_set_a"] == "ac").all()
+    summary = summarise(runs, per_image, n_boot=0).set_index(["train_set", "test_set"])["fg_iou_mean"]
+    row = paired.loc["a"]
+    assert row["fg_iou_diff"] == pytest.approx(summary[("ac", "a")] - summary[("a", "a")])
+    assert row["fg_iou_diff_ci_low"] < row["fg_iou_diff"] < row["fg_iou_diff_ci_high"]
+    assert row["fg_iou_diff_ci_low"] > 0.05 and (row["n_images"], row["n_runs_a"], row["n_runs_b"]) == (30, 2, 2)
+    assert (
+        np.isnan(paired.loc["c", "fg_iou_diff_ci_low"]) and paired.loc["c", "ci_note"] == "too few test images (3 < 10)"
+    )
