@@ -127,16 +127,17 @@ def _pick_variant(frechet: pd.DataFrame, variant: str | None) -> str:
 def frechet_matrix(frechet: pd.DataFrame, variant: str | None = None) -> plt.Figure:
     """Fréchet distance between every pair of datasets, one matrix per backbone and view.
 
-    Cells show the bootstrap bias-corrected distance with its basic bootstrap 95 % interval,
-    the plain distance, and the plain distance's ratio to the permutation null's 95th
+    Cells show the distance above the permutation null (FD − mean null FD, the tables'
+    ``excess``) with its 95 % interval (frechet.frechet_excess), the plain distance, and the plain distance's ratio to the permutation null's 95th
     percentile (the null is computed with the plain estimator too); colour is that ratio on a log scale (comparable across backbones
     whose features have different scales; ratio <= 1 means no larger than sampling noise).
     Tick labels carry each dataset's n. Without a permutation null, colour is the distance.
     """
     variant = _pick_variant(frechet, variant)
     table = frechet[frechet["variant"] == variant]
-    # Tables written before the bias correction carry percentile intervals around the plain value.
+    # Tables written before the excess carry bootstrap intervals (basic: around the bias-corrected value).
     methods = set(table["ci_method"].dropna()) if "ci_method" in table else {"percentile"}
+    excess = "excess" in table.columns and table["excess"].notna().any()
     basic = methods == {"basic"}
     backbones = list(dict.fromkeys(table["backbone"]))
     views = _ordered(table["view"], VIEW_ORDER)
@@ -167,7 +168,9 @@ def frechet_matrix(frechet: pd.DataFrame, variant: str | None = None) -> plt.Fig
                 a, b = datasets.index(row.dataset_a), datasets.index(row.dataset_b)
                 ratio = row.value / row.null_q95 if has_null else row.value
                 colour[a, b] = colour[b, a] = ratio
-                if basic and np.isfinite(row.ci_low):
+                if excess and np.isfinite(row.ci_low):
+                    text = f"{row.excess:+.3g}\n[{row.ci_low:+.3g}, {row.ci_high:+.3g}]\nplain {row.value:.3g}"
+                elif basic and np.isfinite(row.ci_low):
                     text = f"{row.value_debiased:.3g}\n[{row.ci_low:.3g}, {row.ci_high:.3g}]\nplain {row.value:.3g}"
                 elif np.isfinite(row.ci_low):
                     text = f"{row.value:.3g}\n[{row.ci_low:.3g}, {row.ci_high:.3g}]"
@@ -200,11 +203,12 @@ def frechet_matrix(frechet: pd.DataFrame, variant: str | None = None) -> plt.Fig
         if has_null and len(ticks) >= 2:  # plain numbers, not 2×10^0
             bar.set_ticks(ticks, labels=[f"{t:g}" for t in ticks])
             bar.minorticks_off()
-    how = (
-        "bootstrap bias-corrected (2·FD − mean of bootstrap FDs), basic bootstrap 95 % interval; plain FD below"
-        if basic
-        else "plain FD, bootstrap percentile 95 % interval"
-    )
+    if excess:
+        how = "FD − mean permutation-null FD [95 % interval]; plain FD below"
+    elif basic:
+        how = "bootstrap bias-corrected (2·FD − mean of bootstrap FDs), basic bootstrap 95 % interval; plain FD below"
+    else:
+        how = "plain FD, bootstrap percentile 95 % interval"
     figure.suptitle(f"Fréchet distance ({variant.replace('_', '-')}): {how}", fontsize=7)
     return figure
 
@@ -368,7 +372,7 @@ def paired_comparison(
         loc="lower center",
         ncol=min(len(handles), 3),
         bbox_to_anchor=(0.5, 0.0),
-        title=f"n = {n_text} {over} per bar; Δ [95 % paired interval over the same test images]",
+        title=f"n = {n_text} {over} per bar; Δ [95 % paired interval]",
         title_fontsize=6,
     )
     figure.tight_layout(rect=(0, 0.2, 1, 1))

@@ -38,7 +38,7 @@ def draw_intervals(ax, x: np.ndarray, means, stds, intervals: np.ndarray, width:
     ax.errorbar(x + width * 0.18, means, yerr=intervals, fmt="none", ecolor="0.45", elinewidth=0.8, capsize=1.5)
 
 
-INTERVAL_LABEL = "95 % interval over test images (blocks of neighbouring sections; none: too few test images)"
+INTERVAL_LABEL = "95 % interval over test images (none: too few test images)"
 
 
 def interval_legend(over: str = "seeds") -> list:
