@@ -16,7 +16,7 @@ FRECHET_COLUMNS = [
     "dataset_b",
     "variant",
     "value",
-    "value_debiased",
+    "excess",
     "ci_low",
     "ci_high",
     "ci_method",
@@ -92,7 +92,7 @@ def summary_page(summary: pd.DataFrame) -> str:
         ("fg_iou", "Foreground IoU"),
         ("fg_dice", "Foreground Dice"),
         ("mean_iou", "Mean IoU (both classes)"),
-        *([("obj_f1", "Object F1 (2-D, IoU >= 0.5)")] if "obj_f1_mean" in summary else []),
+        *([("obj_f1", "Object F1 (2-D, IoU > 0.5)")] if "obj_f1_mean" in summary else []),
     ):
         wide = (
             summary.assign(value=summary.apply(cell, axis=1, metric=metric))
@@ -168,7 +168,7 @@ def analysis_page(backbone: str, frames: dict[str, pd.DataFrame]) -> str:
             table(frames["counts"], "Sample counts (n: vectors; n_groups: source images)"),
             table(
                 frechet,
-                "Fréchet distance per pair and estimator: plain value; bootstrap bias-corrected value (2·FD − mean of bootstrap FDs) with its basic bootstrap 95 % interval; permutation null of the plain value (mean, 95th percentile, p)",
+                "Fréchet distance per pair and estimator: plain value; excess = value − mean of its permutation null (what the gap adds above sampling noise at these counts) with its 95 % interval (the wider of the null's and the bootstrap's spread; covers 0 when there is no gap); permutation null of the plain value (95th percentile, p)",
             ),
             table(probe, "Linear dataset probe (cross-validated, grouped by image for tokens): mean ± sd over folds"),
             table(

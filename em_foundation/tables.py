@@ -4,14 +4,20 @@
 bootstrap interval over test images (``fg_iou_ci_low``/``fg_iou_ci_high``, ``n_images``) and
 whether the training batches were augmented (``augment``: training.augment, none or flips_rot90).
 ``summary.csv`` / ``summary.md``: mean, sample standard deviation (ddof 1) and n per cell
-(the spread over seeds), beside the 95 % bootstrap interval over test images of that mean.
+(the spread over seeds, or over seeds × folds with k folds), beside the 95 % bootstrap
+interval over test images of that mean. ``paired.csv``: every comparison the figures draw
+between two models (a union's model − the single-dataset model, on the same test images),
+with the interval of the paired difference (evaluation/bootstrap.paired_difference).
 
 Two sources of uncertainty, reported side by side because neither contains the other: the
 seed spread says how much training noise moves a score on these test images; the image
 interval says how much the score depends on which test slices happened to be drawn (VNC
-has 3 of them). The image bootstrap resamples whole slices with replacement, within each
-test set of a union, and recomputes the pooled IoU ΣTP / Σ(TP+FP+FN) from the resampled
-slices' counts; for a cell, every seed sees the same resample, and the seed mean is taken.
+has 3 of them). The image bootstrap (evaluation/bootstrap.py) resamples blocks of
+consecutive slices, within each test set of a union and in stack order (serial sections
+are correlated), and recomputes the pooled IoU ΣTP / Σ(TP+FP+FN) from the resampled slices'
+counts; for a cell, every seed sees the same resample, and the seed mean is taken. Below
+``min_images`` test images there is no interval: ``fg_iou_ci_note`` says "too few test
+images", and ``fg_iou_ci_block`` gives the block length used per test set.
 """
 
 from __future__ import annotations
@@ -22,6 +28,14 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
+from em_foundation.data.splits import section_order
+from em_foundation.evaluation.bootstrap import (
+    MIN_IMAGES,
+    ImageBootstrap,
+    PairedSample,
+    image_interval,
+    paired_difference,
+)
 from em_foundation.evaluation.metrics import Counts, scores
 from em_foundation.evaluation.objects import COLUMNS as OBJECT_COLUMNS
 from em_foundation.evaluation.objects import THREE_D, ObjectCounts, counts_from, scores_columns
@@ -133,45 +147,36 @@ def apply_folds(frame: pd.DataFrame, folds: dict[str, list] | None) -> pd.DataFr
     return frame
 
 
-def pooled_iou_replicates(counts: np.ndarray, strata: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
-    """(n_boot,) bootstrap replicates of the seed-averaged pooled IoU (see pooled_iou_interval)."""
-    counts = np.asarray(counts, dtype=np.float64)
-    if counts.ndim != 3 or counts.shape[-1] != 3 or counts.shape[1] != len(strata):
-        raise ValueError(f"counts must be (n_runs, n_images, 3) for {len(strata)} images, got {counts.shape}")
-    rng = np.random.default_rng(seed)
-    weights = np.zeros((n_boot, counts.shape[1]))
-    strata = np.asarray(strata)
-    for stratum in dict.fromkeys(strata.tolist()):
-        members = np.flatnonzero(strata == stratum)
-        drawn = members[rng.integers(0, len(members), size=(n_boot, len(members)))]
-        for row, picks in enumerate(drawn):
-            weights[row] += np.bincount(picks, minlength=counts.shape[1])
-    totals = np.einsum("bi,rik->brk", weights, counts)  # (n_boot, n_runs, 3)
-    denominator = totals.sum(axis=-1)
-    iou = np.divide(totals[..., 0], denominator, out=np.ones_like(denominator), where=denominator > 0)
-    return iou.mean(axis=1)
-
-
-def _percentile_interval(replicates: np.ndarray, ci: float = CI_LEVEL) -> tuple[float, float]:
-    alpha = (100.0 - ci) / 2
-    low, high = np.percentile(replicates, [alpha, 100.0 - alpha])
-    return float(low), float(high)
-
-
 def pooled_iou_interval(
-    counts: np.ndarray, strata: np.ndarray, n_boot: int, seed: int, ci: float = CI_LEVEL
+    counts: np.ndarray,
+    strata: np.ndarray,
+    n_boot: int,
+    seed: int,
+    ci: float = CI_LEVEL,
+    block_length: int | None = None,
+    min_images: int = MIN_IMAGES,
 ) -> tuple[float, float]:
     """Bootstrap interval over test images of the (seed-averaged) pooled foreground IoU.
 
     ``counts`` is (n_runs, n_images, 3): TP, FP, FN of each image for each run, every run
-    on the same images in the same order; ``strata`` (n_images,) names each image's test
-    set, and images are resampled with replacement within their stratum, so a union keeps
-    its composition. Each replicate recomputes ΣTP / Σ(TP+FP+FN) per run from the resampled
-    images and averages over runs. Seeded, so the same tables give the same interval.
+    on the same images in the same order (stack order within a test set); ``strata``
+    (n_images,) names each image's test set, and blocks of consecutive images are resampled
+    within their stratum, so a union keeps its composition (evaluation/bootstrap.py). NaN
+    below ``min_images`` images. Seeded, so the same tables give the same interval.
     """
-    if n_boot <= 0 or np.shape(counts)[1] == 0:
-        return float("nan"), float("nan")
-    return _percentile_interval(pooled_iou_replicates(counts, strata, n_boot, seed), ci)
+    boot = ImageBootstrap(n_boot=n_boot, seed=seed, block_length=block_length, min_images=min_images, ci=ci)
+    interval = image_interval([(np.asarray(counts), np.asarray(strata))], boot)
+    return interval.low, interval.high
+
+
+def _interval_columns(interval) -> dict[str, object]:
+    block = " ".join(f"{k}:{v}" for k, v in interval.block_lengths.items())
+    return {
+        "fg_iou_ci_low": interval.low,
+        "fg_iou_ci_high": interval.high,
+        "fg_iou_ci_note": interval.note,
+        "fg_iou_ci_block": block,
+    }
 
 
 def _image_counts(
@@ -181,7 +186,12 @@ def _image_counts(
     frames = [by_run[(*run, test_set)] for test_set in test_sets if (*run, test_set) in by_run]
     if len(frames) != len(test_sets):
         return np.array([]), np.zeros((0, 3)), []
-    images = pd.concat(frames, ignore_index=True).sort_values(["test_set", "image"], key=lambda c: c.astype(str))
+    images = pd.concat(frames, ignore_index=True)
+    # stack order within each test set: the block bootstrap resamples runs of neighbours
+    position = {name: i for i, name in enumerate(section_order(images["image"].astype(str).unique()))}
+    images = images.assign(_position=images["image"].astype(str).map(position)).sort_values(
+        ["test_set", "_position"], key=lambda c: c.astype(str) if c.name == "test_set" else c
+    )
     keys = list(zip(images["test_set"].astype(str), images["image"].astype(str)))
     return images["test_set"].astype(str).to_numpy(), images[["tp", "fp", "fn"]].to_numpy(np.float64), keys
 
@@ -201,18 +211,16 @@ def _group_images(per_image: pd.DataFrame, folds: dict[str, list] | None = None)
 
 
 def add_image_intervals(
-    runs: pd.DataFrame, per_image: pd.DataFrame, n_boot: int, seed: int, folds: dict[str, list] | None = None
+    runs: pd.DataFrame, per_image: pd.DataFrame, boot: ImageBootstrap, folds: dict[str, list] | None = None
 ) -> pd.DataFrame:
-    """``fg_iou_ci_low`` / ``fg_iou_ci_high`` per run row from its slices' pixel counts."""
+    """``fg_iou_ci_low`` / ``fg_iou_ci_high`` (``_note``, ``_block``) per run row from its slices' pixel counts."""
     by_run = _group_images(per_image, folds)
-    lows, highs = [], []
+    columns = []
     for row in runs.itertuples(index=False):
         run = tuple(getattr(row, key) for key in IMAGE_KEYS[:-1])
         strata, counts, _ = _image_counts(by_run, run, row.test_set.split("+"))
-        low, high = pooled_iou_interval(counts[None], strata, n_boot, seed) if len(strata) else (np.nan, np.nan)
-        lows.append(low)
-        highs.append(high)
-    return runs.assign(fg_iou_ci_low=lows, fg_iou_ci_high=highs)
+        columns.append(_interval_columns(image_interval([(counts[None], strata)] if len(strata) else [], boot)))
+    return runs.assign(**pd.DataFrame(columns, index=runs.index))
 
 
 def collect_runs(
@@ -221,8 +229,12 @@ def collect_runs(
     n_boot: int = 1000,
     boot_seed: int = 0,
     folds: dict[str, list] | None = None,
+    block_length: int | None = None,
+    min_images: int = MIN_IMAGES,
 ) -> pd.DataFrame:
     """One row per run and test set; with ``per_image`` (the slices' counts) an image interval per row.
+
+    ``block_length`` (None: chosen from each series) and ``min_images`` as in evaluation/bootstrap.py.
 
     ``folds`` (grid.fold_names): k-fold datasets and training sets are named by their
     dataset with a ``fold`` column (see apply_folds); without, no ``fold`` column.
@@ -243,9 +255,10 @@ def collect_runs(
     # Statistics of the scored test images entered the prediction (alignment component 'trans').
     runs["transductive"] = runs["alignment"].map(lambda name: parse_alignment(name)["transductive"])
     if per_image is not None:
-        runs = add_image_intervals(runs, per_image, n_boot, boot_seed, folds)
+        boot = ImageBootstrap(n_boot=n_boot, seed=boot_seed, block_length=block_length, min_images=min_images)
+        runs = add_image_intervals(runs, per_image, boot, folds)
     else:
-        runs = runs.assign(fg_iou_ci_low=np.nan, fg_iou_ci_high=np.nan)
+        runs = runs.assign(fg_iou_ci_low=np.nan, fg_iou_ci_high=np.nan, fg_iou_ci_note="", fg_iou_ci_block="")
     keys = RUN_KEYS[:-1] + ["fold", "test_set"] if folds else RUN_KEYS
     if not folds:
         runs = runs.drop(columns="fold")
@@ -260,11 +273,14 @@ def summarise(
     n_boot: int = 1000,
     boot_seed: int = 0,
     folds: dict[str, list] | None = None,
+    block_length: int | None = None,
+    min_images: int = MIN_IMAGES,
 ) -> pd.DataFrame:
     """Mean, sample std (ddof 1) and n over seeds per cell; with ``per_image``, the image interval of the mean.
 
-    With k folds, a cell's runs are its seeds × folds; every fold has its own test images,
-    resampled on their own, and the interval is that of the mean over all of them.
+    With k folds, a cell's runs are its seeds × folds (``n_over``: "seeds × folds"); every
+    fold has its own test images, resampled on their own, and the interval is that of the
+    mean over all of them (none below ``min_images`` images in all).
     """
     runs = with_n_train_slices(runs if "fold" in runs.columns else runs.assign(fold=NO_FOLD))
     grouped = runs.groupby(CELL_KEYS, sort=True)
@@ -281,59 +297,143 @@ def summarise(
     summary["n_images"] = runs.drop_duplicates(CELL_KEYS + ["fold"]).groupby(CELL_KEYS, sort=True)["n_images"].sum()
     if folds:
         summary["folds"] = grouped["fold"].agg(lambda f: " ".join(map(str, sorted(set(f)))))
+    # what sd and n pool: folds enter where a cell has several (the labels say so)
+    summary["n_over"] = grouped["fold"].agg(lambda f: "seeds × folds" if f.nunique() > 1 else "seeds")
     summary = summary.reset_index()
-    lows, highs = [], []
+    boot = ImageBootstrap(n_boot=n_boot, seed=boot_seed, block_length=block_length, min_images=min_images)
     by_run = _group_images(per_image, folds) if per_image is not None else {}
+    columns = []
     for cell in summary.itertuples(index=False):
         key = {k: getattr(cell, k) for k in CELL_KEYS}
-        members = runs[(runs[CELL_KEYS] == pd.Series(key)).all(axis=1)]
-        replicates = []
-        for fold, fold_runs in members.groupby("fold"):
-            stacked, strata, images = [], None, None
-            for seed in sorted(fold_runs["seed"]):
-                run = (
-                    key["backbone"],
-                    key["regime"],
-                    key["train_set"],
-                    key["alignment"],
-                    key["n_train_slices"],
-                    int(seed),
-                    int(fold),
-                )
-                strata_, counts, keys = _image_counts(by_run, run, str(key["test_set"]).split("+"))
-                if images is not None and keys != images:
-                    raise ValueError(f"seeds of cell {key} were scored on different test images; cannot pair them")
-                strata, images = strata_, keys
-                stacked.append(counts)
-            if by_run and images and n_boot > 0:
-                # each fold's seed mean, weighted by its seeds in the mean over seeds × folds
-                replicates.append(
-                    (pooled_iou_replicates(np.stack(stacked), strata, n_boot, boot_seed + int(fold) + 1), len(stacked))
-                )
-        if len(replicates) == members["fold"].nunique() and replicates:
-            weights = np.array([n for _, n in replicates], dtype=float)
-            low, high = _percentile_interval(np.average(np.stack([r for r, _ in replicates]), axis=0, weights=weights))
+        folds_of_cell = _cell_folds(runs, key, by_run)
+        if by_run and folds_of_cell is not None:
+            columns.append(_interval_columns(image_interval(folds_of_cell, boot)))
         else:
-            low, high = np.nan, np.nan
-        lows.append(low)
-        highs.append(high)
-    summary["fg_iou_ci_low"], summary["fg_iou_ci_high"] = lows, highs
+            columns.append(
+                {"fg_iou_ci_low": np.nan, "fg_iou_ci_high": np.nan, "fg_iou_ci_note": "", "fg_iou_ci_block": ""}
+            )
+    summary = summary.assign(**pd.DataFrame(columns, index=summary.index))
     first = CELL_KEYS + ["fg_iou_mean", "fg_iou_std", "fg_iou_n", "fg_iou_ci_low", "fg_iou_ci_high", "n_images"]
     return summary[first + [c for c in summary.columns if c not in first]]
 
 
-def _interval_text(low: float, high: float) -> str:
+def _cell_folds(runs: pd.DataFrame, key: dict, by_run: dict) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """(counts (n_seeds, n_images, 3), strata) of each fold of one cell, folds in order; None if any is missing."""
+    members = runs[(runs[CELL_KEYS] == pd.Series(key)).all(axis=1)]
+    folds = []
+    for fold, fold_runs in members.groupby("fold"):
+        stacked, strata, images = [], None, None
+        for seed in sorted(fold_runs["seed"]):
+            run = tuple(key[k] for k in CELL_KEYS[:-1]) + (int(seed), int(fold))
+            strata_, counts, keys = _image_counts(by_run, run, str(key["test_set"]).split("+"))
+            if images is not None and keys != images:
+                raise ValueError(f"seeds of cell {key} were scored on different test images; cannot pair them")
+            strata, images = strata_, keys
+            stacked.append(counts)
+        if not images:
+            return None
+        folds.append((np.stack(stacked), strata))
+    return folds or None
+
+
+def paired_differences(
+    runs: pd.DataFrame,
+    per_image: pd.DataFrame,
+    n_boot: int = 1000,
+    boot_seed: int = 0,
+    folds: dict[str, list] | None = None,
+    block_length: int | None = None,
+    min_images: int = MIN_IMAGES,
+) -> pd.DataFrame:
+    """``paired.csv``: each union model − the single-dataset model on the single dataset's test images.
+
+    One row per (backbone, regime, alignment, n_train_slices, test_set, union): ``fg_iou_diff``
+    (mean over seeds (× folds) of the union's model minus that of the model trained on the
+    test set's own dataset), its 95 % paired image-bootstrap interval (``fg_iou_diff_ci_low``,
+    ``_high``; NaN and ``ci_note`` below ``min_images``), ``n_images`` and the runs behind each
+    side. These are the comparisons the ``paired`` figure draws.
+    """
+    runs = with_n_train_slices(runs if "fold" in runs.columns else runs.assign(fold=NO_FOLD))
+    by_run = _group_images(per_image, folds)
+    boot = ImageBootstrap(n_boot=n_boot, seed=boot_seed, block_length=block_length, min_images=min_images)
+    model_keys = ["backbone", "regime", "alignment", "n_train_slices"]
+    rows = []
+    single_test = runs[runs["train_datasets"].astype(str) == runs["test_set"].astype(str)]
+    for (*model, test_set), single in single_test.groupby(model_keys + ["test_set"], sort=True):
+        train_single = single["train_set"].iloc[0]
+        same = (runs[model_keys] == pd.Series(dict(zip(model_keys, model)))).all(axis=1) & (
+            runs["test_set"] == test_set
+        )
+        unions = runs[same & runs["train_datasets"].astype(str).map(lambda d: "+" in d and test_set in d.split("+"))]
+        for union, _ in unions.groupby("train_set", sort=True):
+            samples = []
+            for fold in sorted(set(single["fold"])):
+                sides = []
+                for train_set in (union, train_single):
+                    key = dict(zip(model_keys, model), train_set=train_set, test_set=test_set)
+                    key = {k: key[k] for k in CELL_KEYS}
+                    fold_runs = runs[(runs[CELL_KEYS] == pd.Series(key)).all(axis=1) & (runs["fold"] == fold)]
+                    cell = _cell_folds(fold_runs, key, by_run)
+                    sides.append(cell[0] if cell else None)
+                if sides[0] is None or sides[1] is None:
+                    continue
+                samples.append(PairedSample(a=sides[0][0], b=sides[1][0], strata=sides[1][1]))
+            if not samples:
+                continue
+            result = paired_difference(samples, boot)
+            rows.append(
+                {
+                    **dict(zip(model_keys, model)),
+                    "test_set": test_set,
+                    "train_set_a": union,
+                    "train_set_b": train_single,
+                    **result.as_dict("fg_iou_diff"),
+                }
+            )
+    return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
+
+
+PAIRED_COLUMNS = [
+    "backbone",
+    "regime",
+    "alignment",
+    "n_train_slices",
+    "test_set",
+    "train_set_a",
+    "train_set_b",
+    "fg_iou_diff",
+    "fg_iou_diff_ci_low",
+    "fg_iou_diff_ci_high",
+    "n_images",
+    "n_runs_a",
+    "n_runs_b",
+    "ci_note",
+]
+
+
+def _interval_text(low: float, high: float, note: object = "") -> str:
+    if isinstance(note, str) and note:
+        return f" [{note}]"
     return "" if pd.isna(low) or pd.isna(high) else f" [{low:.3f}, {high:.3f}]"
 
 
+def over_what(summary: pd.DataFrame) -> str:
+    """What a summary's sd and n pool: "seeds", or "seeds × folds" where some cell pools folds."""
+    if "n_over" in summary.columns and (summary["n_over"] == "seeds × folds").any():
+        return "seeds × folds"
+    return "seeds"
+
+
 def summary_markdown(summary: pd.DataFrame, metric: str = "fg_iou") -> str:
-    """Mean ± sample std (n seeds) [image interval] per cell, one row per model and one column per test set."""
+    """Mean ± sample std (n seeds, or seeds × folds) [image interval] per cell, one row per model and one column per test set."""
 
     def cell(row: pd.Series) -> str:
         std = row[f"{metric}_std"]
         spread = "n/a" if pd.isna(std) else f"{std:.3f}"
         mean = row[f"{metric}_mean"]
-        interval = _interval_text(row.get(f"{metric}_ci_low", np.nan), row.get(f"{metric}_ci_high", np.nan))
+        interval = _interval_text(
+            row.get(f"{metric}_ci_low", np.nan), row.get(f"{metric}_ci_high", np.nan), row.get(f"{metric}_ci_note", "")
+        )
         return f"{'n/a' if pd.isna(mean) else f'{mean:.3f}'} ± {spread} ({int(row[f'{metric}_n'])}){interval}"
 
     index = ["backbone", "regime", "train_set", "alignment"]
@@ -342,10 +442,16 @@ def summary_markdown(summary: pd.DataFrame, metric: str = "fg_iou") -> str:
     table = summary.assign(value=summary.apply(cell, axis=1)).pivot_table(
         index=index, columns="test_set", values="value", aggfunc="first"
     )
-    names = {"fg_iou": "Foreground IoU on each test set", "obj_f1": "Object F1 (2-D, IoU >= 0.5) on each test set"}
+    names = {"fg_iou": "Foreground IoU on each test set", "obj_f1": "Object F1 (2-D, IoU > 0.5) on each test set"}
     name = names.get(metric, metric)
-    header = f"{name}: mean ± sample std over seeds (n seeds)"
-    if f"{metric}_ci_low" in summary.columns and summary[f"{metric}_ci_low"].notna().any():
-        header += " [95 % bootstrap interval over test images of that mean]"
+    over = over_what(summary)
+    header = f"{name}: mean ± sample std over {over} (n {over})"
+    low_key, note_key = f"{metric}_ci_low", f"{metric}_ci_note"
+    has_notes = note_key in summary.columns and summary[note_key].fillna("").astype(bool).any()
+    if (low_key in summary.columns and summary[low_key].notna().any()) or has_notes:
+        header += (
+            " [95 % block-bootstrap interval over test images of that mean (runs of consecutive sections);"
+            " none where there are too few test images]"
+        )
     # A model not scored on a test set (evaluation.test_sets) has no cell: empty, not "nan".
     return header + "\n\n" + table.reset_index().fillna("").to_markdown(index=False) + "\n"

@@ -60,6 +60,9 @@ use rule figure_iou_bars as figure_alignment with:
 
 
 use rule figure_iou_bars as figure_paired with:
+    input:
+        table=results("tables/summary.csv"),
+        paired=results("tables/paired.csv"),
     output:
         **figure_outputs("paired"),
     log:

@@ -11,6 +11,7 @@ rule aggregate:
         summary=results("tables/summary.csv"),
         markdown=results("tables/summary.md"),
         per_image=results("tables/per_image.csv"),
+        paired=results("tables/paired.csv"),
         training_logs=results("tables/training_logs.csv"),
     log:
         logs("aggregate/aggregate.log"),
@@ -21,6 +22,8 @@ rule aggregate:
     params:
         n_boot=config["evaluation"]["n_boot"],
         boot_seed=config["evaluation"]["boot_seed"],
+        block_length=config["evaluation"]["block_length"],
+        min_images=config["evaluation"]["min_images"],
         folds=grid.fold_names(config),
         code=code_digest("aggregate.py"),
     script:

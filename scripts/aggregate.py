@@ -6,13 +6,17 @@ import pandas as pd
 
 from em_foundation.io import read_json, write_csv, write_text
 from em_foundation.scripting import logged
-from em_foundation.tables import apply_folds, collect_runs, summarise, summary_markdown
+from em_foundation.tables import apply_folds, collect_runs, paired_differences, summarise, summary_markdown
 
 with logged(snakemake.log[0]):
     per_image = pd.concat([pd.read_csv(path) for path in snakemake.input.images], ignore_index=True)
-    n_boot, boot_seed, folds = snakemake.params.n_boot, snakemake.params.boot_seed, dict(snakemake.params.folds)
-    runs = collect_runs(snakemake.input.metrics, per_image, n_boot, boot_seed, folds)
-    summary = summarise(runs, per_image, n_boot, boot_seed, folds)
+    params = snakemake.params
+    folds = dict(params.folds)
+    boot = dict(n_boot=params.n_boot, boot_seed=params.boot_seed, folds=folds)
+    boot.update(block_length=params.block_length, min_images=params.min_images)
+    runs = collect_runs(snakemake.input.metrics, per_image, **boot)
+    summary = summarise(runs, per_image, **boot)
+    paired = paired_differences(runs, per_image, **boot)
     per_image = apply_folds(per_image, folds) if folds else per_image
     logs = []
     for path in snakemake.input.logs:
@@ -35,6 +39,7 @@ with logged(snakemake.log[0]):
         (runs, outputs.runs),
         (summary, outputs.summary),
         (per_image, outputs.per_image),
+        (paired, outputs.paired),
         (pd.concat(logs, ignore_index=True), outputs.training_logs),
     ):
         write_csv(frame, path)

@@ -186,7 +186,8 @@ def test_iou_figures_show_seed_spread_and_image_interval_side_by_side():
             for legend in [*figure.legends, *[a.get_legend() for a in figure.axes if a.get_legend()]]
             for t in legend.get_texts()
         ]
-        assert "± sd over seeds" in legend and "95 % interval over test images" in legend
+        assert "± sd over seeds" in legend and plots.INTERVAL_LABEL in legend
+        assert "too few test images" in plots.INTERVAL_LABEL
     matrix = plots.cross_domain_matrix(summary)
     texts = [t.get_text() for ax in matrix.axes for t in ax.texts]
     row = summary.iloc[0]
@@ -347,3 +348,46 @@ def test_report_builds_with_figures_and_tables(tiny_run):
         assert category in text, category
     page = (workdir / "results/report/summary.html").read_text()
     assert "Foreground IoU per test set" in page and "±" in page
+
+
+def test_paired_comparison_prints_the_paired_interval_or_why_there_is_none():
+    summary = _summary()
+    cell = summary[(summary["backbone"] == "tinyvit") & (summary["regime"] == "lora")].set_index(
+        ["test_set", "train_set"]
+    )["fg_iou_mean"]
+    rows = []
+    for k, test in enumerate(DATASETS):
+        delta = cell[(test, "paired")] - cell[(test, test)]
+        low, high = (delta - 0.031, delta + 0.042) if k == 0 else (np.nan, np.nan)
+        rows.append(
+            {
+                "backbone": "tinyvit",
+                "regime": "lora",
+                "alignment": "none",
+                "test_set": test,
+                "train_set_a": "paired",
+                "train_set_b": test,
+                "fg_iou_diff": delta,
+                "fg_iou_diff_ci_low": low,
+                "fg_iou_diff_ci_high": high,
+                "ci_note": "" if k == 0 else "too few test images (3 < 10)",
+            }
+        )
+    figure = ap.paired_comparison(summary, TRAINING_SETS, paired=pd.DataFrame(rows))
+    texts = {test: [t.get_text() for t in ax.texts] for test, ax in zip(DATASETS, _data_axes(figure))}
+    first = rows[0]
+    expected = f"{first['fg_iou_diff']:+.2f} [{first['fg_iou_diff_ci_low']:+.2f}, {first['fg_iou_diff_ci_high']:+.2f}]"
+    assert expected.replace("-", "\u2212") in texts[DATASETS[0]]
+    assert any(t.endswith("(too few images)") for t in texts[DATASETS[1]])
+    legend_titles = [legend.get_title().get_text() for legend in figure.legends]
+    assert any("paired interval" in title for title in legend_titles)
+
+
+def test_labels_say_seeds_times_folds_where_folds_are_pooled():
+    from em_foundation.figures import plots
+
+    summary = _summary().assign(alignment="none", n_over="seeds × folds")
+    figure = plots.iou_bars(summary)
+    assert "seeds × folds" in _data_axes(figure)[0].get_ylabel()
+    legend = [t.get_text() for a in figure.axes if a.get_legend() for t in a.get_legend().get_texts()]
+    assert "± sd over seeds × folds" in legend

@@ -134,3 +134,69 @@ def test_pooled_scores_pool_object_counts_over_slices_and_label_the_3d_variant()
     assert pooled["obj_f1_3d"] == pytest.approx(1 / 3) and pooled["n_true_objects_3d"] == 6
     no_stack = pooled_scores(per_image)
     assert "obj_f1_3d" not in no_stack and no_stack["obj_f1"] == pooled["obj_f1"]
+
+
+def test_a_clear_match_above_half_is_not_traded_for_two_below_it():
+    """The issue's configuration: Hungarian on the whole IoU matrix prefers t1-p2 + t2-p1 (summed
+    IoU 0.3 + 0.29 > 0.531) and keeps no pair; PQ's matching keeps t1-p1 (IoU 0.531)."""
+    truth, prediction = np.zeros((130, 100), np.uint8), np.zeros((130, 100), np.uint8)
+    box(truth, (0, 99), (0, 99))  # t1: 10,000 px
+    box(prediction, (31, 129), (0, 99))  # p1: 9,900 px, 6,900 of them in t1 (rows 31-99)
+    box(prediction, (0, 29), (0, 99))  # p2: 3,000 px inside t1, apart from p1 (row 30 empty)
+    box(truth, (101, 129), (0, 99))  # t2: 2,900 px inside p1, apart from t1 (row 100 empty)
+    counts = object_counts(prediction, truth)
+    assert (counts.n_true, counts.n_pred) == (2, 2)
+    iou_t1_p1 = 6900 / (10000 + 9900 - 6900)
+    assert counts.tp == 1 and counts.sum_iou == pytest.approx(iou_t1_p1)
+    assert object_scores(counts)["pq"] == pytest.approx(iou_t1_p1 / (1 + 1 / 2 + 1 / 2))
+    assert object_scores(counts)["pq"] == pytest.approx(0.265, abs=5e-4)
+
+
+def test_an_iou_of_exactly_one_half_is_no_match():
+    truth, prediction = np.zeros((10, 10), np.uint8), np.zeros((10, 10), np.uint8)
+    box(truth, (0, 1), (0, 3))  # 8 px
+    box(prediction, (0, 1), (0, 1))  # 4 px inside it: IoU 0.5
+    assert object_counts(prediction, truth).tp == 0
+
+
+def reference_pq(prediction: np.ndarray, truth: np.ndarray) -> float:
+    """Panoptic quality straight from its definition, pair by pair (Kirillov et al., 2019, eq. 1)."""
+    from scipy import ndimage
+
+    structure = np.ones((3,) * truth.ndim)
+    true_labels, n_true = ndimage.label(truth == 1, structure)
+    pred_labels, n_pred = ndimage.label(prediction == 1, structure)
+    matched_iou, matched_true, matched_pred = [], set(), set()
+    for t in range(1, n_true + 1):
+        for p in range(1, n_pred + 1):
+            a, b = true_labels == t, pred_labels == p
+            iou = (a & b).sum() / (a | b).sum()
+            if iou > 0.5:
+                matched_iou.append(iou)
+                matched_true.add(t)
+                matched_pred.add(p)
+    tp = len(matched_iou)
+    fp, fn = n_pred - len(matched_pred), n_true - len(matched_true)
+    return 1.0 if tp + fp + fn == 0 else float(sum(matched_iou) / (tp + fp / 2 + fn / 2))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_pq_of_random_masks_agrees_with_the_definition(seed):
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    # blobs: smoothed noise thresholded, the prediction a perturbed copy (many partial overlaps)
+    field = ndimage.gaussian_filter(rng.normal(size=(64, 64)), 2.5)
+    truth = (field > 0.05).astype(np.uint8)
+    noisy = ndimage.gaussian_filter(field + 0.12 * rng.normal(size=field.shape), 1.0)
+    prediction = (noisy > rng.uniform(-0.05, 0.15)).astype(np.uint8)
+    assert object_scores(object_counts(prediction, truth))["pq"] == pytest.approx(reference_pq(prediction, truth))
+
+
+def test_the_3d_minimum_is_an_area_per_section_not_a_voxel_count():
+    truth = np.zeros((6, 12, 12), np.uint8)
+    truth[:, 2:4, 2:4] = 1  # a 2 x 2 speck through 6 sections: 24 voxels, 4 px in every section
+    truth[1:3, 6:10, 6:10] = 1  # a real object: 16 px sections
+    assert label_objects(truth, min_size=10).max() == 1  # the speck goes, though 24 voxels >= 10
+    assert label_objects(truth, min_size=17).max() == 0
+    assert label_objects(truth[1], min_size=10).max() == 1  # the same area threshold in 2-D

@@ -110,14 +110,19 @@ def test_image_bootstrap_interval_per_run_and_per_cell(tmp_path):
     per_image = pd.DataFrame(rows)
     runs = collect_runs(files, per_image, n_boot=500, boot_seed=0)
     assert {"fg_iou_ci_low", "fg_iou_ci_high", "n_images"} <= set(runs.columns)
-    assert (runs["fg_iou_ci_low"] < runs["fg_iou"]).all() and (runs["fg_iou"] < runs["fg_iou_ci_high"]).all()
+    enough = runs[runs.test_set != "c"]
+    assert (enough["fg_iou_ci_low"] < enough["fg_iou"]).all() and (enough["fg_iou"] < enough["fg_iou_ci_high"]).all()
+    # 3 test images: no interval, and the table says why
+    few = runs[runs.test_set == "c"]
+    assert few["fg_iou_ci_low"].isna().all() and (few["fg_iou_ci_note"] == "too few test images (3 < 10)").all()
+    assert (enough["fg_iou_ci_note"] == "").all()
     width = (runs["fg_iou_ci_high"] - runs["fg_iou_ci_low"]).set_axis(runs["test_set"])
     assert (
         set(runs["test_set"]) == {"a", "c", "a+c"} and runs.loc[runs.test_set == "a+c", "fg_iou_ci_low"].notna().all()
     )
     # Deterministic with the seed, different with another seed.
     again = collect_runs(files, per_image, n_boot=500, boot_seed=0)
-    assert again["fg_iou_ci_low"].tolist() == runs["fg_iou_ci_low"].tolist()
+    assert again["fg_iou_ci_low"].fillna(-1).tolist() == runs["fg_iou_ci_low"].fillna(-1).tolist()
     other = collect_runs(files, per_image, n_boot=500, boot_seed=1)
     assert other["fg_iou_ci_low"].tolist() != runs["fg_iou_ci_low"].tolist()
     summary = summarise(runs, per_image, n_boot=500, boot_seed=0)
@@ -137,16 +142,16 @@ def test_image_interval_shrinks_with_more_images_and_keeps_strata():
 
     def interval(n):
         counts = np.stack([rng.integers(10, 200, n), rng.integers(0, 60, n), rng.integers(0, 60, n)], axis=1)[None]
-        low, high = pooled_iou_interval(counts, np.array(["a"] * n), 400, 0)
+        low, high = pooled_iou_interval(counts, np.array(["a"] * n), 400, 0, min_images=2)
         return high - low
 
     assert interval(200) < interval(5)
     # Two strata: one perfect image in "a", one empty-of-foreground-hits image in "c"; resampling
     # within strata always keeps one of each, so the pooled IoU cannot move.
     counts = np.array([[[10, 0, 0], [0, 10, 0]]])
-    assert pooled_iou_interval(counts, np.array(["a", "c"]), 200, 0) == (0.5, 0.5)
+    assert pooled_iou_interval(counts, np.array(["a", "c"]), 200, 0, min_images=2) == (0.5, 0.5)
     # Without strata it would move.
-    low, high = pooled_iou_interval(counts, np.array(["a", "a"]), 200, 0)
+    low, high = pooled_iou_interval(counts, np.array(["a", "a"]), 200, 0, min_images=2)
     assert low < 0.5 < high or (low, high) != (0.5, 0.5)
 
 
@@ -177,7 +182,7 @@ def test_k_folds_are_a_run_dimension_without_cross_fold_scores(tmp_path):
     for seed in (0, 1):
         for train_set, members in (("vfold0", ["vfold0"]), ("vfold1", ["vfold1"]), ("a", ["a"])):
             for test_set in ("vfold0", "vfold1"):
-                counts = [(int(tp), 10, 10) for tp in rng.integers(20, 100, 3)]
+                counts = [(int(tp), 10, 10) for tp in rng.integers(20, 100, 6)]
                 path, images = _write_run(tmp_path, train_set, members, seed, test_set, counts)
                 target = tmp_path / f"{train_set}-{test_set}-{seed}.json"
                 target.write_text(path.read_text())
@@ -188,10 +193,12 @@ def test_k_folds_are_a_run_dimension_without_cross_fold_scores(tmp_path):
     assert set(runs["train_set"]) == {"v", "a"} and set(runs["test_set"]) == {"v"}
     assert len(runs[runs.train_set == "v"]) == 2 * 2, "one row per fold and seed: no cross-fold scores"
     assert sorted(runs[runs.train_set == "a"]["fold"]) == [0, 0, 1, 1]
-    assert runs["fg_iou_ci_low"].notna().all()
+    # 6 test sections per fold: no interval per run, one for the cell over both folds' 12
+    assert runs["fg_iou_ci_low"].isna().all() and (runs["fg_iou_ci_note"] == "too few test images (6 < 10)").all()
     summary = summarise(runs, per_image, n_boot=200, folds=folds)
     cell = summary[summary.train_set == "v"].iloc[0]
-    assert cell["fg_iou_n"] == 4 and cell["folds"] == "0 1" and cell["n_images"] == 6
+    assert cell["fg_iou_n"] == 4 and cell["folds"] == "0 1" and cell["n_images"] == 12
+    assert cell["n_over"] == "seeds × folds" and "over seeds × folds (n seeds × folds)" in summary_markdown(summary)
     assert cell["fg_iou_ci_low"] < cell["fg_iou_mean"] < cell["fg_iou_ci_high"]
 
 
@@ -237,3 +244,35 @@ def test_object_scores_reach_runs_and_summary_and_unions_pool_their_counts(tmp_p
     assert cell["obj_f1_mean"] == pytest.approx((2 * 2 / 11 + 2 * 4 / 11) / 2)
     assert cell["obj_f1_3d_mean"] == pytest.approx((2 * 2 / 10 + 2 * 4 / 10) / 2) and cell["obj_f1_3d_n"] == 2
     assert "Object F1" in summary_markdown(summary, "obj_f1")
+
+
+def test_paired_table_gives_each_union_minus_single_with_a_paired_interval(tmp_path):
+    """paired.csv: the union's model − the single-dataset model on the same 'a' test images,
+    with an interval from resampling those images for both; 'c' has 3 images: no interval."""
+    from em_foundation.tables import paired_differences
+
+    rng = np.random.default_rng(5)
+    truth_a, truth_c = rng.integers(100, 400, 30), rng.integers(100, 400, 3)
+    files, rows = [], []
+    for seed in (0, 1):
+        for train_set, datasets, gain in (("a", ["a"], 0.0), ("c", ["c"], 0.0), ("ac", ["a", "c"], 0.1)):
+            for test_set, truth in (("a", truth_a), ("c", truth_c)):
+                if test_set not in datasets and train_set != "ac":
+                    continue
+                iou = np.clip(0.5 + gain + 0.01 * rng.normal(size=len(truth)), 0, 1)
+                counts = [(int(t * q), int(t * (1 - q) / 2), int(t * (1 - q) / 2)) for t, q in zip(truth, iou)]
+                path, images = _write_run(tmp_path, train_set, datasets, seed, test_set, counts)
+                files.append(path)
+                rows += images
+    per_image = pd.DataFrame(rows)
+    runs = collect_runs(files, per_image, n_boot=300)
+    paired = paired_differences(runs, per_image, n_boot=300).set_index("test_set")
+    assert set(paired.index) == {"a", "c"} and (paired["train_set_a"] == "ac").all()
+    summary = summarise(runs, per_image, n_boot=0).set_index(["train_set", "test_set"])["fg_iou_mean"]
+    row = paired.loc["a"]
+    assert row["fg_iou_diff"] == pytest.approx(summary[("ac", "a")] - summary[("a", "a")])
+    assert row["fg_iou_diff_ci_low"] < row["fg_iou_diff"] < row["fg_iou_diff_ci_high"]
+    assert row["fg_iou_diff_ci_low"] > 0.05 and (row["n_images"], row["n_runs_a"], row["n_runs_b"]) == (30, 2, 2)
+    assert (
+        np.isnan(paired.loc["c", "fg_iou_diff_ci_low"]) and paired.loc["c", "ci_note"] == "too few test images (3 < 10)"
+    )

@@ -30,6 +30,14 @@ percentiles). The interval contains ``value_debiased`` whenever the replicates' 
 within their own 95 % range, i.e. practically always. ``interval="percentile"`` gives the
 old percentile interval. The permutation null is the FD that sample noise alone produces
 with the same counts and is computed with the plain estimator, like ``value``.
+
+The bias-corrected value does not remove the bias that matters: two samples of one Gaussian
+(d = 256, n = 165 vs 20) give 356 [342, 368], an interval that never covers the true 0. The
+tables therefore report :func:`frechet_excess` instead: the distance *above the permutation
+null*, ``excess = FD − mean null FD`` (by exchangeability the null is exactly the sampling
+distribution of FD when there is no gap, so the excess is centred on 0 then), with a 95 %
+interval whose half-widths are the larger of the null's spread (exact without a gap) and the
+bootstrap's (which carries the sampling variance of a real gap, e.g. of the mean term).
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ __all__ = [
     "frechet_distance",
     "frechet_bootstrap",
     "frechet_permutation",
+    "frechet_excess",
     "effective_dim",
 ]
 
@@ -278,6 +287,7 @@ def frechet_permutation(
     seed: int = 0,
     groups_x: np.ndarray | None = None,
     groups_y: np.ndarray | None = None,
+    ci: float = 95.0,
     **kw: Any,
 ) -> dict[str, Any]:
     """Permutation null for the Fréchet distance: is the gap larger than sample noise?
@@ -308,8 +318,13 @@ def frechet_permutation(
             order = rng.permutation(uniq)
             in_x = np.isin(tags, order[:n_gx])
             null[p] = frechet_distance(pooled[in_x], pooled[~in_x], **kw)
+    alpha = (100.0 - ci) / 2.0
+    null_low, null_high = np.percentile(null, [alpha, 100.0 - alpha]) if n_perm > 0 else (np.nan, np.nan)
     return {
         "value": value,
+        "null_low": float(null_low),
+        "null_high": float(null_high),
+        "null_sd": float(null.std(ddof=1)) if n_perm > 1 else float("nan"),
         "null_mean": float(null.mean()) if n_perm > 0 else float("nan"),
         "null_q95": float(np.percentile(null, 95.0)) if n_perm > 0 else float("nan"),
         "p_value": float((1 + np.sum(null >= value)) / (1 + n_perm)) if n_perm > 0 else float("nan"),
@@ -317,4 +332,49 @@ def frechet_permutation(
         "n_x": int(len(x)),
         "n_y": int(len(y)),
         "dim": effective_dim(len(x), len(y), x.shape[1], kw.get("pca_dim")),
+    }
+
+
+EXCESS_METHOD = "FD − mean permutation-null FD; 95 % interval: wider of null and bootstrap spreads"
+
+
+def frechet_excess(
+    x: np.ndarray,
+    y: np.ndarray,
+    n_boot: int = 200,
+    n_perm: int = 200,
+    seed: int = 0,
+    ci: float = 95.0,
+    groups_x: np.ndarray | None = None,
+    groups_y: np.ndarray | None = None,
+    **kw: Any,
+) -> dict[str, Any]:
+    """The Fréchet distance above what sample noise alone gives at these counts, with an honest interval.
+
+    ``excess = value − null_mean``, the null from ``n_perm`` permutations of the pooled sets
+    (:func:`frechet_permutation`). The interval is ``[excess − h_high, excess + h_low]`` with
+    ``h_high = max(null_high − null_mean, pct_high − boot_mean)`` and ``h_low`` likewise below:
+    without a gap FD is a draw from the null, so the null's spread alone would cover 0 at the
+    nominal rate; with a gap FD varies more than the null (the mean term's variance grows
+    with the gap), which the bootstrap's spread carries. Each uses resamples of whole groups
+    where ``groups_*`` are given. Not clipped at 0: a negative excess reads "below noise".
+    Both bootstrap and null must be drawn (``n_boot``, ``n_perm`` > 1), else the interval is NaN.
+    """
+    boot = frechet_bootstrap(x, y, n_boot=n_boot, seed=seed, ci=ci, groups_x=groups_x, groups_y=groups_y, **kw)
+    if n_perm > 0:
+        perm = frechet_permutation(x, y, n_perm=n_perm, seed=seed, groups_x=groups_x, groups_y=groups_y, ci=ci, **kw)
+    else:
+        perm = {k: np.nan for k in ("null_mean", "null_low", "null_high", "null_sd", "null_q95", "p_value")}
+    excess = boot["value"] - perm["null_mean"]
+    high_side = max(perm["null_high"] - perm["null_mean"], boot["pct_high"] - boot["boot_mean"])
+    low_side = max(perm["null_mean"] - perm["null_low"], boot["boot_mean"] - boot["pct_low"])
+    usable = n_boot > 1 and n_perm > 1
+    return {
+        **boot,
+        **{k: perm[k] for k in ("null_mean", "null_low", "null_high", "null_sd", "null_q95", "p_value")},
+        "n_perm": int(n_perm),
+        "excess": float(excess),
+        "ci_low": float(excess - high_side) if usable else float("nan"),
+        "ci_high": float(excess + low_side) if usable else float("nan"),
+        "interval": EXCESS_METHOD,
     }

@@ -3,10 +3,12 @@
 A good pixel IoU can hide two touching mitochondria predicted as one, or one predicted as
 three fragments. Here both masks are cut into connected components (scikit-image, full
 connectivity: 8-neighbours in 2-D, 26 in 3-D), components smaller than ``min_size`` pixels
-(voxels) are dropped from both sides, and true and predicted objects are matched one to
-one by the Hungarian algorithm on their IoU (SciPy). A match with IoU >= 0.5 is a true
-positive (above 0.5 a match is unique whatever the assignment, so the threshold and the
-assignment never disagree).
+are dropped from both sides (in 3-D: whose largest section is smaller, see label_objects), and a true and a predicted object whose IoU is
+strictly above 0.5 form a true positive, as panoptic quality defines it (Kirillov et al.,
+2019). Above 0.5 a pair is unique by construction (two objects cannot both overlap a third
+by more than half of their union), so such pairs are counted directly. No assignment is run
+on the whole IoU matrix: maximising the summed IoU (Hungarian) can trade one pair above 0.5
+for two below it, and then a clear match is lost.
 
 Per pair of masks (a slice, or a stack of consecutive slices in 3-D) the counts are:
 
@@ -28,7 +30,6 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 from scipy.sparse import coo_matrix
 from skimage.measure import label as connected_components
 from skimage.segmentation import relabel_sequential
@@ -68,12 +69,26 @@ def min_size_pixels(min_area_nm2: float, pixel_size_nm: tuple[float, float] | li
     return int(np.ceil(min_area_nm2 / (float(pixel_size_nm[0]) * float(pixel_size_nm[1])))) if min_area_nm2 > 0 else 0
 
 
+def largest_section(labels: np.ndarray) -> np.ndarray:
+    """(n_labels + 1,) pixels of each 3-D object's largest section (slice), index 0 the background."""
+    n = int(labels.max())
+    return np.max([np.bincount(section.ravel(), minlength=n + 1) for section in labels], axis=0)
+
+
 def label_objects(mask: np.ndarray, min_size: int = 0) -> np.ndarray:
-    """Connected components of a binary mask (2-D or 3-D), those under ``min_size`` pixels removed."""
+    """Connected components of a binary mask (2-D or 3-D), those under ``min_size`` pixels removed.
+
+    ``min_size`` is an area in pixels of one section, in 2-D and 3-D alike: a 3-D object is
+    kept when its largest section has at least ``min_size`` pixels. So the one physical
+    threshold (evaluation.objects.min_area_nm2) means the same in both views and needs no
+    section thickness; a voxel count would keep a small speck followed through many thin
+    sections and drop nothing that a 2-D view keeps for the right reason.
+    """
     labels = connected_components(np.asarray(mask, dtype=bool), connectivity=mask.ndim)
     if min_size > 1:
         # by size, not skimage's remove_small_objects: its size argument changed meaning in 0.26
-        small = np.bincount(labels.ravel()) < min_size
+        sizes = np.bincount(labels.ravel()) if labels.ndim == 2 else largest_section(labels)
+        small = sizes < min_size
         small[0] = False
         labels[small[labels]] = 0
         labels = relabel_sequential(labels)[0]
@@ -99,15 +114,13 @@ def object_counts(prediction: np.ndarray, truth: np.ndarray, min_size: int = 0) 
     true_area = np.bincount(true_labels.ravel(), minlength=n_true + 1)[1:]
     pred_area = np.bincount(pred_labels.ravel(), minlength=n_pred + 1)[1:]
     iou = overlap / (true_area[:, None] + pred_area[None, :] - overlap)
-    rows, cols = linear_sum_assignment(iou, maximize=True)
-    matched = iou[rows, cols]
-    hits = matched >= MATCH_IOU
+    matched = iou[iou > MATCH_IOU]  # unique pairs by construction: no assignment needed
     # splits: predicted objects lying mostly inside one true object; merges: true objects mostly covered by one prediction
     mostly_inside = overlap * 2 > pred_area[None, :]
     mostly_covered = overlap * 2 > true_area[:, None]
     splits = int(np.clip(mostly_inside.sum(axis=1) - 1, 0, None).sum())
     merges = int(np.clip(mostly_covered.sum(axis=0) - 1, 0, None).sum())
-    return ObjectCounts(int(hits.sum()), n_true, n_pred, float(matched[hits].sum()), splits, merges)
+    return ObjectCounts(int(matched.size), n_true, n_pred, float(matched.sum()), splits, merges)
 
 
 def stack_counts(

@@ -17,6 +17,7 @@ import pandas as pd
 from matplotlib.colors import LogNorm
 
 from em_foundation.figures.plots import draw_intervals, image_interval, interval_legend
+from em_foundation.tables import over_what
 
 __all__ = [
     "frechet_matrix",
@@ -126,16 +127,17 @@ def _pick_variant(frechet: pd.DataFrame, variant: str | None) -> str:
 def frechet_matrix(frechet: pd.DataFrame, variant: str | None = None) -> plt.Figure:
     """Fréchet distance between every pair of datasets, one matrix per backbone and view.
 
-    Cells show the bootstrap bias-corrected distance with its basic bootstrap 95 % interval,
-    the plain distance, and the plain distance's ratio to the permutation null's 95th
+    Cells show the distance above the permutation null (FD − mean null FD, the tables'
+    ``excess``) with its 95 % interval (frechet.frechet_excess), the plain distance, and the plain distance's ratio to the permutation null's 95th
     percentile (the null is computed with the plain estimator too); colour is that ratio on a log scale (comparable across backbones
     whose features have different scales; ratio <= 1 means no larger than sampling noise).
     Tick labels carry each dataset's n. Without a permutation null, colour is the distance.
     """
     variant = _pick_variant(frechet, variant)
     table = frechet[frechet["variant"] == variant]
-    # Tables written before the bias correction carry percentile intervals around the plain value.
+    # Tables written before the excess carry bootstrap intervals (basic: around the bias-corrected value).
     methods = set(table["ci_method"].dropna()) if "ci_method" in table else {"percentile"}
+    excess = "excess" in table.columns and table["excess"].notna().any()
     basic = methods == {"basic"}
     backbones = list(dict.fromkeys(table["backbone"]))
     views = _ordered(table["view"], VIEW_ORDER)
@@ -166,7 +168,9 @@ def frechet_matrix(frechet: pd.DataFrame, variant: str | None = None) -> plt.Fig
                 a, b = datasets.index(row.dataset_a), datasets.index(row.dataset_b)
                 ratio = row.value / row.null_q95 if has_null else row.value
                 colour[a, b] = colour[b, a] = ratio
-                if basic and np.isfinite(row.ci_low):
+                if excess and np.isfinite(row.ci_low):
+                    text = f"{row.excess:+.3g}\n[{row.ci_low:+.3g}, {row.ci_high:+.3g}]\nplain {row.value:.3g}"
+                elif basic and np.isfinite(row.ci_low):
                     text = f"{row.value_debiased:.3g}\n[{row.ci_low:.3g}, {row.ci_high:.3g}]\nplain {row.value:.3g}"
                 elif np.isfinite(row.ci_low):
                     text = f"{row.value:.3g}\n[{row.ci_low:.3g}, {row.ci_high:.3g}]"
@@ -199,11 +203,12 @@ def frechet_matrix(frechet: pd.DataFrame, variant: str | None = None) -> plt.Fig
         if has_null and len(ticks) >= 2:  # plain numbers, not 2×10^0
             bar.set_ticks(ticks, labels=[f"{t:g}" for t in ticks])
             bar.minorticks_off()
-    how = (
-        "bootstrap bias-corrected (2·FD − mean of bootstrap FDs), basic bootstrap 95 % interval; plain FD below"
-        if basic
-        else "plain FD, bootstrap percentile 95 % interval"
-    )
+    if excess:
+        how = "FD − mean permutation-null FD [95 % interval]; plain FD below"
+    elif basic:
+        how = "bootstrap bias-corrected (2·FD − mean of bootstrap FDs), basic bootstrap 95 % interval; plain FD below"
+    else:
+        how = "plain FD, bootstrap percentile 95 % interval"
     figure.suptitle(f"Fréchet distance ({variant.replace('_', '-')}): {how}", fontsize=7)
     return figure
 
@@ -266,12 +271,42 @@ def _paired_sets(training_sets: dict[str, list[str]], test_set: str) -> tuple[li
     return single, multi
 
 
-def paired_comparison(summary: pd.DataFrame, training_sets: dict[str, list[str]], metric: str = "fg_iou") -> plt.Figure:
+def _difference_text(paired: pd.DataFrame | None, model: tuple, test_set: str, union: str, single: str, delta: float):
+    """Δ with its paired 95 % interval (tables.paired_differences), or why there is none."""
+    text = f"{delta:+.2f}"
+    if paired is not None and len(paired):
+        row = paired[
+            (paired["backbone"] == model[0])
+            & (paired["regime"] == model[1])
+            & (paired["test_set"] == test_set)
+            & (paired["train_set_a"] == union)
+            & (paired["train_set_b"] == single)
+        ]
+        if "alignment" in paired.columns:
+            row = row[row["alignment"] == "none"]
+        if len(row):
+            row = row.iloc[0]
+            text = f"{row['fg_iou_diff']:+.2f}"
+            if np.isfinite(row["fg_iou_diff_ci_low"]):
+                text += f" [{row['fg_iou_diff_ci_low']:+.2f}, {row['fg_iou_diff_ci_high']:+.2f}]"
+            elif isinstance(row.get("ci_note"), str) and row["ci_note"]:
+                text += " (too few images)"
+    return text.replace("-", "\u2212")
+
+
+def paired_comparison(
+    summary: pd.DataFrame,
+    training_sets: dict[str, list[str]],
+    metric: str = "fg_iou",
+    paired: pd.DataFrame | None = None,
+) -> plt.Figure:
     """Per source test set: the single-dataset model against the model trained on a union.
 
     One panel per test set that some multi-dataset training set contains; bars per backbone
     × regime (mean over seeds) with the sample sd over seeds and the 95 % bootstrap interval
-    over test images side by side, and the difference union − single above.
+    over test images side by side, and the difference union − single above, with the 95 %
+    interval of that paired difference from ``paired`` (tables.paired_differences: the same
+    test images resampled for both models) or "too few images" where there is none.
     """
     if "alignment" in summary.columns:
         summary = summary[summary["alignment"] == "none"]  # alignment has its own figure
@@ -308,8 +343,12 @@ def paired_comparison(summary: pd.DataFrame, training_sets: dict[str, list[str]]
             ax.bar(x, mean, width, color=colour)
             draw_intervals(ax, x, mean, std, image_interval(rows, list(mean), metric), width)
         for m in range(len(models)):
-            deltas = [means[u][m] - means[shown[0]][m] for u in multi]
-            text = "\n".join(f"{d:+.2f}".replace("-", "\u2212") for d in deltas if np.isfinite(d))
+            deltas = {u: means[u][m] - means[shown[0]][m] for u in multi}
+            text = "\n".join(
+                _difference_text(paired if metric == "fg_iou" else None, models[m], test_set, u, shown[0], d)
+                for u, d in deltas.items()
+                if np.isfinite(d)
+            )
             if text:
                 ax.text(m, 1.01, text, ha="center", va="bottom", fontsize=6)
         ax.set_xticks(np.arange(len(models)), [f"{b}\n{r}" for b, r in models], fontsize=6)
@@ -317,7 +356,8 @@ def paired_comparison(summary: pd.DataFrame, training_sets: dict[str, list[str]]
         ax.set_title(
             f"test set: {test_set}   (Δ = {' / '.join(multi)} − {shown[0]})", pad=12 + 7 * (len(multi) - 1), fontsize=7
         )
-    axes[0][0].set_ylabel("foreground IoU (mean over seeds)" if metric == "fg_iou" else f"{metric} (mean)")
+    over = over_what(summary)
+    axes[0][0].set_ylabel(f"foreground IoU (mean over {over})" if metric == "fg_iou" else f"{metric} (mean)")
     n_text = (
         f"{min(seeds)}" if seeds and min(seeds) == max(seeds) else f"{min(seeds, default=0)}–{max(seeds, default=0)}"
     )
@@ -326,13 +366,13 @@ def paired_comparison(summary: pd.DataFrame, training_sets: dict[str, list[str]]
         plt.Rectangle((0, 0), 1, 1, color=f"C{1 + k}", label=f"trained on {u} ({' + '.join(training_sets[u])})")
         for k, u in enumerate(unions)
     ]
-    handles += interval_legend()
+    handles += interval_legend(over)
     figure.legend(
         handles=handles,
         loc="lower center",
         ncol=min(len(handles), 3),
         bbox_to_anchor=(0.5, 0.0),
-        title=f"n = {n_text} seeds per bar",
+        title=f"n = {n_text} {over} per bar; Δ [95 % paired interval]",
         title_fontsize=6,
     )
     figure.tight_layout(rect=(0, 0.2, 1, 1))

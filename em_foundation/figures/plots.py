@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from em_foundation.data.prepared import IGNORE_LABEL
+from em_foundation.tables import over_what
 
 
 def _model_label(backbone: str, regime: str) -> str:
@@ -37,10 +38,14 @@ def draw_intervals(ax, x: np.ndarray, means, stds, intervals: np.ndarray, width:
     ax.errorbar(x + width * 0.18, means, yerr=intervals, fmt="none", ecolor="0.45", elinewidth=0.8, capsize=1.5)
 
 
-def interval_legend() -> list:
+INTERVAL_LABEL = "95 % interval over test images (none: too few test images)"
+
+
+def interval_legend(over: str = "seeds") -> list:
+    """Legend of draw_intervals; ``over``: what the sd pools (tables.over_what: seeds, or seeds × folds)."""
     return [
-        plt.Line2D([], [], color="black", lw=0.8, label="± sd over seeds"),
-        plt.Line2D([], [], color="0.45", lw=0.8, label="95 % interval over test images"),
+        plt.Line2D([], [], color="black", lw=0.8, label=f"± sd over {over}"),
+        plt.Line2D([], [], color="0.45", lw=0.8, label=INTERVAL_LABEL),
     ]
 
 
@@ -110,9 +115,9 @@ def iou_bars(
         )
         ax.set_title(f"test set: {test_set}")
         ax.set_ylim(0, 1)
-    axes[0][0].set_ylabel("foreground IoU (mean over seeds)")
+    axes[0][0].set_ylabel(f"foreground IoU (mean over {over_what(summary)})")
     handles, _ = axes[0][-1].get_legend_handles_labels()
-    axes[0][-1].legend(handles=handles + interval_legend(), loc="upper right", fontsize=5)
+    axes[0][-1].legend(handles=handles + interval_legend(over_what(summary)), loc="upper right", fontsize=5)
     figure.tight_layout()
     return figure
 
@@ -162,8 +167,12 @@ def cross_domain_matrix(summary: pd.DataFrame, metric: str = "fg_iou") -> plt.Fi
     for ax in axes.flat[len(models) :]:
         ax.axis("off")
     if image is not None:
-        figure.colorbar(image, ax=axes, shrink=0.8, label="foreground IoU (mean over seeds)")
-        figure.suptitle("mean, ± sd over seeds, [95 % interval over test images]", fontsize=7)
+        over = over_what(summary)
+        figure.colorbar(image, ax=axes, shrink=0.8, label=f"foreground IoU (mean over {over})")
+        figure.suptitle(
+            f"mean, ± sd over {over}, [95 % block-bootstrap interval over test images; none: too few images]",
+            fontsize=7,
+        )
     return figure
 
 
@@ -343,11 +352,11 @@ def label_efficiency(summary: pd.DataFrame, metric: str = "fg_iou") -> plt.Figur
         ax.set_title(f"test: {test_set}")
         ax.set_xlabel("labelled training slices")
         ax.set_ylim(0, 1)
-    axes[0][0].set_ylabel("foreground IoU (mean over seeds)")
+    axes[0][0].set_ylabel(f"foreground IoU (mean over {over_what(summary)})")
     handles, labels = axes[0][0].get_legend_handles_labels()
     handles += [
-        plt.Rectangle((0, 0), 1, 1, color="0.5", alpha=0.35, label="± sd over seeds"),
-        plt.Rectangle((0, 0), 1, 1, color="0.5", alpha=0.12, label="95 % interval over test images"),
+        plt.Rectangle((0, 0), 1, 1, color="0.5", alpha=0.35, label=f"± sd over {over_what(summary)}"),
+        plt.Rectangle((0, 0), 1, 1, color="0.5", alpha=0.12, label=INTERVAL_LABEL),
     ]
     figure.legend(handles=handles, loc="upper center", ncol=3, fontsize=5, bbox_to_anchor=(0.5, 1.15))
     figure.tight_layout()

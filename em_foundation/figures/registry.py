@@ -54,7 +54,11 @@ FIGURES: dict[str, Callable[[Inputs, dict[str, Any]], plt.Figure]] = {
     "pca": _pca,
     "frechet": lambda inputs, params: analysis_plots.frechet_matrix(_table(inputs["table"]), params.get("variant")),
     "probe": lambda inputs, params: analysis_plots.probe_accuracy(_table(inputs["table"])),
-    "paired": lambda inputs, params: analysis_plots.paired_comparison(_table(inputs["table"]), params["training_sets"]),
+    "paired": lambda inputs, params: analysis_plots.paired_comparison(
+        _table(inputs["table"]),
+        params["training_sets"],
+        paired=_table(inputs["paired"]) if "paired" in inputs else None,
+    ),
 }
 
 
