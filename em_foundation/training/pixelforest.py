@@ -5,27 +5,29 @@ probabilities, so no structure thinner than a patch survives. ilastik's baseline
 on filter responses *per pixel*; this regime measures that, and the same forest on VFM
 tokens upsampled to the pixel grid (napari-convpaint, FeatureForest), beside the others.
 
-Features, per pixel of a tile at the tile's full resolution, computed on the fly from the
-tiles and never cached (a per-pixel cache of Lucchi++ would be tens of GB):
+Features, per pixel at full resolution, computed on the fly from the tiles and never cached
+(a per-pixel cache of Lucchi++ would be tens of GB), always on the whole slice that a slice's
+tiles are reassembled into (``assemble_slice``), so no tile border sees mirrored pixels that
+ilastik would not see:
 
-- the filter bank (``pixel_bank``): ilastik's default set, i.e. raw intensity and, per scale
-  sigma, Gaussian smoothing, Laplacian of Gaussian, Gaussian gradient magnitude, the two
-  Hessian-of-Gaussian eigenvalues, the two structure-tensor eigenvalues (from the project's
-  own ``backbones/filterbank.pixel_features``, its per-pixel responses before pooling) plus
-  the difference of Gaussians G(sigma) - G(0.66 sigma) (ilastik's ratio), which the backbone's
-  bank lacks. Why not scikit-image's ``multiscale_basic_features``: it is faster (0.67 s
-  against 1.65 s for six scales of one 768×1024 slice, measured here) but not equivalent: it
-  gives only smoothing, Sobel edges of the smoothed image and the Hessian eigenvalues
-  (4 channels per scale), with no Laplacian of Gaussian, DoG or structure tensor.
+- the filter bank (``pixel_bank``): ilastik's pixel-classification features with ilastik's
+  arithmetic (``backbones/filterbank.ilastik_features``): at its scales 0.3-10 px, Gaussian
+  smoothing, Laplacian of Gaussian, Gaussian gradient magnitude, difference of Gaussians,
+  structure-tensor and Hessian-of-Gaussian eigenvalues, each where ilastik offers it (only
+  smoothing at 0.3), 49 channels. Why not scikit-image's ``multiscale_basic_features``: it
+  gives only smoothing, Sobel edges of the smoothed image and the Hessian eigenvalues, with
+  no Laplacian of Gaussian, DoG or structure tensor, and not with ilastik's kernels.
 - for a ViT backbone, its cached patch tokens upsampled bilinearly to the pixel grid
   (``tokens_at``: exactly ``F.interpolate(..., mode="bilinear", align_corners=False)``, but
   evaluated only at the pixels asked for, so a 1024-channel tile is never upsampled whole),
   concatenated with the bank where ``pixelforest.with_filterbank`` says so. For the
-  filter-bank backbone the cache is skipped: its tokens are this bank pooled to patches.
+  filter-bank backbone the cache is skipped: its tokens are a (different, smaller) bank pooled to patches.
 
 Training draws a seeded, class-balanced sample of labelled pixels (half foreground, half
-background, uniformly over the training tiles), computes features tile by tile and keeps
-only the sampled pixels. A forest trained on balanced classes over-predicts the rarer
+background, uniformly over the training tiles), computes the bank once per slice and keeps
+only the sampled pixels; it logs progress slice by slice and every 10 trees. Prediction
+computes each slice's bank once and, without tokens, predicts every pixel once in bounded
+chunks (``slice_probability``). A forest trained on balanced classes over-predicts the rarer
 foreground, so its probability is calibrated (``pixelforest.calibration``): ``prior``
 corrects it for the training prior by Bayes' rule (the log-odds shift log(pi/(1-pi)) -
 log(pi_s/(1-pi_s)), pi the foreground fraction of the labelled training pixels, pi_s that of
