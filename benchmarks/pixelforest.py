@@ -3,11 +3,11 @@ memory per 100 slices of 768×1024, on the real code paths.
 
     python -m benchmarks.pixelforest [--train 8] [--test 4] [--threads 2] [--out benchmarks/results-pixelforest.csv]
 
-Synthetic FIB-SEM slices of 768×1024 go through ``tile_dataset`` as whole slices (view
-``resize1024p8``: a 768×1024 slice is its own tile, as the filter-bank backbone sees Lucchi++),
-then ``train_run(regime="pixelforest")`` (features computed tile by tile, balanced pixel
-sample, forest fit, validation calibration) and ``evaluate_model`` (every pixel of every test
-slice predicted and stitched) with config.yaml's ``pixelforest`` block. Seconds are measured on
+Synthetic FIB-SEM slices of 768×1024 go through ``tile_dataset`` in the extended study's view
+``tile448o64`` (six overlapping 448 px tiles per slice), then ``train_run(regime="pixelforest")``
+(ilastik's 49 features computed once per whole slice, balanced pixel sample, forest fit,
+validation calibration) and ``evaluate_model`` (every pixel of every test slice predicted once,
+the tiles cropped from it and stitched) with config.yaml's ``pixelforest`` block. Seconds are measured on
 a few slices and scaled linearly to 100: features and prediction are per slice; the forest
 fit grows slightly faster than linearly with the sample (n log n), so the training figure for
 100 slices is a lower bound; the note says how many slices were measured.
@@ -37,6 +37,15 @@ from em_foundation.training.run import load_segmenter, train_run  # noqa: E402
 
 SLICE = (768, 1024)
 PER = 100  # slices the figures are scaled to
+VIEW = "tile448o64"  # the extended study's tiling, where the per-pixel forest runs
+
+
+def view_for(shape: tuple[int, int]) -> str:
+    """``VIEW``, or for slices smaller than its tile (the tests' tiny run) tiles of half their short side."""
+    if min(shape) >= 448:
+        return VIEW
+    tile = max(8, min(shape) // 2 // 8 * 8)
+    return f"tile{tile}o{tile // 4}"
 
 
 def make_stack(root: Path, n_train: int, n_test: int, shape: tuple[int, int]) -> dict[str, str]:
@@ -53,7 +62,7 @@ def make_stack(root: Path, n_train: int, n_test: int, shape: tuple[int, int]) ->
         {"dataset": "pf"},
     )
     tiles = root / "pf.tiles.h5"
-    tile_dataset(prepared, tiles, view=parse_view(f"resize{max(shape)}p8"))
+    tile_dataset(prepared, tiles, view=parse_view(view_for(shape)))
     split = root / "pf.split.json"
     write_json(split, {"train": names[: n_train - 1], "val": names[n_train - 1 : n_train]})
     return {"prepared": str(prepared), "tiles": str(tiles), "split": str(split)}
@@ -71,7 +80,7 @@ def bench_pixelforest(
     size = f"{shape[0]}x{shape[1]}"
     setting = (
         f"{options['n_estimators']} trees, {options['pixels_per_tile']} px/tile, {len(options['sigmas'])} scales, "
-        f"{options['calibration']} calibration, {threads} threads"
+        f"{options['calibration']} calibration, {threads} threads, {view_for(shape)}"
     )
     memory = PeakMemory(torch.device("cpu"))
     load = load1()

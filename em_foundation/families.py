@@ -50,6 +50,10 @@ class Family:
     # the builder returns a complete segmenter, not a Backbone: no patch tokens, so no feature
     # cache, no domain analysis, and training.build_segmenter adds no head
     segmenter: bool = False
+    # dtype of its cached tokens: float16 halves a ViT cache (layer-normalised tokens lose
+    # nothing); responses spanning orders of magnitude (the filter bank's structure-tensor
+    # channels have sd about 1e-6) keep float32, where float16 would make them subnormal.
+    token_dtype: str = "float16"
     note: str = ""
 
 
@@ -71,7 +75,8 @@ FAMILIES: dict[str, Family] = {
             standardise_tokens=True,
             pooled_pixel_features=True,
             options={"sigmas": list, "patch_size": int},
-            note="ilastik's default Gaussian-derivative filter bank, pooled to a patch grid",
+            token_dtype="float32",
+            note="a 4-scale Gaussian-derivative filter bank in ilastik's style (no DoG), pooled to a patch grid",
         ),
         # DINOv2 and DINOv3 through timm: ImageNet constants, the same builder, hub source and
         # LoRA targets (each block's fused qkv and attention output projection; the same module

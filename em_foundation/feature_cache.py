@@ -5,7 +5,8 @@ The published pipeline ran the frozen backbone again for every batch of every ep
 
 Cache layout, one HDF5 file per (backbone, dataset)::
 
-    /<split>/tokens   float16 (n_tiles, C, h, w), chunked one tile per chunk
+    /<split>/tokens   float16 (n_tiles, C, h, w), chunked one tile per chunk; float32 for
+                      families whose Family.token_dtype says so (the filter bank)
     /<split>/pooled   float32 (n_images, C)  one embedding per slice (domain analysis)
     /<split>/tile_pooled float32 (n_tiles, C)
     /<split>/tokens_digest uint64 (n_tiles,) BLAKE2 digest of each tile's stored tokens
@@ -30,6 +31,7 @@ from tqdm import tqdm
 from em_foundation.backbones.base import Backbone
 from em_foundation.data.streaming import PREFETCH_DEPTH, BackgroundWriter, prefetched, read_rows
 from em_foundation.data.tiles import read_tiles, tiles_provenance
+from em_foundation.families import FAMILIES
 from em_foundation.io import atomic_path, check_finite, create_dataset, damaged, open_h5
 
 
@@ -78,6 +80,9 @@ def cache_features(
     backbone = backbone.to(device).eval()
     counts = {}
     provenance = tiles_provenance(tiles_path)
+    family = FAMILIES.get(getattr(backbone, "family", None) or "")
+    token_dtype = family.token_dtype if family else "float16"  # float32 where float16 loses channels
+    attrs = {**attrs, "token_dtype": token_dtype}
     with atomic_path(out, suffix=".h5") as tmp, h5py.File(tmp, "w") as handle:
         handle.attrs.update(
             {
@@ -96,7 +101,7 @@ def cache_features(
                 group,
                 "tokens",
                 shape=(n_tiles, backbone.embed_dim, *grid_shape),
-                dtype=np.float16,
+                dtype=token_dtype,
                 chunks=(1, backbone.embed_dim, *grid_shape),
             )
             tile_pooled = np.zeros((n_tiles, backbone.embed_dim), dtype=np.float32)
@@ -119,7 +124,7 @@ def cache_features(
                 for start, raw in tqdm(batches, total=len(starts), desc=f"features {split_name}", unit="batch"):
                     output = backbone(to_unit_float(raw, device))
                     # Cast on the device: half the bytes cross to the host.
-                    grid = output.grid.to(torch.float16).cpu().numpy()
+                    grid = output.grid.to(getattr(torch, token_dtype)).cpu().numpy()
                     writer.put((start, grid, output.pooled.float().cpu().numpy()))
             n_images = len(tiles.names)
             pooled = np.stack([tile_pooled[tiles.image_index == i].mean(axis=0) for i in range(n_images)])

@@ -161,3 +161,27 @@ def test_rejects_bad_options(options, message) -> None:
 def test_no_imagenet_normalisation(backbone) -> None:
     described = backbone.describe()
     assert described["mean"] == [0.0, 0.0, 0.0] and described["std"] == [1.0, 1.0, 1.0]
+
+
+def test_filter_bank_cache_stores_float32_so_tiny_channels_survive(tmp_path) -> None:
+    """Structure-tensor channels with sd about 1e-6 are subnormal in float16 (errors of percents
+    of their sd); the filter bank's Family.token_dtype keeps them float32, a ViT cache float16."""
+    from em_foundation.families import FAMILIES
+    from em_foundation.feature_cache import read_tokens
+    from tests.helpers import TINY_VIT, make_dataset
+
+    assert FAMILIES["filterbank"].token_dtype == "float32" and FAMILIES["dinov2"].token_dtype == "float16"
+    paths = make_dataset(tmp_path, "fb", "fibsem", n_train=2, n_test=1, size=112)
+    tokens = read_tokens(paths["features"], "train")
+    assert tokens.dtype == np.float32
+    from em_foundation.data.tiles import read_tiles
+    from em_foundation.feature_cache import to_unit_float
+
+    raw = read_tiles(paths["tiles"], "train").raw[:2]
+    expected = build_backbone({"family": "filterbank", "options": {"patch_size": 8}})(to_unit_float(raw)).grid.numpy()
+    np.testing.assert_array_equal(tokens[:2], expected)  # stored exactly
+    smallest = expected.std(axis=(0, 2, 3)).argmin()
+    as_half = expected[:, smallest].astype(np.float16).astype(np.float32)
+    assert np.abs(as_half - expected[:, smallest]).max() > 0  # what float16 would have lost
+    vit = make_dataset(tmp_path, "vit", "fibsem", n_train=2, n_test=1, size=112, backbone=TINY_VIT)
+    assert read_tokens(vit["features"], "train").dtype == np.float16

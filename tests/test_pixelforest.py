@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from em_foundation.backbones.filterbank import pixel_features, pool_to_grid
+from em_foundation.backbones.filterbank import ilastik_channel_names, pixel_features, pool_to_grid
+from em_foundation.data.tile_grid import TileGrid, extract_tiles
 from em_foundation.data.tiles import TileSet
 from em_foundation.evaluation.evaluate import evaluate_model, pooled_scores
 from em_foundation.evaluation.metrics import confusion, scores
@@ -18,15 +19,18 @@ from em_foundation.grid import alignments_for
 from em_foundation.regimes import reads_tokens
 from em_foundation.training.forest import ForestSegmenter, fit_forest
 from em_foundation.training.pixelforest import (
+    DEFAULT_SIGMAS,
     PixelFeatures,
     PixelForestSegmenter,
     SplitTiles,
+    assemble_slice,
     bank_channel_names,
     best_threshold,
     calibrate,
     fit_pixel_forest,
     pixel_bank,
     sample_pixels,
+    slice_probability,
     tokens_at,
 )
 from em_foundation.training.run import load_segmenter, train_run
@@ -171,7 +175,9 @@ def test_tokens_at_is_bilinear_upsampling_at_the_asked_pixels():
 
 def test_bank_is_ilastiks_set_with_difference_of_gaussians():
     names = bank_channel_names(SIGMAS)
-    assert len(names) == 1 + 8 * len(SIGMAS) and "dog@1.6" in names and "st2@0.7" in names
+    assert names == ilastik_channel_names(SIGMAS) and len(names) == 8 * len(SIGMAS)
+    assert "dog@1.6" in names and "st2@0.7" in names and "raw" not in names
+    assert len(bank_channel_names(DEFAULT_SIGMAS)) == 49  # ilastik's full selection at its 7 scales
     image = np.random.default_rng(0).random((40, 48)).astype(np.float32)
     bank = pixel_bank(image, SIGMAS)
     assert bank.shape == (len(names), 40, 48) and bank.dtype == np.float32
@@ -267,3 +273,43 @@ def test_vit_run_upsamples_tokens_beside_the_filter_bank(datasets, tmp_path):
     assert all(p.shape == (128, 128) for p in predictions) and len(per_image) == 2
     tokens_only, _ = run_pixelforest(datasets, "vit", tmp_path / "tokens", with_filterbank=False)
     assert tokens_only["features"]["channels"] == embed
+
+
+def test_features_at_every_pixel_of_a_tile_equal_those_of_the_whole_slice():
+    """Tiles of a slice (448-style overlap, last tile flush with the border) get the bank of
+    the whole slice at their pixels: no mirrored tile borders, no seams, even at sigma 10."""
+    rng = np.random.default_rng(3)
+    slice_ = rng.random((150, 170)).astype(np.float32)
+    grid = TileGrid.for_shape(150, 170, 64, 16)
+    tiles = extract_tiles(slice_, grid)
+    positions = np.array(grid.positions)
+    spec = PixelFeatures(sigmas=(0.3, 1.0, 10.0), bank=True, token_channels=0)
+    whole = pixel_bank(slice_, spec.sigmas)
+    bank = spec.slice_bank(assemble_slice(tiles, positions))
+    flat = np.arange(64 * 64)
+    for (y, x), tile in zip(positions, tiles):
+        got = spec.at(bank, None, flat, (64, 64), (y, x))
+        np.testing.assert_array_equal(got, whole[:, y : y + 64, x : x + 64].reshape(len(whole), -1).T)
+    # what the per-tile bank (the tile alone, mirrored at its border) would have given instead
+    alone = pixel_bank(tiles[1], spec.sigmas)
+    assert np.abs(alone - whole[:, positions[1][0] :, positions[1][1] :][:, :64, :64]).max() > 1e-3
+
+
+def test_slice_prediction_predicts_each_pixel_once_and_equals_the_per_pixel_forest(lines):
+    (raw, labels), _ = lines
+    model, _ = fitted(raw, labels)
+    rng = np.random.default_rng(4)
+    slice_ = rng.random((100, 120)).astype(np.float32)
+    grid = TileGrid.for_shape(100, 120, 64, 16)
+    tiles, positions = extract_tiles(slice_, grid), np.array(grid.positions)
+    probabilities = slice_probability(model.forest, model.spec, tiles, positions)
+    whole = pixel_bank(slice_, SIGMAS).reshape(len(bank_channel_names(SIGMAS)), -1).T
+    expected = model.forest.predict_proba(whole)[:, 1].reshape(100, 120)
+    for (y, x), probability in zip(positions, probabilities):
+        np.testing.assert_array_equal(probability, expected[y : y + 64, x : x + 64])
+    log_probs = model.predict_slice(torch.from_numpy(tiles)[:, None], positions)
+    np.testing.assert_allclose(
+        log_probs.softmax(dim=1)[:, 1].numpy(),
+        1 / (1 + np.exp(-model.calibrated(np.stack(probabilities)))),
+        rtol=1e-5,
+    )

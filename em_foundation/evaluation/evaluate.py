@@ -48,6 +48,13 @@ def predict_image(
 
     ``tokens``: a per-pixel regime's second input beside the pixels (regimes.Regime.pixels).
     """
+    if hasattr(model, "predict_slice"):
+        # a per-pixel model (the per-pixel forest) computes its features once on the whole slice
+        from em_foundation.training.pixelforest import tile_positions
+
+        with torch.inference_mode():
+            logits = model.predict_slice(inputs, tile_positions(tile_set), tokens)
+        return tile_set.to_native(logits.float().softmax(dim=1)[:, 1].cpu().numpy())
     probabilities = []
     with torch.inference_mode():
         for start in range(0, len(inputs), batch_size):

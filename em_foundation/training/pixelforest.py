@@ -5,27 +5,29 @@ probabilities, so no structure thinner than a patch survives. ilastik's baseline
 on filter responses *per pixel*; this regime measures that, and the same forest on VFM
 tokens upsampled to the pixel grid (napari-convpaint, FeatureForest), beside the others.
 
-Features, per pixel of a tile at the tile's full resolution, computed on the fly from the
-tiles and never cached (a per-pixel cache of Lucchi++ would be tens of GB):
+Features, per pixel at full resolution, computed on the fly from the tiles and never cached
+(a per-pixel cache of Lucchi++ would be tens of GB), always on the whole slice that a slice's
+tiles are reassembled into (``assemble_slice``), so no tile border sees mirrored pixels that
+ilastik would not see:
 
-- the filter bank (``pixel_bank``): ilastik's default set, i.e. raw intensity and, per scale
-  sigma, Gaussian smoothing, Laplacian of Gaussian, Gaussian gradient magnitude, the two
-  Hessian-of-Gaussian eigenvalues, the two structure-tensor eigenvalues (from the project's
-  own ``backbones/filterbank.pixel_features``, its per-pixel responses before pooling) plus
-  the difference of Gaussians G(sigma) - G(0.66 sigma) (ilastik's ratio), which the backbone's
-  bank lacks. Why not scikit-image's ``multiscale_basic_features``: it is faster (0.67 s
-  against 1.65 s for six scales of one 768×1024 slice, measured here) but not equivalent: it
-  gives only smoothing, Sobel edges of the smoothed image and the Hessian eigenvalues
-  (4 channels per scale), with no Laplacian of Gaussian, DoG or structure tensor.
+- the filter bank (``pixel_bank``): ilastik's pixel-classification features with ilastik's
+  arithmetic (``backbones/filterbank.ilastik_features``): at its scales 0.3-10 px, Gaussian
+  smoothing, Laplacian of Gaussian, Gaussian gradient magnitude, difference of Gaussians,
+  structure-tensor and Hessian-of-Gaussian eigenvalues, each where ilastik offers it (only
+  smoothing at 0.3), 49 channels. Why not scikit-image's ``multiscale_basic_features``: it
+  gives only smoothing, Sobel edges of the smoothed image and the Hessian eigenvalues, with
+  no Laplacian of Gaussian, DoG or structure tensor, and not with ilastik's kernels.
 - for a ViT backbone, its cached patch tokens upsampled bilinearly to the pixel grid
   (``tokens_at``: exactly ``F.interpolate(..., mode="bilinear", align_corners=False)``, but
   evaluated only at the pixels asked for, so a 1024-channel tile is never upsampled whole),
   concatenated with the bank where ``pixelforest.with_filterbank`` says so. For the
-  filter-bank backbone the cache is skipped: its tokens are this bank pooled to patches.
+  filter-bank backbone the cache is skipped: its tokens are a (different, smaller) bank pooled to patches.
 
 Training draws a seeded, class-balanced sample of labelled pixels (half foreground, half
-background, uniformly over the training tiles), computes features tile by tile and keeps
-only the sampled pixels. A forest trained on balanced classes over-predicts the rarer
+background, uniformly over the training tiles), computes the bank once per slice and keeps
+only the sampled pixels; it logs progress slice by slice and every 10 trees. Prediction
+computes each slice's bank once and, without tokens, predicts every pixel once in bounded
+chunks (``slice_probability``). A forest trained on balanced classes over-predicts the rarer
 foreground, so its probability is calibrated (``pixelforest.calibration``): ``prior``
 corrects it for the training prior by Bayes' rule (the log-odds shift log(pi/(1-pi)) -
 log(pi_s/(1-pi_s)), pi the foreground fraction of the labelled training pixels, pi_s that of
@@ -46,11 +48,10 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 from sklearn.ensemble import RandomForestClassifier
 from torch import nn
 
-from em_foundation.backbones.filterbank import FILTERS_PER_SCALE, channel_names, pixel_features
+from em_foundation.backbones.filterbank import ILASTIK_SCALES, ilastik_channel_names, ilastik_features
 from em_foundation.data.prepared import IGNORE_LABEL
 from em_foundation.data.splits import labelled_subset
 from em_foundation.data.tiles import TileSet, read_tiles
@@ -60,27 +61,40 @@ from em_foundation.runtime import seed_everything
 from em_foundation.training.forest import fitted_run_record
 from em_foundation.training.losses import soft_dice_loss
 
-DEFAULT_SIGMAS = (0.7, 1.0, 1.6, 3.5, 5.0, 10.0)  # ilastik's default scales from 0.7 to 10 px
-DOG_RATIO = 0.66  # ilastik's DoG: G(sigma) - G(0.66 sigma)
+DEFAULT_SIGMAS = ILASTIK_SCALES  # ilastik's default scales, 0.3 to 10 px
 CALIBRATIONS = ("prior", "validation")
-CHUNK_VALUES = 2**24  # features held at once while predicting a tile (floats): 64 MB
+CHUNK_VALUES = 2**24  # features held at once while predicting (floats): 64 MB
 _EPS = 1e-6
 
 
 def bank_channel_names(sigmas: Sequence[float]) -> list[str]:
-    return channel_names(sigmas) + [f"dog@{float(s):g}" for s in sigmas]
+    return ilastik_channel_names(sigmas)
 
 
 def pixel_bank(image: np.ndarray, sigmas: Sequence[float] = DEFAULT_SIGMAS) -> np.ndarray:
     """(H, W) image in [0, 1] to (C, H, W) float32 filter responses, ``bank_channel_names`` order."""
-    features = pixel_features(image, sigmas)
-    smooth = features[1 :: len(FILTERS_PER_SCALE)]  # the Gaussian channel of each scale (after raw)
-    image = np.ascontiguousarray(image, dtype=np.float32)
-    dog = [
-        smooth[k] - ndimage.gaussian_filter(image, DOG_RATIO * float(s), mode="reflect", output=np.float32)
-        for k, s in enumerate(sigmas)
-    ]
-    return np.concatenate([features, np.stack(dog)]) if dog else features
+    return ilastik_features(image, sigmas)
+
+
+def assemble_slice(tiles: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """One slice's (n, h, w) tiles put back at their (y, x) positions: the slice they were cut from.
+
+    Tiles are crops of one slice (overlaps hold the same pixels), so this is that slice
+    exactly; for a slice smaller than a tile, its reflection padding too (data/tile_grid.py).
+    """
+    positions = np.asarray(positions, dtype=np.int64).reshape(-1, 2)
+    height, width = tiles.shape[-2:]
+    canvas = np.zeros((int(positions[:, 0].max()) + height, int(positions[:, 1].max()) + width), tiles.dtype)
+    for tile, (y, x) in zip(tiles, positions):
+        canvas[y : y + height, x : x + width] = tile
+    return canvas
+
+
+def tile_positions(tile_set: TileSet) -> np.ndarray:
+    """(y, x) of each tile of one slice, in the order the tiles file stores a slice's tiles."""
+    if tile_set.mode == "resize":
+        return np.zeros((1, 2), dtype=np.int64)
+    return np.asarray(tile_set.grid.positions, dtype=np.int64)
 
 
 def tokens_at(tokens: np.ndarray, flat: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -100,7 +114,11 @@ def tokens_at(tokens: np.ndarray, flat: np.ndarray, shape: tuple[int, int]) -> n
 
 @dataclass(frozen=True)
 class PixelFeatures:
-    """Which features a pixel gets: the filter bank at ``sigmas`` and/or upsampled tokens."""
+    """Which features a pixel gets: the filter bank at ``sigmas`` and/or upsampled tokens.
+
+    The bank is computed on the whole slice (``slice_bank``), never on a tile alone: a tile's
+    border would otherwise see mirrored pixels where ilastik sees the slice.
+    """
 
     sigmas: tuple[float, ...]
     bank: bool
@@ -110,14 +128,20 @@ class PixelFeatures:
     def n_channels(self) -> int:
         return (len(bank_channel_names(self.sigmas)) if self.bank else 0) + self.token_channels
 
-    def tile_bank(self, pixels: np.ndarray) -> np.ndarray | None:
-        """The bank of one (H, W) tile in [0, 1], flattened to (C, H·W); None without a bank."""
-        return pixel_bank(pixels, self.sigmas).reshape(-1, pixels.size) if self.bank else None
+    def slice_bank(self, pixels: np.ndarray) -> np.ndarray | None:
+        """The bank of one whole (H, W) slice in [0, 1], (C, H, W); None without a bank."""
+        return pixel_bank(pixels, self.sigmas) if self.bank else None
 
     def at(
-        self, bank: np.ndarray | None, tokens: np.ndarray | None, flat: np.ndarray, shape: tuple[int, int]
+        self,
+        bank: np.ndarray | None,
+        tokens: np.ndarray | None,
+        flat: np.ndarray,
+        shape: tuple[int, int],
+        offset: tuple[int, int] = (0, 0),
     ) -> np.ndarray:
-        """(N, channels) float32 features of the flat pixel indices of one tile."""
+        """(N, channels) float32 features of the flat pixel indices of one (h, w) tile at
+        ``offset`` (y, x) on the slice whose bank is ``bank``."""
         parts = []
         if self.token_channels:
             if tokens is None or tokens.shape[0] != self.token_channels:
@@ -126,7 +150,8 @@ class PixelFeatures:
                 )
             parts.append(tokens_at(tokens, flat, shape))
         if bank is not None:
-            parts.append(bank[:, flat].T)
+            rows, cols = np.divmod(flat, shape[1])
+            parts.append(bank[:, rows + offset[0], cols + offset[1]].T)
         return np.concatenate(parts, axis=1).astype(np.float32, copy=False)
 
 
@@ -137,32 +162,57 @@ def forest_probability(forest: RandomForestClassifier, features: np.ndarray) -> 
     return probability[:, classes.index(1)] if 1 in classes else np.zeros(len(features))
 
 
-def tile_probability(
+def _chunked_probability(forest: RandomForestClassifier, n_channels: int, n: int, features_of) -> np.ndarray:
+    """Forest probability of n rows, ``features_of(start, stop)`` at a time (bounded memory)."""
+    chunk = max(1, CHUNK_VALUES // max(n_channels, 1))
+    parts = [forest_probability(forest, features_of(i, min(i + chunk, n))) for i in range(0, n, chunk)]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def slice_probability(
     forest: RandomForestClassifier,
     spec: PixelFeatures,
-    pixels: np.ndarray,
-    tokens: np.ndarray | None,
-    flat: np.ndarray | None = None,
-) -> np.ndarray:
-    """Raw forest probability of one (H, W) tile's pixels (all, or the flat indices), in chunks."""
-    shape = pixels.shape
-    bank = spec.tile_bank(pixels)
-    flat = np.arange(pixels.size) if flat is None else flat
-    chunk = max(1, CHUNK_VALUES // max(spec.n_channels, 1))
-    return np.concatenate(
-        [
-            forest_probability(forest, spec.at(bank, tokens, flat[i : i + chunk], shape))
-            for i in range(0, len(flat), chunk)
-        ]
-        or [np.zeros(0)]
-    )
+    tiles: np.ndarray,
+    positions: np.ndarray,
+    tokens: np.ndarray | None = None,
+    flats: Sequence[np.ndarray] | None = None,
+) -> list[np.ndarray]:
+    """Raw forest probability of one slice's (n, h, w) tiles in [0, 1], tile by tile: all pixels
+    ((h, w) each) or, with ``flats``, those flat indices of each tile.
+
+    The bank is computed once on the assembled slice. Without tokens every pixel of the
+    slice is predicted once and the tiles are crops of that map; with tokens (which are per
+    tile) each tile's pixels are predicted with its own tokens.
+    """
+    shape = tuple(tiles.shape[-2:])
+    positions = np.asarray(positions, dtype=np.int64).reshape(-1, 2)
+    bank = spec.slice_bank(assemble_slice(tiles, positions))
+    if not spec.token_channels:
+        height, width = bank.shape[1:]
+        flat_bank = bank.reshape(bank.shape[0], -1)
+        whole = _chunked_probability(
+            forest, spec.n_channels, height * width, lambda a, b: np.ascontiguousarray(flat_bank[:, a:b].T)
+        ).reshape(height, width)
+        crops = [whole[y : y + shape[0], x : x + shape[1]] for y, x in positions]
+        return [c.ravel()[f] for c, f in zip(crops, flats)] if flats is not None else crops
+    out = []
+    for k, (y, x) in enumerate(positions):
+        flat = np.arange(shape[0] * shape[1]) if flats is None else flats[k]
+        probability = _chunked_probability(
+            forest, spec.n_channels, len(flat), lambda a, b: spec.at(bank, tokens[k], flat[a:b], shape, (y, x))
+        )
+        out.append(probability.reshape(shape) if flats is None else probability)
+    return out
 
 
 class PixelForestSegmenter(nn.Module):
     """A fitted per-pixel forest that evaluation calls like the torch segmenters.
 
-    Takes the tile's pixels (B, 1, H, W) in [0, 1] and, for a token-fed forest, its tokens;
-    returns (B, 2, H, W) log-probabilities whose softmax crosses 0.5 at the calibrated decision.
+    ``predict_slice`` (what evaluation calls: evaluation/evaluate.py predict_image) takes all
+    tiles of one slice and computes the bank once on the whole slice; ``forward`` takes tiles
+    alone (B, 1, H, W) in [0, 1] and, for a token-fed forest, their tokens, and computes the
+    bank on each tile as if it were a slice. Both return (B, 2, H, W) log-probabilities whose
+    softmax crosses 0.5 at the calibrated decision.
     """
 
     def __init__(self, forest: RandomForestClassifier, spec: PixelFeatures, log_odds_shift: float) -> None:
@@ -174,6 +224,18 @@ class PixelForestSegmenter(nn.Module):
         p = np.clip(probability, _EPS, 1 - _EPS)
         return np.log(p) - np.log1p(-p) + self.log_odds_shift
 
+    def _log_probs(self, probabilities: list[np.ndarray], like: torch.Tensor) -> torch.Tensor:
+        logits = torch.from_numpy(np.stack([self.calibrated(p) for p in probabilities]).astype(np.float32))
+        return F.log_softmax(torch.stack([torch.zeros_like(logits), logits], dim=1), dim=1).to(like.device)
+
+    def predict_slice(
+        self, pixels: torch.Tensor, positions: np.ndarray, tokens: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """All (n, 1, h, w) tiles of one slice, at their (y, x) ``positions``: (n, 2, h, w)."""
+        tiles = pixels[:, 0].detach().float().cpu().numpy()
+        grids = tokens.detach().float().cpu().numpy() if tokens is not None else None
+        return self._log_probs(slice_probability(self.forest, self.spec, tiles, positions, grids), pixels)
+
     def forward(
         self, pixels: torch.Tensor, out_size: tuple[int, int], tokens: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -181,14 +243,12 @@ class PixelForestSegmenter(nn.Module):
             raise ValueError(f"pixelforest predicts at the tile's pixels {tuple(pixels.shape[-2:])}, asked {out_size}")
         images = pixels[:, 0].detach().float().cpu().numpy()
         grids = tokens.detach().float().cpu().numpy() if tokens is not None else [None] * len(images)
-        logits = np.stack(
-            [
-                self.calibrated(tile_probability(self.forest, self.spec, image, grid))
-                for image, grid in zip(images, grids)
-            ]
-        ).reshape(len(images), *images.shape[1:])
-        logits = torch.from_numpy(logits.astype(np.float32))
-        return F.log_softmax(torch.stack([torch.zeros_like(logits), logits], dim=1), dim=1).to(pixels.device)
+        origin = np.zeros((1, 2), dtype=np.int64)
+        probabilities = [
+            slice_probability(self.forest, self.spec, image[None], origin, None if grid is None else grid[None])[0]
+            for image, grid in zip(images, grids)
+        ]
+        return self._log_probs(probabilities, pixels)
 
 
 def logit(p: float) -> float:
@@ -262,63 +322,130 @@ def split_tiles(
     return SplitTiles(dataset, tile_set, features, is_train, is_val, record)
 
 
-def _tokens_of(part: SplitTiles, index: int) -> np.ndarray | None:
-    return None if part.features is None else read_tokens(part.features, "train", np.array([index]))[0]
+def _tokens_of(part: SplitTiles, indices: np.ndarray) -> np.ndarray | None:
+    return None if part.features is None else read_tokens(part.features, "train", np.asarray(indices))
 
 
 def _unit(raw: np.ndarray) -> np.ndarray:
-    """uint8 tile to float32 in [0, 1], exactly as evaluation feeds it (feature_cache.to_unit_float)."""
-    return to_unit_float(raw[None])[0, 0].numpy()
+    """uint8 tiles to float32 in [0, 1], exactly as evaluation feeds them (feature_cache.to_unit_float)."""
+    return to_unit_float(raw[:, None])[:, 0].numpy()
 
 
-def fit_pixel_forest(
-    parts: list[SplitTiles], spec: PixelFeatures, options: dict[str, Any], seed: int, threads: int = 1
-) -> tuple[RandomForestClassifier, dict[str, Any]]:
-    """Fit on a class-balanced sample of training pixels, computing features tile by tile."""
+def _slices_of(part: SplitTiles, mask: np.ndarray) -> list[np.ndarray]:
+    """Tile indices of each slice with tiles in ``mask``, slice by slice (all of a slice's tiles
+    are in one split: splits are by slice)."""
+    indices = np.flatnonzero(mask)
+    images = part.tile_set.image_index[indices]
+    return [indices[images == image] for image in np.unique(images)]
+
+
+def _slice_bank(part: SplitTiles, spec: PixelFeatures, tiles: np.ndarray) -> np.ndarray | None:
+    """The bank of the slice that ``tiles`` (one slice's tile indices, all of them) were cut from."""
+    positions = part.tile_set.positions[tiles]
+    return spec.slice_bank(assemble_slice(_unit(part.tile_set.raw[tiles]), positions))
+
+
+def _log(message: str) -> None:
+    """A progress line on stdout, which the rule sends to its log."""
+    print(message, flush=True)
+
+
+def make_forest(options: dict[str, Any], seed: int, threads: int) -> RandomForestClassifier:
+    """The forest ``pixelforest`` options describe (max_features: sklearn's, default sqrt)."""
+    return RandomForestClassifier(
+        n_estimators=int(options["n_estimators"]),
+        max_depth=options["max_depth"],
+        min_samples_leaf=int(options["min_samples_leaf"]),
+        max_features=options.get("max_features", "sqrt"),
+        random_state=seed,
+        n_jobs=threads,
+        verbose=0,
+    )
+
+
+def sample_features(
+    parts: list[SplitTiles], spec: PixelFeatures, options: dict[str, Any], seed: int
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """A class-balanced sample of training pixels and their features, the bank computed once per slice."""
     rng = np.random.default_rng(seed)
     features, classes = [], []
     labelled = foreground = 0
+    started = time.perf_counter()
     for part in parts:
         indices = np.flatnonzero(part.is_train)
         labels = part.tile_set.labels[indices]
         labelled += int((labels != IGNORE_LABEL).sum())
         foreground += int((labels == 1).sum())
-        for index, chosen in zip(indices, sample_pixels(labels, int(options["pixels_per_tile"]), rng)):
-            if len(chosen):
-                pixels = _unit(part.tile_set.raw[index])
-                bank = spec.tile_bank(pixels)
-                features.append(spec.at(bank, _tokens_of(part, index), chosen, pixels.shape))
-                classes.append(part.tile_set.labels[index].ravel()[chosen])
+        chosen = dict(zip(indices, sample_pixels(labels, int(options["pixels_per_tile"]), rng)))
+        slices = _slices_of(part, part.is_train)
+        for n, tiles in enumerate(slices):
+            bank = _slice_bank(part, spec, tiles)
+            tokens = _tokens_of(part, tiles)
+            for k, index in enumerate(tiles):
+                if len(chosen[index]):
+                    top, left = part.tile_set.positions[index]
+                    grid = None if tokens is None else tokens[k]
+                    features.append(spec.at(bank, grid, chosen[index], part.tile_set.tile_shape, (top, left)))
+                    classes.append(part.tile_set.labels[index].ravel()[chosen[index]])
+            if (n + 1) % 10 == 0 or n + 1 == len(slices):
+                _log(
+                    f"pixelforest features: {part.dataset} slice {n + 1}/{len(slices)}, "
+                    f"{sum(map(len, classes))} pixels, {time.perf_counter() - started:.0f} s"
+                )
     if not features:
         raise ValueError("pixelforest: the training tiles have no labelled pixels to sample")
     y = np.concatenate(classes)
-    forest = RandomForestClassifier(
-        n_estimators=int(options["n_estimators"]),
-        max_depth=options["max_depth"],
-        min_samples_leaf=int(options["min_samples_leaf"]),
-        random_state=seed,
-        n_jobs=threads,
-    )
-    forest.fit(np.concatenate(features), y)
-    return forest, {
+    sample = {
         "pixels_sampled": int(len(y)),
         "sample_prior": float(y.mean()),
         "train_prior": foreground / max(labelled, 1),
     }
+    return np.concatenate(features), y, sample
+
+
+def fit_pixel_forest(
+    parts: list[SplitTiles], spec: PixelFeatures, options: dict[str, Any], seed: int, threads: int = 1
+) -> tuple[RandomForestClassifier, dict[str, Any]]:
+    """Fit on a class-balanced sample of training pixels, logging progress tree batch by batch."""
+    x, y, sample = sample_features(parts, spec, options, seed)
+    forest = make_forest(options, seed, threads)
+    total = forest.n_estimators
+    step = max(1, min(total, 10))
+    started = time.perf_counter()
+    # warm_start grows the same forest as one fit would (each tree's seed is drawn from
+    # random_state in order), so logging between batches changes no tree.
+    forest.set_params(warm_start=True)
+    for grown in range(step, total + step, step):
+        forest.set_params(n_estimators=min(grown, total))
+        forest.fit(x, y)
+        _log(
+            f"pixelforest fit: {forest.n_estimators}/{total} trees on {len(y)} pixels x {x.shape[1]} features, "
+            f"{time.perf_counter() - started:.0f} s"
+        )
+    forest.set_params(warm_start=False)
+    return forest, sample
 
 
 def validation_probability(
     forest: RandomForestClassifier, parts: list[SplitTiles], spec: PixelFeatures
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Raw probability and label of every labelled validation pixel."""
+    """Raw probability and label of every labelled validation pixel (of each tile, as evaluation tiles them)."""
     probabilities, truths = [np.zeros(0)], [np.zeros(0, np.uint8)]
     for part in parts:
-        for index in np.flatnonzero(part.is_val):
-            labels = part.tile_set.labels[index].ravel()
-            flat = np.flatnonzero(labels != IGNORE_LABEL)
-            pixels = _unit(part.tile_set.raw[index])
-            probabilities.append(tile_probability(forest, spec, pixels, _tokens_of(part, index), flat))
-            truths.append(labels[flat])
+        for tiles in _slices_of(part, part.is_val):
+            labels = part.tile_set.labels[tiles].reshape(len(tiles), -1)
+            flats = [np.flatnonzero(row != IGNORE_LABEL) for row in labels]
+            probabilities.extend(
+                slice_probability(
+                    forest,
+                    spec,
+                    _unit(part.tile_set.raw[tiles]),
+                    part.tile_set.positions[tiles],
+                    _tokens_of(part, tiles),
+                    flats,
+                )
+            )
+            truths.extend(row[flat] for row, flat in zip(labels, flats))
     return np.concatenate(probabilities), np.concatenate(truths)
 
 
