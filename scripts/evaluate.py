@@ -35,6 +35,7 @@ with logged(snakemake.log[0]):
             alignment=w.alignment,
             min_object_size=min_size,
             data_in_memory=snakemake.params.compute.get("data_in_memory", "auto"),
+            decision=trained.get("decision"),  # chosen on the run's validation slices (training/run.py)
         )
         stack = has_stack_test_split(spec)
         objects_3d = stack_object_counts(inputs.prepared[k], predictions, min_size) if stack else None
@@ -50,6 +51,9 @@ with logged(snakemake.log[0]):
             "augment": trained.get("augment", "none"),
             "test_set": test_set,
             "train_datasets": list(params.datasets),
+            # the decision rules of the _tuned and _post columns (NaN: a run trained before they existed)
+            "threshold_tuned": float(trained.get("decision", {}).get("threshold", "nan")),
+            "min_size_post": float(trained.get("decision", {}).get("min_size_px", "nan")),
         }
         metrics = write_evaluation(
             per_image,
@@ -65,4 +69,10 @@ with logged(snakemake.log[0]):
             f"{test_set}: foreground IoU {metrics['fg_iou']:.4f} over {metrics['n_pixels']} pixels of {metrics['n_images']} slices; "
             f"object F1 {metrics['obj_f1']:.4f} (2-D, min size {min_size} px)"
             + (f", {metrics['obj_f1_3d']:.4f} (3-D)" if stack else "")
+            + (
+                f"; at the validation threshold {metrics['threshold_tuned']:.2f}: IoU {metrics['fg_iou_tuned']:.4f}, "
+                f"object F1 {metrics['obj_f1_tuned']:.4f}, post-processed {metrics['obj_f1_post']:.4f}"
+                if "fg_iou_tuned" in metrics
+                else ""
+            )
         )
