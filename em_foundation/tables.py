@@ -2,7 +2,8 @@
 
 ``runs.csv``: one row per (backbone, regime, training set, seed, test set), with a 95 %
 bootstrap interval over test images (``fg_iou_ci_low``/``fg_iou_ci_high``, ``n_images``) and
-whether the training batches were augmented (``augment``: training.augment, none or flips_rot90).
+whether the training batches were augmented (``augment``: training.augment, none or flips_rot90)
+and the run's training recipe (``recipe``: lr, batch size, ... with training.overrides applied).
 Beside every published column (threshold 0.5, raw objects) the same score under the run's
 own decision rules, chosen on its validation slices and recorded in its run.json: suffix
 ``_tuned`` at its threshold (``threshold_tuned``), ``_post`` after its post-processing as well
@@ -110,7 +111,8 @@ def union_rows(rows: list[dict]) -> list[dict]:
                 **{
                     k: v
                     for k, v in scored[0].items()
-                    if k in RUN_KEYS or k in ("train_datasets", "n_labelled_slices", "augment", *DECISION_RULES)
+                    if k in RUN_KEYS
+                    or k in ("train_datasets", "n_labelled_slices", "augment", "recipe", *DECISION_RULES)
                 },
                 "test_set": "+".join(sources),
                 **scores(total),
@@ -257,6 +259,7 @@ def collect_runs(
         row.setdefault("alignment", "none")
         row["n_train_slices"] = str(row.get("n_train_slices", "all"))
         row.setdefault("augment", "none")  # training.augment of the run (evaluations before it: none)
+        row.setdefault("recipe", "")  # its training recipe (evaluations before it, and forests: none)
     runs = pd.DataFrame(rows + union_rows(rows))
     if runs.empty:
         raise ValueError("no evaluation results to aggregate")
@@ -305,6 +308,8 @@ def summarise(
     summary["transductive"] = grouped["transductive"].first()
     if "augment" in runs.columns:  # one setting per config; "+"-joined if tables of two configs were merged
         summary["augment"] = grouped["augment"].agg(lambda a: "+".join(sorted(set(map(str, a)))))
+    if "recipe" in runs.columns:  # the regime's training recipe (training.overrides applied)
+        summary["recipe"] = grouped["recipe"].agg(lambda a: " | ".join(sorted(set(map(str, a)))))
     summary["n_images"] = runs.drop_duplicates(CELL_KEYS + ["fold"]).groupby(CELL_KEYS, sort=True)["n_images"].sum()
     if folds:
         summary["folds"] = grouped["fold"].agg(lambda f: " ".join(map(str, sorted(set(f)))))

@@ -10,6 +10,7 @@ from em_foundation import grid
 from em_foundation.provenance import code_digest as _code_digest
 from em_foundation.references import in_domain_training_sets, reference_runs
 from em_foundation.regimes import REGIMES, reads_tokens
+from em_foundation.training.recipe import training_for
 
 RUNS = grid.runs(config)
 # backbones the domain analysis reads features of (whole segmenters, the U-Net, have none)
@@ -203,7 +204,9 @@ def train_params(regime):
     }
     if "training" in blocks:
         # The sweep is in the path ({labels}), not a param: adding it leaves the other runs' params as they were.
-        blocks["training"] = {k: v for k, v in config["training"].items() if k not in grid.SWEEP_KEYS}
+        # training.overrides.<regime> applied for this regime only (training/recipe.py).
+        training = training_for(config["training"], regime)
+        blocks["training"] = {k: v for k, v in training.items() if k not in grid.SWEEP_KEYS}
     return {"regime": regime, "datasets": train_datasets, **blocks, **compute_params(), "code": code_digest("train.py")}
 
 

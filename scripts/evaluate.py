@@ -11,6 +11,7 @@ from em_foundation.grid import n_train_slices_of
 from em_foundation.io import read_json
 from em_foundation.runtime import configure
 from em_foundation.scripting import logged
+from em_foundation.training.recipe import recipe_text
 from em_foundation.training.run import load_segmenter
 
 with logged(snakemake.log[0]):
@@ -49,6 +50,7 @@ with logged(snakemake.log[0]):
             # how many labelled slices the model really trained on (all sources; 'all' made a number)
             "n_labelled_slices": int(trained.get("n_labelled_slices", -1)),
             "augment": trained.get("augment", "none"),
+            "recipe": recipe_text(trained.get("recipe")),  # lr, batch size, ... (training.overrides applied)
             "test_set": test_set,
             "train_datasets": list(params.datasets),
             # the decision rules of the _tuned and _post columns (NaN: a run trained before they existed)

@@ -24,6 +24,7 @@ from em_foundation.grid import CACHED_REGIMES, Run, parse_alignment
 from em_foundation.io import atomic_path, read_json, write_csv, write_json
 from em_foundation.runtime import seed_everything
 from em_foundation.training.augment import augmentation_of
+from em_foundation.training.recipe import recipe_of
 from em_foundation.training.segmenter import build_segmenter
 from em_foundation.training.trainer import NonFiniteLoss, TrainingData, TrainingDiverged, fit
 
@@ -217,6 +218,8 @@ def train_run(
         n_train_slices=n_train_slices,
         data_in_memory=data_in_memory,
     )
+    if training:  # the regimes that train by gradient descent: the recipe they trained under
+        record["recipe"] = recipe_of(training)
     model = load_segmenter(out_model, backbone)
     feature_std = parse_alignment(alignment)["feature_std"]
     record["decision"] = choose_on_validation(model, regime, datasets, tiles, features, splits, device, feature_std)
