@@ -2,7 +2,12 @@
 
 ``runs.csv``: one row per (backbone, regime, training set, seed, test set), with a 95 %
 bootstrap interval over test images (``fg_iou_ci_low``/``fg_iou_ci_high``, ``n_images``) and
-whether the training batches were augmented (``augment``: training.augment, none or flips_rot90).
+whether the training batches were augmented (``augment``: training.augment, none or flips_rot90)
+and the run's training recipe (``recipe``: lr, batch size, ... with training.overrides applied).
+Beside every published column (threshold 0.5, raw objects) the same score under the run's
+own decision rules, chosen on its validation slices and recorded in its run.json: suffix
+``_tuned`` at its threshold (``threshold_tuned``), ``_post`` after its post-processing as well
+(holes filled, objects under ``min_size_post`` pixels removed); see evaluation/decision.py.
 ``summary.csv`` / ``summary.md``: mean, sample standard deviation (ddof 1) and n per cell
 (the spread over seeds, or over seeds × folds with k folds), beside the 95 % bootstrap
 interval over test images of that mean. ``paired.csv``: every comparison the figures draw
@@ -63,6 +68,26 @@ METRICS = ["fg_iou", "fg_dice", "mean_iou"]
 # Object scores (evaluation/objects.py): 2-D per slice, and with suffix _3d over a contiguous
 # test stack (NaN where the test split is not one). Averaged over seeds like the pixel scores.
 OBJECT_METRICS = [*OBJECT_COLUMNS, *(c + THREE_D for c in OBJECT_COLUMNS)]
+# Every regime's scores under its own decision rules, chosen on its validation slices
+# (evaluation/decision.py): at its threshold (_tuned), and with its post-processing (_post),
+# beside the published columns (0.5, raw objects); and the rules themselves.
+DECISION_SUFFIXES = ("_tuned", "_post")
+DECISION_METRICS = [m + suffix for suffix in DECISION_SUFFIXES for m in (*METRICS, *OBJECT_COLUMNS)]
+DECISION_RULES = ["threshold_tuned", "min_size_post"]
+
+
+def _union_decision_columns(scored: list[dict]) -> dict:
+    """A union's _tuned and _post columns from its members' summed counts (where every member has them)."""
+    union: dict = {}
+    for suffix in DECISION_SUFFIXES:
+        if not all(f"tp{suffix}" in row for row in scored):
+            continue
+        total = Counts(*(sum(int(row[k + suffix]) for row in scored) for k in ("tp", "fp", "fn", "tn")))
+        union.update({key + suffix: value for key, value in scores(total).items()})
+        counts = [counts_from(row, suffix) for row in scored]
+        if all(c is not None for c in counts):
+            union.update(scores_columns(sum(counts, ObjectCounts()), suffix))
+    return union
 
 
 def _union_objects(scored: list[dict]) -> dict:
@@ -100,12 +125,14 @@ def union_rows(rows: list[dict]) -> list[dict]:
                 **{
                     k: v
                     for k, v in scored[0].items()
-                    if k in RUN_KEYS or k in ("train_datasets", "n_labelled_slices", "augment")
+                    if k in RUN_KEYS
+                    or k in ("train_datasets", "n_labelled_slices", "augment", "recipe", *DECISION_RULES)
                 },
                 "test_set": "+".join(sources),
                 **scores(total),
                 "n_images": sum(int(r["n_images"]) for r in scored),
                 **_union_objects(scored),
+                **_union_decision_columns(scored),
             }
         )
     return unions
@@ -244,6 +271,7 @@ def collect_runs(
         row.setdefault("alignment", "none")
         row["n_train_slices"] = str(row.get("n_train_slices", "all"))
         row.setdefault("augment", "none")  # training.augment of the run (evaluations before it: none)
+        row.setdefault("recipe", "")  # its training recipe (evaluations before it, and forests: none)
     runs = pd.DataFrame(rows + union_rows(rows))
     if runs.empty:
         raise ValueError("no evaluation results to aggregate")
@@ -264,6 +292,8 @@ def collect_runs(
         runs = runs.drop(columns="fold")
     first = keys + METRICS
     first += ["fg_iou_ci_low", "fg_iou_ci_high", "n_pixels", "n_images", "in_domain", "transductive", "augment"]
+    first += [c for c in ("fg_iou_tuned", "fg_iou_post", "obj_f1", "obj_f1_tuned", "obj_f1_post") if c in runs]
+    first += [c for c in DECISION_RULES if c in runs]
     return runs[first + [c for c in runs.columns if c not in first]].sort_values(keys, ignore_index=True)
 
 
@@ -284,7 +314,7 @@ def summarise(
     """
     runs = with_n_train_slices(runs if "fold" in runs.columns else runs.assign(fold=NO_FOLD))
     grouped = runs.groupby(CELL_KEYS, sort=True)
-    metrics = METRICS + [m for m in OBJECT_METRICS if m in runs.columns]
+    metrics = METRICS + [m for m in OBJECT_METRICS + DECISION_METRICS + DECISION_RULES if m in runs.columns]
     summary = grouped[metrics].agg(["mean", "std", "count"])
     summary.columns = [f"{metric}_{stat if stat != 'count' else 'n'}" for metric, stat in summary.columns]
     summary["seeds"] = grouped["seed"].agg(lambda s: " ".join(map(str, sorted(s))))
@@ -294,6 +324,8 @@ def summarise(
     summary["transductive"] = grouped["transductive"].first()
     if "augment" in runs.columns:  # one setting per config; "+"-joined if tables of two configs were merged
         summary["augment"] = grouped["augment"].agg(lambda a: "+".join(sorted(set(map(str, a)))))
+    if "recipe" in runs.columns:  # the regime's training recipe (training.overrides applied)
+        summary["recipe"] = grouped["recipe"].agg(lambda a: " | ".join(sorted(set(map(str, a)))))
     summary["n_images"] = runs.drop_duplicates(CELL_KEYS + ["fold"]).groupby(CELL_KEYS, sort=True)["n_images"].sum()
     if folds:
         summary["folds"] = grouped["fold"].agg(lambda f: " ".join(map(str, sorted(set(f)))))

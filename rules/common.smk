@@ -11,6 +11,7 @@ from em_foundation.data.generic import unlabelled_files
 from em_foundation.provenance import code_digest as _code_digest
 from em_foundation.references import in_domain_training_sets, reference_runs
 from em_foundation.regimes import REGIMES, reads_tokens
+from em_foundation.training.recipe import training_for
 
 RUNS = grid.runs(config)
 # backbones the domain analysis reads features of (whole segmenters, the U-Net, have none)
@@ -199,7 +200,9 @@ def regime_training_block(regime):
     a sweep leaves the other runs' params as they were."""
     if "training" not in REGIMES[regime].blocks:
         return {}
-    return {k: v for k, v in config["training"].items() if k not in grid.SWEEP_KEYS}
+    # training.overrides.<regime> applies to this regime only (training/recipe.py)
+    training = training_for(config["training"], regime)
+    return {k: v for k, v in training.items() if k not in grid.SWEEP_KEYS}
 
 
 def train_params(regime):

@@ -11,6 +11,7 @@ from em_foundation.grid import n_train_slices_of
 from em_foundation.io import read_json
 from em_foundation.runtime import configure
 from em_foundation.scripting import job_settings, logged
+from em_foundation.training.recipe import recipe_text
 from em_foundation.training.run import load_segmenter
 
 with logged(snakemake.log[0]):
@@ -36,6 +37,7 @@ with logged(snakemake.log[0]):
             alignment=w.alignment,
             min_object_size=min_size,
             data_in_memory=settings["data_in_memory"],
+            decision=trained.get("decision"),  # chosen on the run's validation slices (training/run.py)
         )
         stack = has_stack_test_split(spec)
         objects_3d = stack_object_counts(inputs.prepared[k], predictions, min_size) if stack else None
@@ -49,8 +51,12 @@ with logged(snakemake.log[0]):
             # how many labelled slices the model really trained on (all sources; 'all' made a number)
             "n_labelled_slices": int(trained.get("n_labelled_slices", -1)),
             "augment": trained.get("augment", "none"),
+            "recipe": recipe_text(trained.get("recipe")),  # lr, batch size, ... (training.overrides applied)
             "test_set": test_set,
             "train_datasets": list(params.datasets),
+            # the decision rules of the _tuned and _post columns (NaN: a run trained before they existed)
+            "threshold_tuned": float(trained.get("decision", {}).get("threshold", "nan")),
+            "min_size_post": float(trained.get("decision", {}).get("min_size_px", "nan")),
         }
         metrics = write_evaluation(
             per_image,
@@ -66,4 +72,10 @@ with logged(snakemake.log[0]):
             f"{test_set}: foreground IoU {metrics['fg_iou']:.4f} over {metrics['n_pixels']} pixels of {metrics['n_images']} slices; "
             f"object F1 {metrics['obj_f1']:.4f} (2-D, min size {min_size} px)"
             + (f", {metrics['obj_f1_3d']:.4f} (3-D)" if stack else "")
+            + (
+                f"; at the validation threshold {metrics['threshold_tuned']:.2f}: IoU {metrics['fg_iou_tuned']:.4f}, "
+                f"object F1 {metrics['obj_f1_tuned']:.4f}, post-processed {metrics['obj_f1_post']:.4f}"
+                if "fg_iou_tuned" in metrics
+                else ""
+            )
         )

@@ -125,6 +125,7 @@ def test_training(published):
         "n_train_slices": ["all"],
         "n_train_slices_for": None,
         "augment": "none",  # no flips or rotations: the published training batches as they are
+        "overrides": {},  # one recipe for every regime: no per-regime training.overrides
         **{k: v for k, v in published["training"].items() if k in ("val_loss", "val_split", "val_gap")},
     }
     assert published["training"].get("val_loss", "pooled") == "pooled"

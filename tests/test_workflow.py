@@ -216,6 +216,14 @@ def test_lora_rank_change_reruns_only_lora_and_dependants(demo_run, tmp_path):
     assert "train_head" not in jobs and not UPSTREAM & set(jobs), dict(jobs)
 
 
+def test_supervised_override_reruns_only_the_supervised_runs(demo_run, tmp_path):
+    config = demo_config()
+    config["training"]["overrides"] = {"supervised": {"lr": 2e-3, "augment": "flips_rot90"}}
+    jobs = scheduled_jobs(snakemake(demo_run, "-n", configfile=write_config(tmp_path / "c.yaml", config)))
+    assert jobs["train_supervised"] == PER_MODEL and jobs["evaluate"] == PER_MODEL, dict(jobs)
+    assert not {"train_head", "train_lora", "train_pixelforest"} & set(jobs) and not UPSTREAM & set(jobs), dict(jobs)
+
+
 def test_plot_style_change_reruns_only_figures(demo_run, tmp_path):
     config = demo_config()
     config["figures"] = {"style": "paper", "formats": ["png", "pdf", "svg"]}

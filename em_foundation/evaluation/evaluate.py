@@ -8,7 +8,7 @@ backbone is scored on the same pixel grid whatever its patch size (defect 4 in d
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import h5py
 import numpy as np
@@ -17,9 +17,11 @@ import torch
 from tqdm import tqdm
 
 from em_foundation.alignment import adapt_batchnorm, domain_stats_from_cache, iterate_batches, segmenter_forward
+from em_foundation.data.prepared import IGNORE_LABEL
 from em_foundation.data.splits import section_order
 from em_foundation.data.streaming import Part, StoredRows, choose_loading
 from em_foundation.data.tiles import TileSet, read_tiles
+from em_foundation.evaluation.decision import choose_decision, postprocess
 from em_foundation.evaluation.metrics import Counts, confusion, scores
 from em_foundation.evaluation.objects import (
     COUNT_COLUMNS,
@@ -32,7 +34,7 @@ from em_foundation.evaluation.objects import (
 )
 from em_foundation.feature_cache import check_cache_matches_tiles, to_unit_float
 from em_foundation.grid import CACHED_REGIMES, parse_alignment
-from em_foundation.io import atomic_path, create_dataset, decode, open_h5, write_csv, write_json
+from em_foundation.io import atomic_path, create_dataset, decode, open_h5, read_json, write_csv, write_json
 from em_foundation.regimes import regime_of
 
 
@@ -80,6 +82,66 @@ def split_inputs(
     return StoredRows([Part(str(tiles), split, "raw", rows)])
 
 
+def slice_probabilities(
+    model: torch.nn.Module,
+    regime: str,
+    tiles: str | Path,
+    features: str | Path | None,
+    split: str,
+    device: torch.device,
+    images: list[int] | None = None,
+    batch_size: int = 8,
+    stats: Any = None,
+    data_in_memory: str = "auto",
+    adabn_source: str | None = None,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(slice index, foreground probability on its native grid) for each slice of ``split``
+    (or the ``images`` among them), in order: the one prediction path of the test split
+    (evaluate_model) and of a run's validation slices (choose_on_validation).
+
+    ``stats``: per-channel token statistics to standardise with (alignment featstd);
+    ``adabn_source``: the split whose batch-norm statistics the model is re-estimated on.
+    """
+    # A per-pixel regime reads pixels, and tokens where it was given a cache (regimes.reads_tokens).
+    pixel_regime = regime_of(regime).pixels
+    cached = regime in CACHED_REGIMES and not (pixel_regime and features is None)
+    tile_set = read_tiles(tiles, split, with_pixels=False, with_labels=False)
+    if cached:
+        check_cache_matches_tiles(features, tiles)
+    to_tensor = _tokens_tensor if cached and not pixel_regime else to_unit_float
+    stored = split_inputs(regime, tiles, features, split, stats)
+    # the per-pixel forest's second input: the tokens it upsamples beside its filters
+    tokens = split_inputs("head", tiles, features, split, stats) if pixel_regime and cached else None
+    loading = choose_loading(stored.nbytes + (tokens.nbytes if tokens else 0), data_in_memory, f"the {split} inputs")
+    print(f"evaluation inputs: {loading['mode']} ({loading['reason']})", flush=True)
+    inputs_of = stored[:] if loading["mode"] == "in-memory" else stored
+    tokens_of = tokens[:] if tokens is not None and loading["mode"] == "in-memory" else tokens
+    model = model.to(device).eval()
+    if adabn_source is not None:
+        # The statistics' split streamed batch by batch (standardised as the scored inputs are).
+        source = stored if adabn_source == split else split_inputs(regime, tiles, features, adabn_source, stats)
+        model = adapt_batchnorm(model, iterate_batches(source, batch_size, to_tensor), segmenter_forward)
+    for image in range(len(tile_set.names)) if images is None else images:
+        indices = tile_set.tiles_of(image)
+        inputs = to_tensor(inputs_of[indices])
+        extra = _tokens_tensor(tokens_of[indices]) if tokens_of is not None else None
+        yield image, predict_image(model, inputs, tile_set, batch_size, device, extra)
+
+
+# Suffixes of the columns scored under a run's validation-chosen decision rules
+# (evaluation/decision.py), beside the published columns (threshold 0.5, no post-processing).
+TUNED = "_tuned"  # threshold chosen on the run's validation slices
+POST = "_post"  # that threshold, holes filled and objects under the validation-chosen size removed
+DECISION_SUFFIXES = (TUNED, POST)
+PIXEL_COUNT_KEYS = ("tp", "fp", "fn", "tn")
+
+
+def _scored_columns(prediction: np.ndarray, truth: np.ndarray, min_object_size: int, suffix: str = "") -> dict:
+    pixel = scores(confusion(prediction, truth))
+    objects = counts_columns(object_counts(prediction, truth, min_object_size))
+    return {key + suffix: value for key, value in {**pixel, **objects}.items()}
+
+
 def evaluate_model(
     model: torch.nn.Module,
     regime: str,
@@ -91,6 +153,7 @@ def evaluate_model(
     alignment: str = "none",
     min_object_size: int = 0,
     data_in_memory: str = "auto",
+    decision: dict[str, Any] | None = None,
 ) -> tuple[pd.DataFrame, list[np.ndarray]]:
     """Per-image metrics (one row per slice) and the predicted masks, at native resolution.
 
@@ -102,6 +165,9 @@ def evaluate_model(
 
     Each row also carries the slice's object counts (evaluation/objects.py; objects under
     ``min_object_size`` pixels dropped from both sides), pooled by ``pooled_scores``.
+    With ``decision`` (run.json's, chosen on the run's validation slices) every pixel and
+    object column is also scored at its threshold (suffix ``_tuned``) and after its
+    post-processing (``_post``); the unsuffixed columns stay the published 0.5 cut.
 
     Inputs and masks are read slice by slice as each is scored (``data_in_memory`` never,
     or auto where the test split does not fit in memory), or the test split's inputs once
@@ -109,50 +175,89 @@ def evaluate_model(
     """
     options = parse_alignment(alignment)
     statistics_split = "test" if options["transductive"] else "train"
-    # A per-pixel regime reads pixels, and tokens where it was given a cache (regimes.reads_tokens).
-    pixel_regime = regime_of(regime).pixels
-    cached = regime in CACHED_REGIMES and not (pixel_regime and features is None)
-    tile_set = read_tiles(tiles, "test", with_pixels=False, with_labels=False)
-    if cached:
-        check_cache_matches_tiles(features, tiles)
     stats = domain_stats_from_cache(features, statistics_split) if options["feature_std"] else None
-    to_tensor = _tokens_tensor if cached and not pixel_regime else to_unit_float
-    stored = split_inputs(regime, tiles, features, "test", stats)
-    # the per-pixel forest's second input: the tokens it upsamples beside its filters
-    tokens = split_inputs("head", tiles, features, "test", stats) if pixel_regime and cached else None
-    loading = choose_loading(stored.nbytes + (tokens.nbytes if tokens else 0), data_in_memory, "the test inputs")
-    print(f"evaluation inputs: {loading['mode']} ({loading['reason']})", flush=True)
-    inputs_of = stored[:] if loading["mode"] == "in-memory" else stored
-    tokens_of = tokens[:] if tokens is not None and loading["mode"] == "in-memory" else tokens
-    model = model.to(device).eval()
-    if options["adabn"]:
-        # The statistics' split streamed batch by batch (standardised as the scored inputs are).
-        source = stored if options["transductive"] else split_inputs(regime, tiles, features, "train", stats)
-        model = adapt_batchnorm(model, iterate_batches(source, batch_size, to_tensor), segmenter_forward)
+    probabilities = slice_probabilities(
+        model,
+        regime,
+        tiles,
+        features,
+        "test",
+        device,
+        batch_size=batch_size,
+        stats=stats,
+        data_in_memory=data_in_memory,
+        adabn_source=statistics_split if options["adabn"] else None,
+    )
     names, truth_of = _truth_reader(prepared)
     rows, predictions = [], []
-    for image in tqdm(range(len(names)), desc="evaluate", unit="slice"):
-        indices = tile_set.tiles_of(image)
-        inputs = to_tensor(inputs_of[indices])
-        extra = _tokens_tensor(tokens_of[indices]) if tokens_of is not None else None
-        probability = predict_image(model, inputs, tile_set, batch_size, device, extra)
+    for image, probability in tqdm(probabilities, total=len(names), desc="evaluate", unit="slice"):
         prediction = (probability >= 0.5).astype(np.uint8)
         truth = truth_of(image)
         if prediction.shape != truth.shape:
             raise AssertionError(f"prediction {prediction.shape} is not at native resolution {truth.shape}")
-        counts = confusion(prediction, truth)
-        objects = object_counts(prediction, truth, min_object_size)
-        rows.append(
-            {
-                "image": names[image],
-                "height": prediction.shape[0],
-                "width": prediction.shape[1],
-                **scores(counts),
-                **counts_columns(objects),
-            }
-        )
+        row = {"image": names[image], "height": prediction.shape[0], "width": prediction.shape[1]}
+        row.update(_scored_columns(prediction, truth, min_object_size))
+        if decision is not None:
+            tuned = (probability >= float(decision["threshold"])).astype(np.uint8)
+            row.update(_scored_columns(tuned, truth, min_object_size, TUNED))
+            post = postprocess(tuned, int(decision["min_size_px"]))
+            row.update(_scored_columns(post, truth, min_object_size, POST))
+        rows.append(row)
         predictions.append(prediction)
     return pd.DataFrame(rows), predictions
+
+
+def native_labels(tile_set: TileSet, label_tiles: np.ndarray) -> np.ndarray:
+    """One slice's mask on its native grid from its tiles' labels (0, 1, IGNORE_LABEL).
+
+    Exact in tile mode (overlapping tiles carry the same labels); in resize mode the
+    resampled mask is interpolated back and pixels touched by an ignored one stay ignored.
+    """
+    valid = tile_set.to_native((label_tiles != IGNORE_LABEL).astype(np.float32)) > 1 - 1e-3
+    foreground = tile_set.to_native((label_tiles == 1).astype(np.float32)) >= 0.5
+    return np.where(valid, foreground, IGNORE_LABEL).astype(np.uint8)
+
+
+def choose_on_validation(
+    model: torch.nn.Module,
+    regime: str,
+    datasets: list[str],
+    tiles: dict[str, str],
+    features: dict[str, str] | None,
+    splits: dict[str, str],
+    device: torch.device,
+    feature_std: bool = False,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """A trained model's decision rules (evaluation/decision.py), chosen on its validation slices.
+
+    The validation slices are those of the run's split files, read from the training split
+    of each dataset's tiles and predicted through the same path as the test split; no
+    test slice is read. Tokens are standardised as training standardised them (featstd:
+    each dataset's own training-split statistics).
+    """
+    probabilities, truths = [], []
+    for dataset in datasets:
+        tile_set = read_tiles(tiles[dataset], "train", with_pixels=False, with_labels=False)
+        val_names = set(read_json(splits[dataset])["val"])
+        images = [i for i, name in enumerate(tile_set.names) if name in val_names]
+        cache = features[dataset] if features else None
+        stats = domain_stats_from_cache(cache, "train", dataset=dataset) if feature_std and cache else None
+        with open_h5(tiles[dataset]) as handle:
+            labels = handle["train"]["labels"]
+            for image, probability in slice_probabilities(
+                model, regime, tiles[dataset], cache, "train", device, images, batch_size, stats
+            ):
+                truth = native_labels(tile_set, labels[np.sort(tile_set.tiles_of(image))])
+                probabilities.append(probability)
+                truths.append(truth)
+    decision = choose_decision(probabilities, truths)
+    print(
+        f"decision on {len(probabilities)} validation slices: threshold {decision['threshold']:.2f}, "
+        f"smallest kept object {decision['min_size_px']} px ({decision['chosen_on']})",
+        flush=True,
+    )
+    return decision
 
 
 def _truth_reader(prepared: str | Path) -> tuple[list[str], Any]:
@@ -191,6 +296,13 @@ def pooled_scores(per_image: pd.DataFrame, objects_3d: ObjectCounts | None = Non
         pooled.update(scores_columns(objects))
         if objects_3d is not None:  # absent, not NaN, where the test split is no stack (tables fill NaN)
             pooled.update(scores_columns(objects_3d, THREE_D))
+    for suffix in DECISION_SUFFIXES:  # the validation-chosen decision rules' columns, where scored
+        if f"tp{suffix}" not in per_image.columns:
+            continue
+        total = Counts(*(int(per_image[key + suffix].sum()) for key in PIXEL_COUNT_KEYS))
+        pooled.update({key + suffix: value for key, value in scores(total).items()})
+        objects = ObjectCounts(*(per_image[column + suffix].sum().item() for column in COUNT_COLUMNS))
+        pooled.update(scores_columns(objects, suffix))
     return pooled
 
 

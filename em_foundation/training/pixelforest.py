@@ -55,6 +55,7 @@ from em_foundation.backbones.filterbank import ILASTIK_SCALES, ilastik_channel_n
 from em_foundation.data.prepared import IGNORE_LABEL
 from em_foundation.data.splits import labelled_subset
 from em_foundation.data.tiles import TileSet, read_tiles
+from em_foundation.evaluation.decision import best_threshold
 from em_foundation.feature_cache import check_cache_matches_tiles, read_tokens, to_unit_float
 from em_foundation.io import atomic_path, read_json, write_csv, write_json
 from em_foundation.runtime import seed_everything
@@ -254,17 +255,6 @@ class PixelForestSegmenter(nn.Module):
 def logit(p: float) -> float:
     p = min(max(p, _EPS), 1 - _EPS)
     return float(np.log(p) - np.log1p(-p))
-
-
-def best_threshold(probability: np.ndarray, truth: np.ndarray, steps: int = 99) -> tuple[float, float]:
-    """The threshold on the probability (a multiple of 1/(steps+1)) that maximises foreground IoU, and that IoU."""
-    thresholds = np.arange(1, steps + 1) / (steps + 1)
-    edges = np.concatenate([[0.0], thresholds, [1.0 + _EPS]])
-    foreground = np.histogram(probability[truth == 1], edges)[0][::-1].cumsum()[::-1][1:]  # counts of p >= t
-    background = np.histogram(probability[truth == 0], edges)[0][::-1].cumsum()[::-1][1:]
-    iou = foreground / np.maximum(foreground + background + (truth == 1).sum() - foreground, 1)
-    best = int(np.argmax(iou))
-    return float(thresholds[best]), float(iou[best])
 
 
 def sample_pixels(labels: np.ndarray, per_tile: int, rng: np.random.Generator) -> list[np.ndarray]:

@@ -18,12 +18,14 @@ from em_foundation.data.prepared import IGNORE_LABEL
 from em_foundation.data.splits import labelled_subset
 from em_foundation.data.streaming import Part, StoredRows, choose_loading
 from em_foundation.data.tiles import read_tiles, tiles_provenance
+from em_foundation.evaluation.evaluate import choose_on_validation
 from em_foundation.families import STANDARDISED_FAMILIES
 from em_foundation.feature_cache import check_cache_matches_tiles, read_cache_attrs, to_unit_float
 from em_foundation.grid import CACHED_REGIMES, Run, parse_alignment
 from em_foundation.io import atomic_path, read_json, write_csv, write_json
 from em_foundation.runtime import seed_everything
 from em_foundation.training.augment import augmentation_of
+from em_foundation.training.recipe import recipe_of
 from em_foundation.training.segmenter import build_segmenter
 from em_foundation.training.trainer import NonFiniteLoss, TrainingData, TrainingDiverged, fit
 
@@ -189,7 +191,75 @@ def train_run(
     ``data_in_memory``: compute.data_in_memory (load_training_data); the record's ``data_loading`` says what was done.
 
     ``code`` is the rule's code digest: a checkpoint written by other code is not resumed.
+
+    Whatever the regime, training ends the same way: the written model is reloaded as
+    evaluation will load it and its decision rules (threshold, post-processing size) are
+    chosen on the run's validation slices (evaluation/evaluate.choose_on_validation), into
+    run.json's ``decision``.
     """
+    record = _fit_and_write(
+        regime=regime,
+        backbone_name=backbone_name,
+        train_set=train_set,
+        datasets=datasets,
+        seed=seed,
+        backbone=backbone,
+        head=head,
+        lora=lora,
+        training=training,
+        tiles=tiles,
+        features=features,
+        splits=splits,
+        device=device,
+        out_model=out_model,
+        out_log=out_log,
+        out_run=out_run,
+        forest=forest,
+        pixelforest=pixelforest,
+        alignment=alignment,
+        threads=threads,
+        stop_after_epochs=stop_after_epochs,
+        code=code,
+        n_train_slices=n_train_slices,
+        data_in_memory=data_in_memory,
+    )
+    if training:  # the regimes that train by gradient descent: the recipe they trained under
+        record["recipe"] = recipe_of(training)
+    model = load_segmenter(out_model, backbone)
+    feature_std = parse_alignment(alignment)["feature_std"]
+    record["decision"] = choose_on_validation(model, regime, datasets, tiles, features, splits, device, feature_std)
+    write_json(out_run, record)
+    return record
+
+
+def _fit_and_write(
+    *,
+    regime: str,
+    backbone_name: str,
+    train_set: str,
+    datasets: list[str],
+    seed: int,
+    backbone: dict[str, Any],
+    head: dict[str, Any],
+    lora: dict[str, Any],
+    training: dict[str, Any],
+    tiles: dict[str, str],
+    features: dict[str, str] | None,
+    splits: dict[str, str],
+    device: torch.device,
+    out_model: Path,
+    out_log: Path,
+    out_run: Path,
+    forest: dict[str, Any] | None = None,
+    pixelforest: dict[str, Any] | None = None,
+    alignment: str = "none",
+    threads: int = 1,
+    stop_after_epochs: int | None = None,
+    code: str | None = None,
+    n_train_slices: str = "all",
+    data_in_memory: str = "auto",
+) -> dict[str, Any]:
+    """Fit one run of any regime and write its model, log and record (see train_run)."""
     started = time.perf_counter()
     aligned = parse_alignment(alignment)
     balanced = bool(training.get("balanced_sampling", False) or aligned["balanced"]) and len(datasets) > 1
