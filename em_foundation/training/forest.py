@@ -129,6 +129,7 @@ def fitted_run_record(
             for k in ("regime", "backbone_name", "train_set", "datasets", "seed", "alignment", "n_train_slices")
         },
         "n_labelled_slices": sum(len(part["labelled_slices"]) for part in data.values()),
+        "n_validation_slices": sum(len(part.get("val_slices", [])) for part in data.values()),
         "balanced": False,
         "best_epoch": 1,
         "best_val_loss": val_loss,

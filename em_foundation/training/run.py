@@ -303,10 +303,14 @@ def train_run(
             )
         },
         "n_labelled_slices": sum(len(part["labelled_slices"]) for part in data_record.values()),
+        # validation slices are labelled slices too: the label-efficiency figure counts both
+        "n_validation_slices": sum(len(part["val_slices"]) for part in data_record.values()),
         "augment": augmentation_of(training),
         "best_epoch": result.best_epoch,
         "best_val_loss": result.best_val_loss,
         "epochs_run": int(len(result.history)),
+        "steps_run": result.steps_run,
+        "best_step": result.best_step,
         "stop_reason": result.stop_reason,
         "resumed_from_epoch": result.resumed_from_epoch,
         "tiles_drawn_per_source": result.sampled_per_source,
