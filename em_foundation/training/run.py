@@ -229,7 +229,8 @@ def train_run(
     if regime == "forest":
         from em_foundation.training.forest import train_forest_run
 
-        patch_size = int(read_cache_attrs(features[datasets[0]])["patch_size"])
+        attrs = read_cache_attrs(features[datasets[0]])
+        patch_size = int(attrs["patch_size"])
         return train_forest_run(
             backbone_name=backbone_name,
             train_set=train_set,
@@ -246,18 +247,20 @@ def train_run(
             out_log=out_log,
             out_run=out_run,
             n_train_slices=str(n_train_slices),
+            input_frame=int(attrs["input_frame"]) if "input_frame" in attrs else None,
         )
-    in_channels = patch_size = input_standardisation = None
+    in_channels = patch_size = input_standardisation = input_frame = None
     if regime == "head":
         cache = {d: read_cache_attrs(features[d]) for d in datasets}
         in_channels = int(train.inputs.shape[1])
         patch_size = int(cache[datasets[0]]["patch_size"])
+        input_frame = int(cache[datasets[0]]["input_frame"]) if "input_frame" in cache[datasets[0]] else None
         snapshot["weights_identity"] = {d: str(attrs["weights_identity"]) for d, attrs in cache.items()}
         if any(str(attrs.get("family")) in STANDARDISED_FAMILIES for attrs in cache.values()):
             # eps far below the smallest filter-bank variance (~1e-11), so every channel reaches unit variance.
             stats = domain_stats(train.inputs, eps=1e-14, dataset=train_set, split="train")
             input_standardisation = {"mean": stats.mean.tolist(), "scale": stats.scale.tolist()}
-    model = build_segmenter(regime, backbone, head, lora, in_channels, patch_size, input_standardisation)
+    model = build_segmenter(regime, backbone, head, lora, in_channels, patch_size, input_standardisation, input_frame)
     checkpoint = out_model.with_name("checkpoint.pt")
     # a whole segmenter (the U-Net) carries its weights' identity itself
     weights_identity = snapshot.get("weights_identity") or getattr(getattr(model, "backbone", model), "identity", None)
@@ -282,6 +285,7 @@ def train_run(
                 "in_channels": in_channels,
                 "patch_size": patch_size,
                 "input_standardisation": input_standardisation,
+                "input_frame": input_frame,
                 "state": result.best_state,
                 "config": snapshot,
             },
@@ -330,7 +334,7 @@ def load_segmenter(model_path: Path, backbone: dict[str, Any]) -> torch.nn.Modul
     if saved["regime"] == "forest":
         from em_foundation.training.forest import ForestSegmenter
 
-        return ForestSegmenter(saved["forest"]).eval()
+        return ForestSegmenter(saved["forest"], saved.get("input_frame")).eval()
     if saved["regime"] == "pixelforest":
         from em_foundation.training.pixelforest import load_pixel_forest
 
@@ -344,6 +348,7 @@ def load_segmenter(model_path: Path, backbone: dict[str, Any]) -> torch.nn.Modul
         saved["in_channels"],
         saved["patch_size"],
         saved.get("input_standardisation"),
+        saved.get("input_frame"),
     )
     result = model.load_state_dict(saved["state"], strict=False)
     if result.unexpected_keys:
