@@ -177,6 +177,8 @@ def test_extended_preset_adds_only_the_study_beyond():
     assert sam["family"] == usam["family"] == "sam"
     assert sam["model"].split(".")[0] == usam["model"] == "samvit_base_patch16"
     assert usam["options"]["micro_sam"] == "vit_b_em_organelles" and "micro_sam" not in sam["options"]
+    # both at SAM's own input (resized to 1024 and padded): the pair is compared where it was trained
+    assert sam["options"]["input"] == usam["options"]["input"] == "sam"
     # Kasthuri++ joins as a third domain; the two published datasets are unchanged.
     assert {k: v for k, v in extended["datasets"].items() if k != "kasthuri"} == published["datasets"]
     assert extended["datasets"]["kasthuri"]["converter"] == "kasthuri_pp"
