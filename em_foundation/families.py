@@ -128,7 +128,7 @@ FAMILIES: dict[str, Family] = {
             hub="sam:hub_source",
             lora_targets=r".*blocks\.\d+\.attn\.(qkv|proj)",
             default_model="samvit_base_patch16.sa1b",
-            options={"init_seed": int, "features": str, "micro_sam": str},
+            options={"init_seed": int, "features": str, "micro_sam": str, "input": str},
             note=(
                 "SAM ViT-B/L/H image encoders (timm samvit_*_patch16) and micro-sam's EM-organelles models of the "
                 "same architectures; features after the neck by default"

@@ -95,7 +95,7 @@ def cache_features(
         for split_name in split_names:
             tiles = read_tiles(tiles_path, split_name, with_pixels=False, with_labels=False)
             n_tiles = len(tiles.image_index)
-            grid_shape = tuple(side // backbone.patch_size for side in tiles.tile_shape)
+            grid_shape = backbone.token_grid(*tiles.tile_shape)
             group = handle.create_group(split_name)
             tokens = create_dataset(
                 group,

@@ -124,6 +124,18 @@ def resized_edge(longest_edge: int, patch: int) -> int:
     return max(patch, longest_edge // patch * patch)
 
 
+# SAM's encoders take 1024-pixel inputs (their 64x64 positional grid at patch 16).
+SAM_IMAGE_SIZE = 1024
+
+
+def sam_input_size(backbone: dict[str, Any]) -> int | None:
+    """The square a backbone resizes and pads every input into (``options.input: sam``), or None:
+    the encoder's own input size (timm's img_size, 1024 unless a test's toy model says otherwise)."""
+    if (backbone.get("options") or {}).get("input", "native") != "sam":
+        return None
+    return int((backbone.get("model_kwargs") or {}).get("img_size", SAM_IMAGE_SIZE))
+
+
 def view_of(config: dict[str, Any], backbone: str, variant: str = "raw") -> str:
     """How a backbone sees a dataset: the tile geometry (and intensity normalisation) of its inputs.
 
@@ -139,8 +151,11 @@ def view_of(config: dict[str, Any], backbone: str, variant: str = "raw") -> str:
         if pixel_size:  # resampled to a common pixel size: tiles live beside the native ones
             geometry += f"nm{float(pixel_size):g}"
     else:
-        patch = patch_size_of(config["backbones"][backbone])
-        geometry = f"resize{resized_edge(tiling['longest_edge'], patch)}p{patch}"
+        spec = config["backbones"][backbone]
+        patch = patch_size_of(spec)
+        # SAM's own input: slices resized to its input size (not 1022) before it pads them
+        longest = sam_input_size(spec) or tiling["longest_edge"]
+        geometry = f"resize{resized_edge(longest, patch)}p{patch}"
     return geometry if intensity == "raw" else f"{geometry}-{intensity}"
 
 

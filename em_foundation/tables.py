@@ -126,7 +126,15 @@ def union_rows(rows: list[dict]) -> list[dict]:
                     k: v
                     for k, v in scored[0].items()
                     if k in RUN_KEYS
-                    or k in ("train_datasets", "n_labelled_slices", "augment", "recipe", *DECISION_RULES)
+                    or k
+                    in (
+                        "train_datasets",
+                        "n_labelled_slices",
+                        "n_validation_slices",
+                        "augment",
+                        "recipe",
+                        *DECISION_RULES,
+                    )
                 },
                 "test_set": "+".join(sources),
                 **scores(total),
@@ -321,6 +329,8 @@ def summarise(
     summary["in_domain"] = grouped["in_domain"].first()
     if "n_labelled_slices" in runs.columns:  # what 'all' means in slices (seeds agree unless the split differs)
         summary["n_labelled_slices"] = grouped["n_labelled_slices"].mean()
+    if "n_validation_slices" in runs.columns:  # the label-efficiency figure counts these too
+        summary["n_validation_slices"] = grouped["n_validation_slices"].mean()
     summary["transductive"] = grouped["transductive"].first()
     if "augment" in runs.columns:  # one setting per config; "+"-joined if tables of two configs were merged
         summary["augment"] = grouped["augment"].agg(lambda a: "+".join(sorted(set(map(str, a)))))

@@ -50,6 +50,8 @@ with logged(snakemake.log[0]):
             "n_train_slices": n_train_slices_of(w.labels),
             # how many labelled slices the model really trained on (all sources; 'all' made a number)
             "n_labelled_slices": int(trained.get("n_labelled_slices", -1)),
+            # and the labelled slices it validated on (early stopping, thresholds): the label-efficiency x-axis
+            "n_validation_slices": int(trained.get("n_validation_slices", -1)),
             "augment": trained.get("augment", "none"),
             "recipe": recipe_text(trained.get("recipe")),  # lr, batch size, ... (training.overrides applied)
             "test_set": test_set,

@@ -29,6 +29,7 @@ def sweep_summary() -> pd.DataFrame:
                             "alignment": "none",
                             "n_train_slices": n,
                             "n_labelled_slices": labelled,
+                            "n_validation_slices": 17,  # the same at every size (Lucchi++'s 17)
                             "test_set": test_set,
                             "fg_iou_mean": mean,
                             "fg_iou_std": 0.02,
@@ -48,7 +49,9 @@ def test_label_efficiency_draws_a_line_per_model_and_training_set_on_a_log_axis(
         assert ax.get_xscale() == "log"
         lines = [line for line in ax.get_lines() if line.get_label().startswith(("filterbank", "tinyvit"))]
         assert len(lines) == 2 * 2  # backbone × regime × training set
-        assert all(list(line.get_xdata()) == [1, 2, 9] for line in lines), "x is the labelled slices, 'all' as 9"
+        # x counts every labelled slice a run uses: training ('all' as 9) plus the 17 validation slices
+        assert all(list(line.get_xdata()) == [18, 19, 26] for line in lines)
+        assert ax.get_xlabel() == "labelled slices used (training + validation)"
         dashed = {line.get_label() for line in lines if line.get_linestyle() == "--"}
         assert dashed == {
             f"{m} ({'sstem' if ax.get_title().endswith('fibsem') else 'fibsem'})"
@@ -83,3 +86,40 @@ def test_overlay_colours_false_positives_and_misses_apart():
     assert np.array_equal(red, (prediction == 1) & (truth == 0))
     assert np.array_equal(blue & ~red, (truth == 1) & (prediction == 0))
     assert len(overlay.collections) == 1, "the prediction's contour is drawn"
+
+
+def test_label_efficiency_refuses_tables_without_validation_slices():
+    old = sweep_summary().drop(columns="n_validation_slices")
+    with pytest.raises(ValueError, match="n_validation_slices"):
+        plots.label_efficiency(old)
+    unknown = sweep_summary().assign(n_validation_slices=-1)  # evaluated from a run.json that lacks it
+    with pytest.raises(ValueError, match="rerun"):
+        plots.label_efficiency(unknown)
+
+
+def test_summary_carries_the_validation_slices_of_each_cell():
+    from em_foundation.tables import summarise
+
+    runs = pd.DataFrame(
+        [
+            {
+                "backbone": "b",
+                "regime": "head",
+                "train_set": "t",
+                "alignment": "none",
+                "n_train_slices": n,
+                "seed": seed,
+                "test_set": "t",
+                "in_domain": True,
+                "transductive": False,
+                "n_images": 2,
+                "n_labelled_slices": labelled,
+                "n_validation_slices": 17,
+                **{m: 0.5 for m in ("fg_iou", "fg_dice", "mean_iou")},
+            }
+            for n, labelled in (("1", 1), ("all", 148))
+            for seed in (0, 1)
+        ]
+    )
+    summary = summarise(runs).set_index("n_train_slices")
+    assert summary.loc["1", "n_validation_slices"] == 17 and summary.loc["all", "n_labelled_slices"] == 148

@@ -118,6 +118,9 @@ def test_training(published):
         "batch_size": 2,
         "max_epochs": 1000,
         "patience": 20,
+        # no minimum of optimiser steps, patience in epochs: the published stopping rule
+        "min_steps": 0,
+        "patience_steps": None,
         "grad_clip": 1.0,
         "val_fraction": 0.1,
         "balanced_sampling": False,
@@ -157,7 +160,8 @@ def test_extended_preset_adds_only_the_study_beyond():
     assert set(extended["regimes"]) == {"head", "lora", "fullft", "forest", "pixelforest", "supervised"}
     assert "filterbank" in extended["backbones"] and len(extended["alignment"]["variants"]) > 1
     same = ("seeds", "head", "lora", "training")
-    sweep = ("n_train_slices", "n_train_slices_for")  # the label-efficiency sweep is added, the rest kept
+    # the label-efficiency sweep is added with an optimisation budget in steps, the rest kept
+    sweep = ("n_train_slices", "n_train_slices_for", "min_steps", "patience_steps")
     for key in same:
         strip = (
             (lambda block: {k: v for k, v in block.items() if k not in sweep}) if key == "training" else (lambda b: b)
@@ -165,6 +169,8 @@ def test_extended_preset_adds_only_the_study_beyond():
         assert strip(extended[key]) == strip(published[key]), key
     assert extended["training"]["n_train_slices"] == [1, 2, 4, 8, "all"]
     assert extended["training"]["n_train_slices_for"] == ["lucchi", "vnc", "kasthuri"]
+    # 20 epochs of the full Lucchi++ run (444 steps each) as patience, at every label budget
+    assert (extended["training"]["min_steps"], extended["training"]["patience_steps"]) == (4440, 8880)
     beyond = ("filterbank", "samB", "usamB", "sam2Bplus", "unetR50", "unetR50IN")
     assert {k: v for k, v in extended["backbones"].items() if k not in beyond} == published["backbones"]
     # General versus EM-pretrained: one architecture, SAM's weights against micro-sam's EM fine-tuning.
@@ -174,6 +180,8 @@ def test_extended_preset_adds_only_the_study_beyond():
     assert usam["options"]["micro_sam"] == "vit_b_em_organelles" and "micro_sam" not in sam["options"]
     assert extended["backbones"]["sam2Bplus"]["family"] == "sam2"
     assert extended["backbones"]["sam2Bplus"]["model"] == "sam2_hiera_base_plus.fb_r896"
+    # both at SAM's own input (resized to 1024 and padded): the pair is compared where it was trained
+    assert sam["options"]["input"] == usam["options"]["input"] == "sam"
     # Kasthuri++ joins as a third domain; the two published datasets are unchanged.
     assert {k: v for k, v in extended["datasets"].items() if k != "kasthuri"} == published["datasets"]
     assert extended["datasets"]["kasthuri"]["converter"] == "kasthuri_pp"

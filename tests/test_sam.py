@@ -402,7 +402,8 @@ def test_module_table_and_family_row_agree():
 
     row = FAMILIES["sam"]
     assert row.builder == "sam:build" and row.hub == "sam:hub_source" and row.default_patch == 16
-    assert set(row.options) == {"init_seed", "features", "micro_sam"}
+    assert set(row.options) == {"init_seed", "features", "micro_sam", "input"}
+    assert sam_module.INPUTS[0] == "native"  # the default: today's input mode
     assert sam_module.FEATURES[0] == "neck"  # the default
 
 

@@ -69,6 +69,9 @@ class Backbone(nn.Module):
     patch_size: int = 1
     embed_dim: int = 0
     identity: str = ""
+    # Side of the square frame every input is resized and padded into (SAM's own input,
+    # backbones/frame.py); None: the input's own grid, one token per patch.
+    input_frame: int | None = None
 
     def __init__(self, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> None:
         super().__init__()
@@ -93,6 +96,12 @@ class Backbone(nn.Module):
     def forward(self, images: torch.Tensor) -> BackboneOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def token_grid(self, height: int, width: int) -> tuple[int, int]:
+        """The grid ``forward`` gives for a (height, width) input: the frame's, or one token per patch."""
+        if self.input_frame is not None:
+            return self.input_frame // self.patch_size, self.input_frame // self.patch_size
+        return height // self.patch_size, width // self.patch_size
+
     def describe(self) -> dict[str, object]:
         """Attributes recorded with cached features."""
         return {
@@ -102,6 +111,8 @@ class Backbone(nn.Module):
             "weights_identity": self.identity,
             "mean": [float(v) for v in self.mean.flatten()],
             "std": [float(v) for v in self.std.flatten()],
+            # only where set, so that the caches of every other backbone keep their attributes
+            **({"input_frame": self.input_frame} if self.input_frame is not None else {}),
         }
 
 

@@ -15,6 +15,16 @@ pixels) is resampled to the input's token grid by timm (bicubic), and the relati
 tables of the global-attention blocks are interpolated by timm's ``get_rel_pos``, so a 448
 tile gives a 28x28 grid and a 752x1008 slice a 47x63 grid, without padding.
 
+Input (``options.input``):
+
+* ``native`` (default, today's mode): the tile or slice as it is, the positional embedding
+  resampled to its grid (above): a 448 tile is 28x28 tokens of 16 native pixels.
+* ``sam``: SAM's own preprocessing (backbones/frame.py): the longest side resized to the
+  encoder's input size (1024), padded bottom/right with zeros after SAM's normalisation, so
+  the encoder always runs at its trained 64x64 positional grid; the grid is of the whole
+  frame, and predictions are mapped back to the native grid (padding cropped, resized) by
+  ``frame.frame_to_native``. A 448 tile is then 64x64 tokens of 7 native pixels.
+
 Features (``options.features``):
 
 * ``neck`` (default): the encoder's output, the last block through SAM's neck (1x1 conv,
@@ -48,6 +58,7 @@ from torch import nn
 
 from em_foundation.backbones.base import Backbone, BackboneOutput, FamilyBackbone
 from em_foundation.backbones.checkpoint import WeightsError, load_weights_strict, require_file
+from em_foundation.backbones.frame import frame_shape, to_frame
 from em_foundation.backbones.hub import HubSource, resolve_pretrained
 from em_foundation.backbones.timm_vit import (
     TimmWeights,
@@ -64,6 +75,7 @@ SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 
 FEATURES = ("neck", "block")
+INPUTS = ("native", "sam")
 
 # micro-sam's EM models, as its model registry publishes them (micro_sam/v1/util.py,
 # ``models()``: encoder_urls and encoder_registry, pooch "xxh128:" hashes). Each is a full
@@ -208,6 +220,12 @@ class SamEncoder(FamilyBackbone):
         self.features = options.get("features", "neck")
         if self.features not in FEATURES:
             raise ValueError(f"options.features {self.features!r} is not one of {', '.join(FEATURES)}")
+        self.input = options.get("input", "native")
+        if self.input not in INPUTS:
+            raise ValueError(
+                f"options.input {self.input!r} is not one of {', '.join(INPUTS)} (native: the tile as it is; "
+                "sam: SAM's own resize to 1024 and padding)"
+            )
         if (spec.get("pooling") or "mean") != "mean":
             raise ValueError("SAM's encoder has no class token: set pooling: mean (the grid's average)")
         name = _model_name(spec)
@@ -242,9 +260,21 @@ class SamEncoder(FamilyBackbone):
             self.model.neck = nn.Identity()
             self.embed_dim = int(self.model.embed_dim) * len(self.block_indices)
         self.pooling = "mean"
+        if self.input == "sam":
+            # the encoder's own input size: its positional grid times the patch (1024 for SAM)
+            self.input_frame = int(self.model.pos_embed.shape[1]) * self.patch_size
+            self.identity += f"|input=sam{self.input_frame}"
+
+    def check_input(self, images: torch.Tensor) -> None:
+        if self.input_frame is None:
+            super().check_input(images)
+        elif images.ndim != 4 or images.shape[1] != 1:  # any size: resized into the frame
+            raise ValueError(f"expected grayscale images (B, 1, H, W), got {tuple(images.shape)}")
 
     def forward(self, images: torch.Tensor) -> BackboneOutput:
         x = self.normalise(images)
+        if self.input_frame is not None:
+            x = to_frame(x, self.input_frame)
         if self.features == "neck":
             grid = self.model.forward_features(x)
         else:
@@ -252,7 +282,11 @@ class SamEncoder(FamilyBackbone):
                 x, indices=self.block_indices, norm=False, stop_early=True, intermediates_only=True
             )
             grid = torch.cat(grids, dim=1)
-        return BackboneOutput(grid=grid, pooled=grid.mean(dim=(2, 3)))
+        image = grid
+        if self.input_frame is not None:  # the embedding of the image, not of its padding
+            inner = frame_shape(*images.shape[-2:], self.input_frame)
+            image = grid[..., : -(-inner[0] // self.patch_size), : -(-inner[1] // self.patch_size)]
+        return BackboneOutput(grid=grid, pooled=image.mean(dim=(2, 3)))
 
 
 def build(spec: dict[str, Any]) -> Backbone:

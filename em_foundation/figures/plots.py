@@ -298,12 +298,20 @@ def alignment_comparison(summary: pd.DataFrame, metric: str = "fg_iou") -> plt.F
     return figure
 
 
+# The label-efficiency x-axis: every labelled slice a run uses, validation included.
+LABELLED_SLICES_USED = "n_labelled_slices_used"
+LABELLED_SLICES_AXIS = "labelled slices used (training + validation)"
+
+
 def label_efficiency(summary: pd.DataFrame, metric: str = "fg_iou") -> plt.Figure:
-    """Foreground IoU against the number of labelled training slices (log axis), one panel per
+    """Foreground IoU against the number of labelled slices a run uses (log axis), one panel per
     test set, one line per backbone × regime (× training set, dashed when cross-domain).
 
-    The x value of a point is the number of labelled slices the models really trained on
-    (``n_labelled_slices``: 'all' made a number). Shaded: mean ± sd over seeds (darker) and,
+    The x value of a point counts every labelled slice the models used: the slices they
+    trained on (``n_labelled_slices``: 'all' made a number) plus the validation slices that
+    chose their epoch and thresholds (``n_validation_slices``), the same at every size. A
+    count of training slices alone would credit a "1-slice" Lucchi++ run with 1 slice while
+    it used 18. Shaded: mean ± sd over seeds (darker) and,
     where the table has it, the 95 % interval over test images of the mean (lighter).
     Only training sets trained at more than one size are drawn.
     """
@@ -315,6 +323,12 @@ def label_efficiency(summary: pd.DataFrame, metric: str = "fg_iou") -> plt.Figur
         raise ValueError("label_efficiency needs training.n_train_slices with more than one size")
     if "n_labelled_slices" not in table.columns or table["n_labelled_slices"].isna().any():
         raise ValueError("label_efficiency needs the n_labelled_slices column of summary.csv")
+    if "n_validation_slices" not in table.columns or (table["n_validation_slices"].fillna(-1) < 0).any():
+        raise ValueError(
+            "label_efficiency needs the n_validation_slices column of summary.csv (the validation slices every run "
+            "used); a run.json from before it was recorded lacks it: rerun that run's training and evaluation"
+        )
+    table[LABELLED_SLICES_USED] = table["n_labelled_slices"] + table["n_validation_slices"]
     test_sets = sorted(table["test_set"].unique())
     models = list(dict.fromkeys(zip(table["backbone"], table["regime"])))
     figure, axes = plt.subplots(
@@ -326,8 +340,8 @@ def label_efficiency(summary: pd.DataFrame, metric: str = "fg_iou") -> plt.Figur
             for train_set, line in panel[(panel["backbone"] == backbone) & (panel["regime"] == regime)].groupby(
                 "train_set"
             ):
-                line = line.sort_values("n_labelled_slices")
-                x = line["n_labelled_slices"].to_numpy(float)
+                line = line.sort_values(LABELLED_SLICES_USED)
+                x = line[LABELLED_SLICES_USED].to_numpy(float)
                 mean = line[f"{metric}_mean"].to_numpy(float)
                 sd = line[f"{metric}_std"].fillna(0).to_numpy(float)
                 in_domain = bool(line["in_domain"].iloc[0]) if "in_domain" in line else train_set == test_set
@@ -346,11 +360,11 @@ def label_efficiency(summary: pd.DataFrame, metric: str = "fg_iou") -> plt.Figur
                 if low in line and line[low].notna().all():
                     ax.fill_between(x, line[low], line[high], color=f"C{k}", alpha=0.1, lw=0)
         ax.set_xscale("log")
-        ticks = sorted(set(panel["n_labelled_slices"].astype(float)))
+        ticks = sorted(set(panel[LABELLED_SLICES_USED].astype(float)))
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])  # the sizes trained, not powers of ten
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_title(f"test: {test_set}")
-        ax.set_xlabel("labelled training slices")
+        ax.set_xlabel(LABELLED_SLICES_AXIS)
         ax.set_ylim(0, 1)
     axes[0][0].set_ylabel(f"foreground IoU (mean over {over_what(summary)})")
     handles, labels = axes[0][0].get_legend_handles_labels()

@@ -20,14 +20,21 @@ import torch.nn.functional as F
 from sklearn.ensemble import RandomForestClassifier
 from torch import nn
 
+from em_foundation.backbones.frame import frame_to_native, labels_to_frame
 from em_foundation.data.prepared import IGNORE_LABEL
 from em_foundation.io import atomic_path, write_csv, write_json
 from em_foundation.runtime import seed_everything
 from em_foundation.training.losses import dice_sums
 
 
-def token_labels(labels: np.ndarray, patch_size: int) -> np.ndarray:
-    """(N, T, T) pixel labels to (N, T/p, T/p) token labels: majority foreground, or IGNORE."""
+def token_labels(labels: np.ndarray, patch_size: int, input_frame: int | None = None) -> np.ndarray:
+    """(N, T, T) pixel labels to (N, T/p, T/p) token labels: majority foreground, or IGNORE.
+
+    ``input_frame``: the tokens are of SAM's padded frame (backbones/frame.py), so the labels
+    go into the frame as the images did first; the padding's tokens are IGNORE.
+    """
+    if input_frame is not None:
+        labels = labels_to_frame(torch.from_numpy(np.ascontiguousarray(labels)), input_frame, IGNORE_LABEL).numpy()
     n, height, width = labels.shape
     blocks = labels.reshape(n, height // patch_size, patch_size, width // patch_size, patch_size)
     valid = (blocks != IGNORE_LABEL).sum(axis=(2, 4))
@@ -40,9 +47,10 @@ def token_labels(labels: np.ndarray, patch_size: int) -> np.ndarray:
 class ForestSegmenter(nn.Module):
     """Wraps a fitted forest so that evaluation treats it like the torch segmenters."""
 
-    def __init__(self, forest: RandomForestClassifier) -> None:
+    def __init__(self, forest: RandomForestClassifier, input_frame: int | None = None) -> None:
         super().__init__()
         self.forest = forest
+        self.input_frame = input_frame  # tokens of SAM's padded frame: mapped back, not stretched
 
     def forward(self, tokens: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
         batch, channels, height, width = tokens.shape
@@ -50,7 +58,10 @@ class ForestSegmenter(nn.Module):
         probability = np.zeros((len(flat), 2), dtype=np.float32)
         probability[:, self.forest.classes_.astype(int)] = self.forest.predict_proba(flat)
         grid = torch.from_numpy(probability).reshape(batch, height, width, 2).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, size=out_size, mode="bilinear", align_corners=False)
+        if self.input_frame is not None:
+            grid = frame_to_native(grid, tuple(out_size), self.input_frame)
+        else:
+            grid = F.interpolate(grid, size=out_size, mode="bilinear", align_corners=False)
         return torch.log(grid.clamp_min(1e-6)).to(tokens.device)
 
 
@@ -66,6 +77,7 @@ def fit_forest(
     seed: int,
     threads: int = 1,
     chunk_tiles: int = SAMPLE_CHUNK_TILES,
+    input_frame: int | None = None,
 ) -> tuple[RandomForestClassifier, int]:
     """Fit on a seeded sample of labelled tokens; returns the forest and the sample size.
 
@@ -78,7 +90,7 @@ def fit_forest(
     features, classes = [], []
     for start in range(0, len(labels), max(1, chunk_tiles)):
         chunk_tokens = np.asarray(tokens[start : start + chunk_tiles])
-        targets = token_labels(np.asarray(labels[start : start + chunk_tiles]), patch_size)
+        targets = token_labels(np.asarray(labels[start : start + chunk_tiles]), patch_size, input_frame)
         for tile_tokens, tile_targets in zip(chunk_tokens, targets):
             flat_tokens = tile_tokens.reshape(tile_tokens.shape[0], -1).T
             flat_targets = tile_targets.ravel()
@@ -129,6 +141,7 @@ def fitted_run_record(
             for k in ("regime", "backbone_name", "train_set", "datasets", "seed", "alignment", "n_train_slices")
         },
         "n_labelled_slices": sum(len(part["labelled_slices"]) for part in data.values()),
+        "n_validation_slices": sum(len(part.get("val_slices", [])) for part in data.values()),
         "balanced": False,
         "best_epoch": 1,
         "best_val_loss": val_loss,
@@ -159,11 +172,14 @@ def train_forest_run(
     out_log: Path,
     out_run: Path,
     n_train_slices: str = "all",
+    input_frame: int | None = None,
 ) -> dict[str, Any]:
     started = time.perf_counter()
     seed_everything(seed)
-    model, n_samples = fit_forest(train.inputs, train.labels, patch_size, forest, seed, threads)
-    segmenter = ForestSegmenter(model).eval()
+    model, n_samples = fit_forest(
+        train.inputs, train.labels, patch_size, forest, seed, threads, input_frame=input_frame
+    )
+    segmenter = ForestSegmenter(model, input_frame).eval()
 
     def loss_of(data) -> float:
         return soft_dice_in_batches(segmenter, data)
@@ -198,6 +214,7 @@ def train_forest_run(
                 "regime": "forest",
                 "forest": model,
                 "patch_size": patch_size,
+                "input_frame": input_frame,
                 "in_channels": int(train.inputs.shape[1]),
                 "config": snapshot,
             },

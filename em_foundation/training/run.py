@@ -305,7 +305,8 @@ def _fit_and_write(
     if regime == "forest":
         from em_foundation.training.forest import train_forest_run
 
-        patch_size = int(read_cache_attrs(features[datasets[0]])["patch_size"])
+        attrs = read_cache_attrs(features[datasets[0]])
+        patch_size = int(attrs["patch_size"])
         record = train_forest_run(
             backbone_name=backbone_name,
             train_set=train_set,
@@ -322,19 +323,21 @@ def _fit_and_write(
             out_log=out_log,
             out_run=out_run,
             n_train_slices=str(n_train_slices),
+            input_frame=int(attrs["input_frame"]) if "input_frame" in attrs else None,
         )
         return _record_settings(record, settings, out_run)
-    in_channels = patch_size = input_standardisation = None
+    in_channels = patch_size = input_standardisation = input_frame = None
     if regime == "head":
         cache = {d: read_cache_attrs(features[d]) for d in datasets}
         in_channels = int(train.inputs.shape[1])
         patch_size = int(cache[datasets[0]]["patch_size"])
+        input_frame = int(cache[datasets[0]]["input_frame"]) if "input_frame" in cache[datasets[0]] else None
         snapshot["weights_identity"] = {d: str(attrs["weights_identity"]) for d, attrs in cache.items()}
         if any(str(attrs.get("family")) in STANDARDISED_FAMILIES for attrs in cache.values()):
             # eps far below the smallest filter-bank variance (~1e-11), so every channel reaches unit variance.
             stats = domain_stats(train.inputs, eps=1e-14, dataset=train_set, split="train")
             input_standardisation = {"mean": stats.mean.tolist(), "scale": stats.scale.tolist()}
-    model = build_segmenter(regime, backbone, head, lora, in_channels, patch_size, input_standardisation)
+    model = build_segmenter(regime, backbone, head, lora, in_channels, patch_size, input_standardisation, input_frame)
     checkpoint = out_model.with_name("checkpoint.pt")
     # a whole segmenter (the U-Net) carries its weights' identity itself
     weights_identity = snapshot.get("weights_identity") or getattr(getattr(model, "backbone", model), "identity", None)
@@ -359,6 +362,7 @@ def _fit_and_write(
                 "in_channels": in_channels,
                 "patch_size": patch_size,
                 "input_standardisation": input_standardisation,
+                "input_frame": input_frame,
                 "state": result.best_state,
                 "config": snapshot,
             },
@@ -380,10 +384,14 @@ def _fit_and_write(
             )
         },
         "n_labelled_slices": sum(len(part["labelled_slices"]) for part in data_record.values()),
+        # validation slices are labelled slices too: the label-efficiency figure counts both
+        "n_validation_slices": sum(len(part["val_slices"]) for part in data_record.values()),
         "augment": augmentation_of(training),
         "best_epoch": result.best_epoch,
         "best_val_loss": result.best_val_loss,
         "epochs_run": int(len(result.history)),
+        "steps_run": result.steps_run,
+        "best_step": result.best_step,
         "stop_reason": result.stop_reason,
         "resumed_from_epoch": result.resumed_from_epoch,
         "tiles_drawn_per_source": result.sampled_per_source,
@@ -413,7 +421,7 @@ def load_segmenter(model_path: Path, backbone: dict[str, Any]) -> torch.nn.Modul
     if saved["regime"] == "forest":
         from em_foundation.training.forest import ForestSegmenter
 
-        return ForestSegmenter(saved["forest"]).eval()
+        return ForestSegmenter(saved["forest"], saved.get("input_frame")).eval()
     if saved["regime"] == "pixelforest":
         from em_foundation.training.pixelforest import load_pixel_forest
 
@@ -427,6 +435,7 @@ def load_segmenter(model_path: Path, backbone: dict[str, Any]) -> torch.nn.Modul
         saved["in_channels"],
         saved["patch_size"],
         saved.get("input_standardisation"),
+        saved.get("input_frame"),
     )
     result = model.load_state_dict(saved["state"], strict=False)
     if result.unexpected_keys:

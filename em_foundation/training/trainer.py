@@ -97,6 +97,8 @@ class FitResult:
     stop_reason: str
     resumed_from_epoch: int = 0
     sampled_per_source: dict[str, int] = field(default_factory=dict)
+    steps_run: int = 0
+    best_step: int = 0
 
 
 def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -181,6 +183,29 @@ def validation_losses(
     return _validation_loss(model, data, batch_size, device), per_source
 
 
+def stop_reason_now(state: dict[str, Any], training: dict[str, Any]) -> str | None:
+    """Why training stops after the epoch just ended, or None to go on.
+
+    ``min_steps`` optimiser steps come first, whatever ``max_epochs`` and patience say: a
+    1-slice run makes a few steps an epoch, so an epoch budget alone would stop it after
+    a hundredth of the optimisation a full-data run gets. ``patience_steps`` (when set)
+    counts optimiser steps since the best validation loss instead of epochs, so that
+    patience means the same optimisation at every label budget. The defaults (0, null)
+    are the published rule: ``patience`` epochs, at most ``max_epochs``.
+    """
+    if state["step"] < int(training.get("min_steps") or 0):
+        return None
+    patience_steps = training.get("patience_steps")
+    if patience_steps is None:
+        if state["bad_epochs"] >= training["patience"]:
+            return "early_stopping"
+    elif state["step"] - state["best_step"] >= int(patience_steps):
+        return "early_stopping"
+    if state["epoch"] >= training["max_epochs"]:
+        return "max_epochs"
+    return None
+
+
 def fit(
     model: torch.nn.Module,
     train: TrainingData,
@@ -193,7 +218,8 @@ def fit(
     balanced: bool = False,
     stop_after_epochs: int | None = None,
 ) -> FitResult:
-    """Train until the validation loss has not improved for ``patience`` epochs.
+    """Train until the validation loss has not improved for ``patience`` epochs (or
+    ``patience_steps`` optimiser steps), after at least ``min_steps`` steps (stop_reason_now).
 
     A non-finite training or validation loss raises NonFiniteLoss at once: early stopping
     would otherwise "succeed" with no best state and the failure would surface only at
@@ -208,6 +234,8 @@ def fit(
         "best_val": math.inf,
         "best_epoch": 0,
         "bad_epochs": 0,
+        "step": 0,
+        "best_step": 0,
         "history": [],
         "best_state": None,
         "drawn": {},
@@ -225,19 +253,13 @@ def fit(
             print(f"resumed from {checkpoint} after epoch {resumed_from}", flush=True)
         else:
             print(f"ignoring {checkpoint}: it belongs to another configuration", flush=True)
-    stop_reason = "max_epochs"
+    state.setdefault("step", 0)  # a checkpoint from before steps were counted
+    state.setdefault("best_step", 0)
     epochs_this_process = 0
-    progress = tqdm(
-        range(state["epoch"], training["max_epochs"]),
-        desc="epochs",
-        unit="epoch",
-        initial=state["epoch"],
-        total=training["max_epochs"],
-    )
-    for epoch in progress:
-        if state["bad_epochs"] >= training["patience"]:
-            stop_reason = "early_stopping"
-            break
+    # An epoch bar: min_steps may carry a small run past max_epochs (the bar then overruns its total).
+    progress = tqdm(desc="epochs", unit="epoch", initial=state["epoch"], total=training["max_epochs"])
+    while (stop_reason := stop_reason_now(state, training)) is None:
+        epoch = state["epoch"]
         started = time.perf_counter()
         model.train()
         losses = []
@@ -248,6 +270,7 @@ def fit(
             inputs, labels = inputs.to(device), labels.to(device)
             inputs, labels = augment_batch(inputs, labels, training.get("augment", "none"), generator)
             loss = train_step(model, parameters, optimizer, inputs, labels, training["grad_clip"])
+            state["step"] += 1
             losses.append(loss)  # read once per epoch, not per step (no GPU sync)
         train_loss = torch.stack(losses).double().mean().item() if losses else math.nan
         if not math.isfinite(train_loss):
@@ -259,13 +282,20 @@ def fit(
             raise NonFiniteLoss(epoch + 1, "validation", val_loss)
         improved = val_loss < state["best_val"]
         if improved:
-            state.update(best_val=val_loss, best_epoch=epoch + 1, bad_epochs=0, best_state=_trainable_state(model))
+            state.update(
+                best_val=val_loss,
+                best_epoch=epoch + 1,
+                best_step=state["step"],
+                bad_epochs=0,
+                best_state=_trainable_state(model),
+            )
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
         state["history"].append(
             {
                 "epoch": epoch + 1,
+                "step": state["step"],
                 "train_loss": train_loss,
                 "val_loss": val_loss,
                 "lr": optimizer.param_groups[0]["lr"],
@@ -274,7 +304,8 @@ def fit(
                 **{f"val_loss_{name}": loss for name, loss in per_source.items()},
             }
         )
-        progress.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
+        progress.update()
+        progress.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}", step=state["step"])
         _save_checkpoint(
             checkpoint,
             {
@@ -289,9 +320,7 @@ def fit(
         epochs_this_process += 1
         if stop_after_epochs is not None and epochs_this_process >= stop_after_epochs:
             raise InterruptedError(f"stopped after {epochs_this_process} epochs as asked (simulated preemption)")
-    else:
-        if state["bad_epochs"] >= training["patience"]:
-            stop_reason = "early_stopping"
+    progress.close()
     return FitResult(
         best_state=state["best_state"],
         history=pd.DataFrame(state["history"]),
@@ -300,4 +329,6 @@ def fit(
         stop_reason=stop_reason,
         resumed_from_epoch=resumed_from,
         sampled_per_source=dict(state["drawn"]),
+        steps_run=int(state["step"]),
+        best_step=int(state["best_step"]),
     )
