@@ -222,6 +222,7 @@ def train_run(
         code=code,
         n_train_slices=n_train_slices,
         data_in_memory=data_in_memory,
+        settings=settings,
     )
     if training:  # the regimes that train by gradient descent: the recipe they trained under
         record["recipe"] = recipe_of(training)
@@ -258,6 +259,7 @@ def _fit_and_write(
     code: str | None = None,
     n_train_slices: str = "all",
     data_in_memory: str = "auto",
+    settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fit one run of any regime and write its model, log and record (see train_run)."""
     started = time.perf_counter()
