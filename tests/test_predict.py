@@ -98,21 +98,6 @@ def test_predict_target_on_new_images(tmp_path):
     time.sleep(0.01)
     tifffile.imwrite(folder / "b.tif", rng.integers(0, 256, (64, 64), dtype=np.uint8))
     assert scheduled_jobs(snakemake(tmp_path, *target, configfile=configfile))["predict"] == 1, "a replaced image"
-    # a look-alike backbone (patch 16 where the model was trained on patch-8 tokens) is refused, naming both
-    lookalike = tiny_config()
-    lookalike["backbones"]["filterbank"]["options"] = {"patch_size": 16}
-    wrong = snakemake(
-        tmp_path,
-        "predict",
-        "--config",
-        "predict={images: new, pixel_size_nm: [5.0, 5.0], name: wrong, "
-        "model: results/models/filterbank/head/fibsem/none/seed0/model.pt}",
-        configfile=write_config(tmp_path / "lookalike.yaml", lookalike),
-        check=False,
-    )
-    log = (tmp_path / "results/logs/predict/wrong.log").read_text()
-    assert wrong.returncode != 0 and "patch_size 8, and backbone 'filterbank' gives 16" in log, log[-2000:]
-    assert not (tmp_path / "results/predictions/wrong").exists()
     # the same model named by its file: nothing is trained again, and the maps are the same
     model = "results/models/filterbank/head/fibsem/none/seed0/model.pt"
     again = snakemake(

@@ -2,9 +2,9 @@
 
 One finished small run (every regime, two domains, a few epochs) is shared by all cases. For
 each key the schema declares, a dry run with that key changed (project defaults: every rerun
-trigger) must rerun on its own account exactly the jobs of the rules that read the key, every
-job of them; every other scheduled job may only be a dependant ("input files updated by
-another job"). Who reads what comes from the regimes table (training rules) and READERS
+trigger) must schedule every job of the rules that read the key, and no job of another rule
+may rerun on its own account: those are only dependants ("input files updated by another
+job"; Snakemake reports a reader downstream of another rerun that way too). Who reads what comes from the regimes table (training rules) and READERS
 below (the other rules); a schema key missing from both fails the test, so a new key needs a
 decision. Keys with the same readers are changed together in one dry run (a dry run of this
 run costs several seconds on a loaded machine): the test prints how many it ran.
@@ -215,9 +215,13 @@ def test_every_key_reruns_exactly_the_rules_that_read_it(small_run, tmp_path):
         dry_runs += 1
         own, dependant = own_and_dependant(result)
         print(f"{keys}: {dict(own)} rerun, {sum(dependant.values())} dependants")
-        if set(own) != readers:
-            failures.append(f"{keys}: expected {sorted(readers)} to rerun, got {dict(own)}")
-        short = {rule: own[rule] for rule in readers if own[rule] != jobs_of_run[rule]}
+        # A job downstream of another rerun is reported as a dependant only (Snakemake looks no
+        # further), so a reader's jobs may rerun either way; a job of any other rule never on its own.
+        if not set(own) <= readers or (readers and not own):
+            failures.append(f"{keys}: expected only {sorted(readers)} to rerun on their own, got {dict(own)}")
+        short = {
+            rule: own[rule] + dependant[rule] for rule in readers if own[rule] + dependant[rule] != jobs_of_run[rule]
+        }
         if short:
             failures.append(f"{keys}: not every job reran: {short} of {dict(jobs_of_run)}")
     print(f"{dry_runs} dry runs in {time.perf_counter() - started:.0f} s")
