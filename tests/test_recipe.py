@@ -58,3 +58,10 @@ def test_a_bad_override_is_refused_naming_the_key(overrides, named):
     with pytest.raises(ConfigError) as error:
         validate_config(_with_overrides(copy.deepcopy(overrides)))
     assert named in str(error.value), str(error.value)
+
+
+def test_extended_config_gives_the_unets_their_own_recipe_and_the_vits_the_published_one():
+    config = validate_config(yaml.safe_load((REPO / "profiles/extended/workflow_config.yaml").read_text()))
+    unet, head = training_for(config["training"], "supervised"), training_for(config["training"], "head")
+    assert unet["augment"] == "flips_rot90" and unet["lr"] > head["lr"] == 5.0e-5
+    assert head["augment"] == "none" and head["batch_size"] == 2
