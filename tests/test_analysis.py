@@ -275,6 +275,9 @@ def test_probe_groups_prevent_image_leakage():
     offsets = rng.normal(scale=3.0, size=(n_img, d))
     x = np.repeat(offsets, per, axis=0) + rng.normal(size=(n_img * per, d))
     groups = np.repeat(np.arange(n_img), per)
+    # tokens in scattered order: contiguous folds alone would keep an image's consecutive tokens together
+    order = rng.permutation(len(x))
+    x, groups = x[order], groups[order]
     y = np.where(groups % 2 == 0, "a", "b")
     leaky = dataset_probe(x, y, pca_dim=64, seed=0)
     grouped = dataset_probe(x, y, pca_dim=64, seed=0, groups=groups)
@@ -482,3 +485,46 @@ def test_frechet_excess_interval_covers_a_known_distance():
         covered += res["ci_low"] <= truth <= res["ci_high"]
         assert res["excess"] == pytest.approx(res["value"] - res["null_mean"])
     assert covered / 20 >= 0.9
+
+
+def _near_copy_series(rng, objects, copies, d):
+    """A serial-section-like series: each 'object' seen in ``copies`` consecutive near-identical sections."""
+    base = rng.normal(size=(objects, d))
+    return np.repeat(base, copies, axis=0) + 0.01 * rng.normal(size=(objects * copies, d))
+
+
+def test_probe_folds_are_contiguous_so_near_copy_neighbours_do_not_inflate_it():
+    """Two datasets drawn from one distribution, as series of near-copy neighbours: shuffled
+    folds let the probe recognise each test section's neighbours (accuracy near 1); the
+    contiguous folds the probe uses leave it at chance."""
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.model_selection import StratifiedKFold
+
+    from em_foundation.analysis.probe import make_probe
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([_near_copy_series(rng, 15, 4, 40), _near_copy_series(rng, 15, 4, 40)])
+    y = np.array(["a"] * 60 + ["b"] * 60)
+    plain = []
+    for train, test in StratifiedKFold(5, shuffle=True, random_state=0).split(x, y):
+        model = make_probe(40, seed=0).fit(x[train], y[train])
+        plain.append(balanced_accuracy_score(y[test], model.predict(x[test])))
+    assert np.mean(plain) > 0.9
+    grouped = dataset_probe(x, y, pca_dim=64, seed=0)
+    assert grouped["balanced_accuracy_mean"] < 0.7
+
+
+def test_ood_threshold_from_contiguous_folds_flags_new_sections_at_the_nominal_rate():
+    from sklearn.model_selection import KFold
+
+    from em_foundation.analysis.ood import fit_ledoit_wolf, mahalanobis_ood, mahalanobis_scores
+
+    rng = np.random.default_rng(1)
+    reference, query = _near_copy_series(rng, 20, 5, 40), _near_copy_series(rng, 20, 5, 40)
+    result = mahalanobis_ood(reference, query, percentile=97.0)
+    assert result["fraction_flagged"] <= 0.15  # same distribution: about the nominal 3 %, up to n = 100 noise
+    shuffled = np.empty(len(reference))
+    for train, test in KFold(5, shuffle=True, random_state=0).split(reference):
+        shuffled[test] = mahalanobis_scores(fit_ledoit_wolf(reference[train]), reference[test])
+    threshold = np.percentile(shuffled, 97.0)
+    assert np.mean(mahalanobis_scores(fit_ledoit_wolf(reference), query) > threshold) > 0.5

@@ -136,3 +136,20 @@ def test_training_trains_on_the_labelled_subset_only(tmp_path):
     train, val, record = load_training_data(*args, {"stack": str(tmp_path / "split.json")}, n_train_slices="2", seed=5)
     assert record["stack"]["labelled_slices"] == labelled_subset(split["train"], 2, 5)
     assert len(train) == 2 and len(val) == len(split["val"])  # one 112-pixel tile per slice
+
+
+def test_validation_split_follows_the_test_split_by_default():
+    from em_foundation.data.splits import validation_mode, validation_split
+
+    assert validation_mode("auto", None, {"split": "kfold", "gap": 2})[:2] == ("contiguous", 2)
+    assert validation_mode("auto", None, {"split": "contiguous", "gap": 1})[:2] == ("contiguous", 1)
+    assert validation_mode("auto", None, {"split": "shuffle"})[:2] == ("shuffle", 0)
+    assert validation_mode("auto", None, None)[:2] == ("shuffle", 0)  # a separate test volume
+    assert validation_mode("shuffle", 0, {"split": "kfold", "gap": 2})[:2] == ("shuffle", 0)
+    assert "kfold" in validation_mode("auto", None, {"split": "kfold", "gap": 2})[2]
+    mode, gap, _ = validation_mode("auto", None, {"split": "kfold", "gap": 2})
+    split = validation_split([str(i) for i in range(40)], 0.1, 0, mode, gap)
+    val = sorted(int(v) for v in split["val"])
+    assert val == list(range(val[0], val[0] + 4)) and len(split["dropped"]) >= 2
+    with pytest.raises(ValueError, match="training.val_split 'blocks'"):
+        validation_mode("blocks", None, None)

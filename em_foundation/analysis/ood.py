@@ -29,20 +29,20 @@ def mahalanobis_scores(model, x: np.ndarray) -> np.ndarray:
 
 
 def _oof_reference_scores(reference: np.ndarray, groups: np.ndarray | None, n_splits: int, seed: int) -> np.ndarray:
-    """Each reference sample scored by a model fitted without it (K-fold, grouped if asked).
+    """Each reference sample scored by a model fitted without it (contiguous folds, grouped if asked).
 
     In-sample distances are optimistic (a point pulls the fitted mean and covariance towards
     itself, strongly so when n is close to d), so a threshold from them flags too many new
     in-distribution samples. Out-of-fold scores behave like those of unseen samples.
     """
-    from sklearn.model_selection import GroupKFold, KFold
+    from .folds import ContiguousFolds
 
     n = len(reference)
     units = n if groups is None else len(np.unique(groups))
     k = int(min(n_splits, units))
     if k < 2:
         raise ValueError("out-of-fold reference scores need at least 2 samples (or groups)")
-    cv = KFold(k, shuffle=True, random_state=seed) if groups is None else GroupKFold(k)
+    cv = ContiguousFolds(k)  # contiguous blocks of the series: near-copy neighbours stay on one side
     scores = np.empty(n, dtype=np.float64)
     for train, test in cv.split(reference, groups=groups):
         if len(train) < 2:
@@ -68,7 +68,9 @@ def mahalanobis_ood(
     error of an empirical quantile from n reference scores (with n = 20 the 97th percentile
     sits between the two largest scores, so expect about 5 %); leave-in thresholds flag
     several times the nominal rate when n is close to d, which the tests check.
-    ``reference_groups`` keeps correlated samples (tokens of one image) in one fold.
+    ``reference_groups`` keeps correlated samples (tokens of one image) in one fold; folds are
+    contiguous blocks of the reference in its given (stack) order, so a section's near-copy
+    neighbours do not make its out-of-fold score look in-sample (analysis/folds.py).
     """
     ref = np.asarray(reference, dtype=np.float64)
     qry = np.asarray(query, dtype=np.float64)

@@ -47,8 +47,10 @@ def _auc(y_true: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> float:
 
 
 def _splitter(labels: np.ndarray, groups: np.ndarray | None, n_splits: int, seed: int):
-    """Stratified folds; grouped when groups are given, so one image never sits on both sides."""
-    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+    """Stratified contiguous folds (analysis/folds.py): each fold holds out one block of
+    consecutive samples (or whole groups) of every class, so near-copy neighbouring sections
+    never sit on both sides. ``seed`` is unused: the folds follow the stack order."""
+    from .folds import ContiguousFolds
 
     classes = np.unique(labels)
     if groups is None:
@@ -63,9 +65,7 @@ def _splitter(labels: np.ndarray, groups: np.ndarray | None, n_splits: int, seed
             f"every class needs at least 2 {unit} for a cross-validated probe; too few: {', '.join(small)}"
         )
     k = int(max(2, min(n_splits, counts.min())))
-    if groups is None:
-        return StratifiedKFold(n_splits=k, shuffle=True, random_state=seed), k
-    return StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed), k
+    return ContiguousFolds(k), k
 
 
 def dataset_probe(
@@ -85,7 +85,8 @@ def dataset_probe(
     features: (n, d) embeddings. labels: (n,) dataset names.
     pca_dim: PCA components inside the pipeline, capped at min(pca_dim, n_train - 1, d)
         for each fold (PCA cannot have more components than training samples).
-    n_splits: folds of StratifiedKFold, reduced to the smallest class count (at least 2).
+    n_splits: stratified contiguous folds (analysis/folds.py; rows must be in stack order),
+        reduced to the smallest class count (at least 2).
     groups: optional (n,) group ids (e.g. source image of each patch token); folds then
         never split a group, otherwise tokens of one image make the probe look better.
     class_weight: "balanced" reweights the loss against class imbalance (None: plain).

@@ -109,6 +109,29 @@ def validation_split(
     }
 
 
+VALIDATION_MODES = ("auto", "shuffle", "contiguous")
+
+
+def validation_mode(val_split: str, val_gap: int | None, test_split: dict | None) -> tuple[str, int, str]:
+    """(mode, gap, why) of the validation split inside a training volume.
+
+    ``auto`` (the default) follows the dataset's test split (its ``options.split`` and
+    ``options.gap``): a contiguous or k-fold test block means serial sections matter, so the
+    validation slices are one contiguous block with the same gap, else those near-copies of
+    validation slices would train the model that early stopping judges; a shuffled test split
+    or a separate test volume keeps the published shuffle. ``val_gap`` set overrides the gap.
+    """
+    if val_split not in VALIDATION_MODES:
+        raise ValueError(f"training.val_split {val_split!r} is not one of {', '.join(VALIDATION_MODES)}")
+    if val_split != "auto":
+        return val_split, int(val_gap or 0), f"training.val_split: {val_split}"
+    test_mode = (test_split or {}).get("split") or "shuffle"
+    if test_mode in ("contiguous", "kfold"):
+        gap = int((test_split or {}).get("gap") or 0) if val_gap is None else int(val_gap)
+        return "contiguous", gap, f"auto: follows the test split ({test_mode}, gap {gap})"
+    return "shuffle", int(val_gap or 0), f"auto: follows the test split ({test_mode} or a separate test volume)"
+
+
 # A stream of its own, so that the labelled subset is not the validation shuffle's continuation.
 _LABELLED_STREAM = 19
 
