@@ -103,6 +103,11 @@ def summary_page(summary: pd.DataFrame) -> str:
         parts.append(
             table(wide, f"{label} per test set: mean ± sample sd (n seeds); native resolution, pooled over pixels")
         )
+    if "weights" in summary and summary["weights"].fillna("").astype(str).str.len().any():
+        weights = summary[["backbone", "weights"]].fillna("").drop_duplicates().sort_values("backbone")
+        parts.append(
+            table(weights, "Pretrained weights of each backbone: the entry of the weights manifest (fetch_weights)")
+        )
     parts.append(table(summary, "Every column of results/tables/summary.csv"))
     return page("Segmentation results", parts)
 

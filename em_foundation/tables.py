@@ -133,6 +133,7 @@ def union_rows(rows: list[dict]) -> list[dict]:
                         "n_validation_slices",
                         "augment",
                         "recipe",
+                        "weights",
                         *DECISION_RULES,
                     )
                 },
@@ -280,6 +281,7 @@ def collect_runs(
         row["n_train_slices"] = str(row.get("n_train_slices", "all"))
         row.setdefault("augment", "none")  # training.augment of the run (evaluations before it: none)
         row.setdefault("recipe", "")  # its training recipe (evaluations before it, and forests: none)
+        row.setdefault("weights", "")  # its weights' manifest entry (random or file weights: none)
     runs = pd.DataFrame(rows + union_rows(rows))
     if runs.empty:
         raise ValueError("no evaluation results to aggregate")
@@ -336,6 +338,8 @@ def summarise(
         summary["augment"] = grouped["augment"].agg(lambda a: "+".join(sorted(set(map(str, a)))))
     if "recipe" in runs.columns:  # the regime's training recipe (training.overrides applied)
         summary["recipe"] = grouped["recipe"].agg(lambda a: " | ".join(sorted(set(map(str, a)))))
+    if "weights" in runs.columns:  # the manifest entry of the weights (one per backbone)
+        summary["weights"] = grouped["weights"].agg(lambda a: " | ".join(sorted(set(map(str, a)))))
     summary["n_images"] = runs.drop_duplicates(CELL_KEYS + ["fold"]).groupby(CELL_KEYS, sort=True)["n_images"].sum()
     if folds:
         summary["folds"] = grouped["fold"].agg(lambda f: " ".join(map(str, sorted(set(f)))))

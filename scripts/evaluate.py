@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from em_foundation.backbones.hub import hub_environment
+from em_foundation.backbones.hub import citation_text, hub_environment
 from em_foundation.data.prepared import pixel_size_of
 from em_foundation.data.registry import has_stack_test_split
 from em_foundation.evaluation.evaluate import evaluate_model, stack_object_counts, write_evaluation
@@ -54,6 +54,7 @@ with logged(snakemake.log[0]):
             "n_validation_slices": int(trained.get("n_validation_slices", -1)),
             "augment": trained.get("augment", "none"),
             "recipe": recipe_text(trained.get("recipe")),  # lr, batch size, ... (training.overrides applied)
+            "weights": citation_text(trained.get("weights_manifest")),  # the manifest entry of its weights
             "test_set": test_set,
             "train_datasets": list(params.datasets),
             # the decision rules of the _tuned and _post columns (NaN: a run trained before they existed)

@@ -13,7 +13,7 @@ import yaml
 
 from em_foundation.data.prepared import read_split
 from em_foundation.training.run import train_run
-from tests.helpers import TRAINING, make_dataset
+from tests.helpers import HEAD, LORA, TINY_VIT, TRAINING, make_dataset
 
 pytest.importorskip("bioimageio.core", reason="bioimageio.core is not installed (pip install bioimageio.core)")
 
@@ -97,3 +97,63 @@ def test_unet_package_passes_bioimageio_core_model_test(trained_unet):
     assert summary.status == "passed", summary.format()
     tested = " ".join(d.name for d in summary.details)
     assert "pytorch_state_dict" in tested and "torchscript" in tested, tested
+
+
+@pytest.fixture(scope="module")
+def trained_lora(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export-lora")
+    data = make_dataset(root, "fibsem", "fibsem", n_train=3, n_test=1, seed=1)
+    out = root / "run"
+    out.mkdir()
+    train_run(
+        regime="lora",
+        backbone_name="tinyvit",
+        train_set="fibsem",
+        datasets=["fibsem"],
+        seed=0,
+        backbone=TINY_VIT,
+        head=HEAD,
+        lora=LORA,
+        training={**TRAINING, "max_epochs": 1},
+        tiles={"fibsem": data["tiles"]},
+        features={"fibsem": data["features"]},
+        splits={"fibsem": str(root / "fibsem.split0.json")},
+        device=torch.device("cpu"),
+        out_model=out / "model.pt",
+        out_log=out / "train_log.csv",
+        out_run=out / "run.json",
+    )
+    return root, data
+
+
+def test_lora_package_merges_adapters_and_passes_bioimageio_core_model_test(trained_lora):
+    """A frozen ViT with LoRA adapters and its head: packaged with the adapters folded into the
+    weights (no peft needed by the consumer), and the package passes bioimageio.core's test."""
+    from bioimageio.core import test_model
+
+    from em_foundation.export.bioimageio import export_from_workflow, load_packaged
+    from em_foundation.training.run import load_segmenter
+
+    root, data = trained_lora
+    out = root / "export" / "tinyvit-lora.bioimageio.zip"
+    packaged, _ = load_packaged(root / "run" / "model.pt", TINY_VIT)
+    assert not any("lora_" in name for name in packaged.state_dict()), "adapters are merged, not shipped"
+    trained = load_segmenter(root / "run" / "model.pt", TINY_VIT).eval()
+    tile = torch.rand(1, 1, 112, 112)
+    with torch.no_grad():
+        reference = torch.softmax(trained(tile, (112, 112)), dim=1)[:, 1:2]
+        merged = packaged.eval()(tile)
+    torch.testing.assert_close(merged, reference, atol=1e-4, rtol=1e-4)
+    package = export_from_workflow(
+        model_path=root / "run" / "model.pt",
+        run_path=root / "run" / "run.json",
+        metrics_paths=[],
+        prepared_path=Path(data["prepared"]),
+        backbone_name="tinyvit",
+        backbone=TINY_VIT,
+        out_zip=out,
+    )
+    rdf = yaml.safe_load(zipfile.ZipFile(package).read("rdf.yaml"))
+    assert rdf["config"]["em_foundation"]["training_recipe"]["regime"] == "lora"
+    summary = test_model(package)
+    assert summary.status == "passed", summary.format()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 
 import numpy as np
@@ -112,6 +113,26 @@ def test_predict_target_on_new_images(tmp_path):
         tifffile.imread(tmp_path / "results/predictions/again/a_probability.tif"),
         tifffile.imread(out / "a_probability.tif"),
     )
+    # a look-alike backbone (patch 16 where the model read patch-8 tokens) is refused, naming both; the
+    # model is a copy outside results/, as a user holds it: named in place, Snakemake would retrain it
+    # under the changed backbone first (its params changed), and the two would fit again
+    held = tmp_path / "held" / "model.pt"
+    held.parent.mkdir()
+    shutil.copy(tmp_path / model, held)
+    lookalike = tiny_config()
+    lookalike["backbones"]["filterbank"]["options"] = {"patch_size": 16}
+    wrong = snakemake(
+        tmp_path,
+        "predict",
+        "--config",
+        f"predict={{images: new, pixel_size_nm: [5.0, 5.0], name: wrong, model: {held}}}",
+        configfile=write_config(tmp_path / "lookalike.yaml", lookalike),
+        check=False,
+    )
+    log = (tmp_path / "results/logs/predict/wrong.log").read_text()
+    assert wrong.returncode != 0 and "patch_size 8, and backbone 'filterbank' gives 16" in log, log[-2000:]
+    assert "rule train_head" not in wrong.stdout + wrong.stderr
+    assert not (tmp_path / "results/predictions/wrong").exists()
     # a model trained with an alignment variant is applied with it (statistics from the images given)
     aligned = tiny_config()
     aligned["alignment"] = {"variants": ["none", "percentile"]}

@@ -48,3 +48,23 @@ def test_summary_page_keeps_label_efficiency_sizes_apart_and_shows_object_f1() -
         "all": "0.700 ± 0.010 (2)",
     }
     assert "Object F1" in html and "0.350 ± 0.020 (2)" in html
+
+
+def test_summary_page_cites_the_weights_manifest_entry_of_each_backbone() -> None:
+    from em_foundation.backbones.hub import citation_text
+
+    citation = {
+        "manifest": "resources/weights/manifest.json",
+        "backbone": "dinov2L",
+        "identity": "timm/vit_large_patch14_dinov2.lvd142m@abc123",
+        "licence": "apache-2.0",
+        "files": [{"name": "model.safetensors", "sha256": "f" * 64}],
+    }
+    text = citation_text(citation)
+    assert "sha256:" + "f" * 64 in text and "entry dinov2L" in text and citation["identity"] in text
+    assert citation_text(None) == ""
+    rows = [{**_row("none", 0.5), "weights": text}, {**_row("none", 0.4), "backbone": "filterbank", "weights": ""}]
+    html = summary_page(pd.DataFrame(rows))
+    assert "Pretrained weights of each backbone" in html and "f" * 64 in html
+    # random or file weights alone: no weights table
+    assert "Pretrained weights" not in summary_page(pd.DataFrame([{**_row("none", 0.5), "weights": ""}]))

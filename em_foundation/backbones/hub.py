@@ -487,6 +487,15 @@ def verify_against_manifest(resolved: ResolvedFile, settings: HubSettings) -> No
         )
 
 
+def citation_text(citation: dict[str, Any] | None) -> str:
+    """A run's manifest citation in one line for the tables and the report ('' without one):
+    the backbone's manifest entry, its identity and the sha256 of each file it read."""
+    if not citation:
+        return ""
+    files = ", ".join(f"{f['name']} sha256:{f['sha256']}" for f in citation.get("files", []))
+    return f"{citation['identity']} ({files}; {citation['manifest']} entry {citation['backbone']})"
+
+
 def manifest_citation(identity: Any) -> dict[str, Any] | None:
     """The manifest entry a run's weights came from, for run.json (None: random or file weights, no manifest)."""
     identities = identity.values() if isinstance(identity, dict) else [identity]
