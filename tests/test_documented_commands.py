@@ -75,6 +75,20 @@ def _runnable(command: str, workdir: Path) -> list[str]:
 COMMANDS = documented_blocks()
 
 
+def _tiny_tiff() -> bytes:
+    import io
+
+    import numpy as np
+    import tifffile
+
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, np.zeros((32, 32), dtype=np.uint8))
+    return buffer.getvalue()
+
+
+_TINY_TIFF = _tiny_tiff()
+
+
 def test_the_readme_and_the_profiles_document_commands():
     assert len(COMMANDS) >= 8, COMMANDS
     assert any("profiles/slurm" in command for _, _, command in COMMANDS)
@@ -98,6 +112,11 @@ def test_documented_command_works(where, setup, command, tmp_path):
     for line in setup:
         subprocess.run(line, shell=True, cwd=checkout, check=True)
     words = _runnable(command, tmp_path / "work")
+    images = re.search(r"predict=\{images: ([\w.-]+)", command)
+    if images:  # the user's own images (relative to -d), which predict reads as its inputs
+        folder = tmp_path / "work" / images.group(1)
+        folder.mkdir(parents=True)
+        (folder / "slice.tif").write_bytes(_TINY_TIFF)
     result = subprocess.run(words, cwd=checkout, capture_output=True, text=True, timeout=600, env=env)
     text = result.stdout + result.stderr
     assert result.returncode == 0, f"{where}: {command}\n{' '.join(words)}\n{text[-3000:]}"

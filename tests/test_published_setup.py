@@ -168,13 +168,15 @@ def test_extended_preset_adds_only_the_study_beyond():
     assert "filterbank" in extended["backbones"] and len(extended["alignment"]["variants"]) > 1
     same = ("seeds", "head", "lora", "training")
     # the label-efficiency sweep is added with an optimisation budget in steps, the rest kept
-    sweep = ("n_train_slices", "n_train_slices_for", "min_steps", "patience_steps")
+    # and the U-Nets' own recipe (training.overrides.supervised), the ViTs' values kept
+    sweep = ("n_train_slices", "n_train_slices_for", "min_steps", "patience_steps", "overrides")
     for key in same:
         strip = (
             (lambda block: {k: v for k, v in block.items() if k not in sweep}) if key == "training" else (lambda b: b)
         )
         assert strip(extended[key]) == strip(published[key]), key
     assert extended["training"]["n_train_slices"] == [1, 2, 4, 8, "all"]
+    assert set(extended["training"]["overrides"]) == {"supervised"}, "only the U-Nets train under their own recipe"
     assert extended["training"]["n_train_slices_for"] == ["lucchi", "vnc", "kasthuri"]
     # 20 epochs of the full Lucchi++ run (444 steps each) as patience, at every label budget
     assert (extended["training"]["min_steps"], extended["training"]["patience_steps"]) == (4440, 8880)
