@@ -52,9 +52,7 @@ rule split_validation:
         val_split=config["training"]["val_split"],
         val_gap=config["training"]["val_gap"],
         # training.val_split auto follows the dataset's test split
-        test_split=lambda w: {
-            k: config["datasets"][w.dataset].get("options", {}).get(k) for k in ("split", "gap")
-        },
+        test_split=lambda w: {k: config["datasets"][w.dataset].get("options", {}).get(k) for k in ("split", "gap")},
         code=code_digest("split_validation.py"),
     script:
         "../scripts/split_validation.py"

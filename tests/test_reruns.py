@@ -77,6 +77,8 @@ CHANGES = {
     "analysis.views": ["pooled"],
     "alignment.percentiles": [2.0, 98.0],
     "predict.pixel_size_nm": [5.0, 5.0],
+    "training.overrides": {"supervised": {"lr": 1.0e-4}},
+    "evaluation.block_length": 2,
 }
 # The rules (beyond the training rules of the regimes table) that read each key; a key not
 # here reads nothing in `all`: alignment's statistics serve aligned variants only (none in
@@ -89,7 +91,9 @@ READERS: dict[str, set[str]] = {
     **{f"head.{key}": training_rules("head") | {"parameters"} for key in ("width",)},
     **{f"lora.{key}": training_rules("lora") | {"parameters"} for key in ("rank", "alpha", "dropout")},
     **{f"evaluation.{key}": {"evaluate"} for key in ("save_predictions", "objects")},
-    **{f"evaluation.{key}": {"aggregate"} for key in ("n_boot", "boot_seed")},
+    **{f"evaluation.{key}": {"aggregate"} for key in ("n_boot", "boot_seed", "block_length", "min_images")},
+    # a regime's own recipe reaches that regime's runs only (training/recipe.py)
+    "training.overrides": {REGIMES["supervised"].rule},
     **{f"training.{key}": {"split_validation"} | training_rules("training") for key in ("val_fraction", "val_split", "val_gap")},
 }  # fmt: skip
 NO_READERS = {"compute.threads", "compute.data_in_memory", "hub.cache_dir", "tiling.longest_edge"}

@@ -268,11 +268,12 @@ def _jobs_after_editing(demo_run, tmp_path, module):
 @pytest.mark.parametrize(
     ("module", "rerun", "untouched"),
     [
-        # aggregate imports metrics directly, evaluate through its own module: both rerun.
+        # aggregate imports metrics directly, evaluate through its own module, and training through
+        # the decision rules it chooses on validation (evaluation/decision.py): all rerun.
         (
             "em_foundation/evaluation/metrics.py",
-            {"evaluate", "aggregate", "report_tables", "figure_iou_bars"},
-            UPSTREAM | {"train_head"},
+            {"train_head", "evaluate", "aggregate", "report_tables", "figure_iou_bars"},
+            UPSTREAM,
         ),
         # train imports alignment/features.py through training.run (the head's standardiser).
         (
