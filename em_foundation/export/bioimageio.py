@@ -108,13 +108,19 @@ def load_packaged(model_path: Path, backbone: dict[str, Any]) -> tuple[Bioimagei
 
 
 def merge_lora(model: nn.Module) -> None:
-    """Fold every peft LoRA layer into its base weight (W + BA), leaving plain modules."""
+    """Fold every peft LoRA layer into its base weight (W + BA), leaving plain modules.
+
+    The adapters were injected with ``peft.inject_adapter_in_model`` (no PeftModel, so no
+    ``merge_and_unload``): each LoRA layer merges itself and is replaced by its base layer.
+    """
+    from peft.tuners.lora import LoraLayer
+
     for name, module in list(model.named_modules()):
-        if hasattr(module, "merge_and_unload"):
-            merged = module.merge_and_unload()
+        if isinstance(module, LoraLayer):
+            module.merge()
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, merged)
+            setattr(parent, child, module.get_base_layer())
 
 
 def export_bioimageio(
