@@ -48,7 +48,7 @@ import tifffile
 from PIL import Image
 
 from em_foundation.config import ConfigError
-from em_foundation.data.integrity import IntegrityError, check_same_shape, open_zip, stack_slices
+from em_foundation.data.integrity import IntegrityError, check_same_shape, odd_shapes, open_zip, stack_slices
 from em_foundation.data.prepared import IGNORE_LABEL, Split
 from em_foundation.data.registry import CONVERTERS, converter_options, declare_options
 from em_foundation.io import file_sha256
@@ -389,9 +389,8 @@ def check_one_size(images: Sequence[np.ndarray], files: Sequence[str], dataset: 
     joined with the others in a training set (training pads across datasets, with labels the
     loss ignores).
     """
-    shapes = [image.shape for image in images]
-    common = max(set(shapes), key=shapes.count)
-    odd = [f"{file} {shape[0]}×{shape[1]}" for file, shape in zip(files, shapes) if shape != common]
+    common, differ = odd_shapes([image.shape for image in images], files)
+    odd = [f"{file} {shape[0]}×{shape[1]}" for file, shape in differ]
     if odd:
         raise IntegrityError(
             dataset,

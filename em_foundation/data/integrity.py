@@ -148,11 +148,18 @@ def check_same_shape(image: np.ndarray, label: np.ndarray, dataset: str, image_m
         )
 
 
+def odd_shapes(
+    shapes: Sequence[tuple[int, ...]], names: Sequence[str]
+) -> tuple[tuple[int, ...], list[tuple[str, tuple]]]:
+    """The most common shape, and (name, shape) of each array that differs from it."""
+    common = max(set(shapes), key=list(shapes).count)
+    return common, [(name, shape) for name, shape in zip(names, shapes) if shape != common]
+
+
 def stack_slices(arrays: Sequence[np.ndarray], members: Sequence[str], dataset: str, split: str) -> np.ndarray:
     """Stack a split's slices; slices of different shapes name the odd ones out."""
-    shapes = [a.shape for a in arrays]
-    common = max(set(shapes), key=shapes.count)
-    odd = [f"{m} {s}" for m, s in zip(members, shapes) if s != common]
+    common, differ = odd_shapes([a.shape for a in arrays], members)
+    odd = [f"{m} {s}" for m, s in differ]
     if odd:
         raise IntegrityError(
             dataset,

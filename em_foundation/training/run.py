@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -154,6 +155,35 @@ def resume_fingerprint(
     )
 
 
+def _then_decision_rules(fit: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """Whatever the regime, training ends the same way: the written model is reloaded as
+    evaluation will load it, and its decision rules are chosen on the run's validation slices."""
+
+    @functools.wraps(fit)
+    def run(**arguments: Any) -> dict[str, Any]:
+        record = fit(**arguments)
+        training, backbone, alignment = arguments["training"], arguments["backbone"], arguments.get("alignment", "none")
+        if training:  # the regimes that train by gradient descent: the recipe they trained under
+            record["recipe"] = recipe_of(training)
+        model = load_segmenter(arguments["out_model"], backbone)
+        feature_std = parse_alignment(alignment)["feature_std"]
+        record["decision"] = choose_on_validation(
+            model,
+            arguments["regime"],
+            arguments["datasets"],
+            arguments["tiles"],
+            arguments["features"],
+            arguments["splits"],
+            arguments["device"],
+            feature_std,
+        )
+        write_json(arguments["out_run"], record)
+        return record
+
+    return run
+
+
+@_then_decision_rules
 def train_run(
     *,
     regime: str,
@@ -197,71 +227,6 @@ def train_run(
     chosen on the run's validation slices (evaluation/evaluate.choose_on_validation), into
     run.json's ``decision``.
     """
-    record = _fit_and_write(
-        regime=regime,
-        backbone_name=backbone_name,
-        train_set=train_set,
-        datasets=datasets,
-        seed=seed,
-        backbone=backbone,
-        head=head,
-        lora=lora,
-        training=training,
-        tiles=tiles,
-        features=features,
-        splits=splits,
-        device=device,
-        out_model=out_model,
-        out_log=out_log,
-        out_run=out_run,
-        forest=forest,
-        pixelforest=pixelforest,
-        alignment=alignment,
-        threads=threads,
-        stop_after_epochs=stop_after_epochs,
-        code=code,
-        n_train_slices=n_train_slices,
-        data_in_memory=data_in_memory,
-        settings=settings,
-    )
-    if training:  # the regimes that train by gradient descent: the recipe they trained under
-        record["recipe"] = recipe_of(training)
-    model = load_segmenter(out_model, backbone)
-    feature_std = parse_alignment(alignment)["feature_std"]
-    record["decision"] = choose_on_validation(model, regime, datasets, tiles, features, splits, device, feature_std)
-    write_json(out_run, record)
-    return record
-
-
-def _fit_and_write(
-    *,
-    regime: str,
-    backbone_name: str,
-    train_set: str,
-    datasets: list[str],
-    seed: int,
-    backbone: dict[str, Any],
-    head: dict[str, Any],
-    lora: dict[str, Any],
-    training: dict[str, Any],
-    tiles: dict[str, str],
-    features: dict[str, str] | None,
-    splits: dict[str, str],
-    device: torch.device,
-    out_model: Path,
-    out_log: Path,
-    out_run: Path,
-    forest: dict[str, Any] | None = None,
-    pixelforest: dict[str, Any] | None = None,
-    alignment: str = "none",
-    threads: int = 1,
-    stop_after_epochs: int | None = None,
-    code: str | None = None,
-    n_train_slices: str = "all",
-    data_in_memory: str = "auto",
-    settings: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Fit one run of any regime and write its model, log and record (see train_run)."""
     started = time.perf_counter()
     aligned = parse_alignment(alignment)
     balanced = bool(training.get("balanced_sampling", False) or aligned["balanced"]) and len(datasets) > 1
