@@ -18,7 +18,7 @@ rule export_bioimageio:
     conda:
         "../envs/workflow.yaml"
     params:
-        hub=config["hub"],
+        # the hub cache is read in the job (scripting.job_settings): no rerun trigger
         backbone=lambda w: config["backbones"][w.backbone],
         code=code_digest("export.py"),
     script:

@@ -8,11 +8,11 @@ from pathlib import Path
 
 from em_foundation.backbones.hub import hub_environment
 from em_foundation.export.bioimageio import export_from_workflow
-from em_foundation.scripting import logged
+from em_foundation.scripting import job_settings, logged
 
 with logged(snakemake.log[0]):  # noqa: F821 (snakemake is injected by Snakemake)
     inputs, params = snakemake.input, snakemake.params  # noqa: F821
-    with hub_environment(params.hub["cache_dir"], offline=True):
+    with hub_environment(job_settings(snakemake)["hub_cache_dir"], offline=True):  # noqa: F821
         path = export_from_workflow(
             model_path=Path(inputs.model),
             run_path=Path(inputs.run),
