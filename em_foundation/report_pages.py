@@ -87,6 +87,8 @@ def summary_page(summary: pd.DataFrame) -> str:
         raise ValueError(
             f"summary has several rows per model and test set: {repeated[keys + ['test_set']].to_dict('records')[:3]}"
         )
+    # what sd and n pool (tables.summarise's n_over): seeds, or seeds × folds with k folds
+    over = " or ".join(sorted(set(summary["n_over"].astype(str)))) if "n_over" in summary else "seeds"
     parts = []
     for metric, label in (
         ("fg_iou", "Foreground IoU"),
@@ -101,7 +103,7 @@ def summary_page(summary: pd.DataFrame) -> str:
         )
         wide.columns.name = None
         parts.append(
-            table(wide, f"{label} per test set: mean ± sample sd (n seeds); native resolution, pooled over pixels")
+            table(wide, f"{label} per test set: mean ± sample sd (n {over}); native resolution, pooled over pixels")
         )
     if "weights" in summary and summary["weights"].fillna("").astype(str).str.len().any():
         weights = summary[["backbone", "weights"]].fillna("").drop_duplicates().sort_values("backbone")

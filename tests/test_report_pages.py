@@ -68,3 +68,9 @@ def test_summary_page_cites_the_weights_manifest_entry_of_each_backbone() -> Non
     assert "Pretrained weights of each backbone" in html and "f" * 64 in html
     # random or file weights alone: no weights table
     assert "Pretrained weights" not in summary_page(pd.DataFrame([{**_row("none", 0.5), "weights": ""}]))
+
+
+def test_summary_page_says_when_sd_and_n_pool_seeds_and_folds() -> None:
+    html = summary_page(pd.DataFrame([{**_row("none", 0.5), "n_over": "seeds × folds"}]))
+    assert "mean ± sample sd (n seeds × folds)" in html
+    assert "mean ± sample sd (n seeds)" in summary_page(pd.DataFrame([_row("none", 0.5)]))
